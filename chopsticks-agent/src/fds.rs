@@ -1,0 +1,87 @@
+//! Descriptor hygiene: the protocol moves to private descriptors before anything else runs.
+//!
+//! Afterwards fd 0 is `/dev/null` and fd 1 is a copy of stderr, so
+//! `println!`, `libc::write(1, ..)` and child processes that write to stdout
+//! cannot corrupt the stream.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// The controller's pipes, on descriptors nobody else knows about.
+pub(crate) struct ProtocolFds {
+    pub(crate) input: OwnedFd,
+    pub(crate) output: OwnedFd,
+}
+
+fn check(result: libc::c_int) -> io::Result<libc::c_int> {
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(result)
+    }
+}
+
+fn dup_private(fd: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on an open descriptor returns a new descriptor we own.
+    let copy = check(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) })?;
+    // SAFETY: `copy` was just created and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(copy) })
+}
+
+/// Moves stdin/stdout to private close-on-exec descriptors and points 0 at
+/// `/dev/null` and 1 at stderr. Also ignores SIGPIPE, which `main` would have done.
+pub(crate) fn take_protocol_fds() -> io::Result<ProtocolFds> {
+    // SAFETY: setting a signal disposition to SIG_IGN has no memory-safety preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    let input = dup_private(0)?;
+    let output = dup_private(1)?;
+    // SAFETY: the path is a valid NUL-terminated string.
+    let null = check(unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })?;
+    // SAFETY: `null` is open and owned here.
+    let null = unsafe { OwnedFd::from_raw_fd(null) };
+    // SAFETY: dup2 onto the standard descriptors; both sources are open.
+    check(unsafe { libc::dup2(null.as_raw_fd(), 0) })?;
+    // SAFETY: as above; fd 2 is the agent's stderr, kept open by the transport.
+    check(unsafe { libc::dup2(2, 1) })?;
+    Ok(ProtocolFds { input, output })
+}
+
+fn file_type(fd: &OwnedFd) -> io::Result<libc::mode_t> {
+    // SAFETY: stat is plain old data; fstat fills it for an open descriptor.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open and `stat` is writable.
+    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut stat) })?;
+    Ok(stat.st_mode & libc::S_IFMT)
+}
+
+/// Wraps the input descriptor for the runtime: a pipe or a socket.
+pub(crate) fn reader(fd: OwnedFd) -> io::Result<Box<dyn AsyncRead + Send + Unpin>> {
+    match file_type(&fd)? {
+        libc::S_IFIFO => Ok(Box::new(tokio::net::unix::pipe::Receiver::from_owned_fd(
+            fd,
+        )?)),
+        libc::S_IFSOCK => Ok(Box::new(socket(fd)?)),
+        _ => Err(io::Error::other(
+            "the agent's stdin must be a pipe or a socket",
+        )),
+    }
+}
+
+/// Wraps the output descriptor for the runtime: a pipe or a socket.
+pub(crate) fn writer(fd: OwnedFd) -> io::Result<Box<dyn AsyncWrite + Send + Unpin>> {
+    match file_type(&fd)? {
+        libc::S_IFIFO => Ok(Box::new(tokio::net::unix::pipe::Sender::from_owned_fd(fd)?)),
+        libc::S_IFSOCK => Ok(Box::new(socket(fd)?)),
+        _ => Err(io::Error::other(
+            "the agent's stdout must be a pipe or a socket",
+        )),
+    }
+}
+
+fn socket(fd: OwnedFd) -> io::Result<tokio::net::UnixStream> {
+    let stream = std::os::unix::net::UnixStream::from(fd);
+    stream.set_nonblocking(true)?;
+    tokio::net::UnixStream::from_std(stream)
+}

@@ -1,0 +1,69 @@
+//! The agent runtime of chopsticks: what a program does when a controller
+//! starts it as an agent.
+//!
+//! Linking this crate is all it takes. A constructor in `.init_array` runs
+//! before `main` in every process of the program; it returns at once unless
+//! the `CHOPSTICKS_AGENT` marker is set in the environment, in which case the
+//! process removes the marker (so its own children are ordinary processes),
+//! moves the protocol onto private descriptors, serves calls until its
+//! controller goes away, and exits without ever running `main`. This works
+//! the same in ordinary binaries, `cargo test` binaries and criterion benches.
+//!
+//! The `chopsticks` facade links this crate for you. A program that depends
+//! only on `chopsticks-core` names it once:
+//!
+//! ```
+//! use chopsticks_agent as _;
+//!
+//! // The constructor has run before this line and found no marker:
+//! assert!(chopsticks_core::agent_env::runtime_linked());
+//! assert!(!chopsticks_core::agent_env::is_agent());
+//! ```
+
+mod fds;
+mod serve;
+
+use chopsticks_core::agent_env::{self, AGENT_DEPTH, AGENT_MARKER};
+
+/// Errors that stop an agent before it can serve.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The protocol descriptors could not be set up.
+    #[error("the agent could not set up its descriptors: {0}")]
+    Descriptors(#[source] std::io::Error),
+    /// The runtime could not be built.
+    #[error("the agent could not start its runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static AGENT_ENTRY: extern "C" fn() = enter_if_agent;
+
+extern "C" fn enter_if_agent() {
+    agent_env::mark_runtime_linked();
+    if std::env::var_os(AGENT_MARKER).is_none() {
+        return;
+    }
+    let depth = std::env::var(AGENT_DEPTH)
+        .ok()
+        .and_then(|depth| depth.parse().ok())
+        .unwrap_or(1);
+    // SAFETY: constructors run before main, while the process has one thread,
+    // so nothing can read the environment concurrently.
+    unsafe {
+        std::env::remove_var(AGENT_MARKER);
+        std::env::remove_var(AGENT_DEPTH);
+    }
+    // A panic must not unwind into the C caller of this constructor.
+    let code = std::panic::catch_unwind(|| match serve::run(depth) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("chopsticks agent: {error}");
+            71
+        }
+    })
+    .unwrap_or(70);
+    std::process::exit(code);
+}

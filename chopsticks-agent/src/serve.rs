@@ -1,0 +1,213 @@
+//! The serve loop: say hello, then run calls until the controller goes away.
+//!
+//! Blocking functions run on the runtime's blocking pool and `async`
+//! functions as tasks, so calls overlap. Each call is one task whose abort
+//! handle is kept by id, so a `Cancel` aborts an async function and discards
+//! the result of a blocking one. A panic becomes a `Fail` reply and the agent
+//! keeps serving. The agent exits when its input ends, on `Shutdown`, or on a
+//! protocol violation, without waiting for blocking calls still running.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+
+use chopsticks_core::identity::{binary_id, uname};
+use chopsticks_core::protocol::{
+    CallMode, Failure, FailureKind, FunctionRef, Hello, Message, PROTOCOL_VERSION, Payload,
+};
+use chopsticks_core::remote::{CallOutcome, Resolved, resolve};
+use chopsticks_core::wire::{Assemblies, Frame, FrameDecoder, OutFrame, Outbox, write_frames};
+use futures_util::{FutureExt, StreamExt};
+use tokio::task::AbortHandle;
+use tokio_util::codec::FramedRead;
+
+use crate::AgentError;
+use crate::fds;
+
+type Running = Arc<Mutex<HashMap<u64, AbortHandle>>>;
+
+thread_local! {
+    /// The message and backtrace of the last panic on this thread.
+    static LAST_PANIC: RefCell<Option<(String, Option<String>)>> = const { RefCell::new(None) };
+}
+
+/// Runs the agent to completion and returns its exit code.
+pub(crate) fn run(depth: u32) -> Result<i32, AgentError> {
+    let descriptors = fds::take_protocol_fds().map_err(AgentError::Descriptors)?;
+    chopsticks_core::agent_env::set_depth(depth);
+    std::panic::set_hook(Box::new(record_panic));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("chopsticks-agent")
+        .build()
+        .map_err(AgentError::Runtime)?;
+    let code = runtime.block_on(serve(descriptors, depth))?;
+    // Exit without dropping the runtime: it would wait for blocking calls still running.
+    std::process::exit(code);
+}
+
+fn record_panic(info: &std::panic::PanicHookInfo<'_>) {
+    let payload = info.payload();
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|text| text.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with a non-string payload".to_string());
+    let message = match info.location() {
+        Some(location) => format!("{text} at {location}"),
+        None => text,
+    };
+    let backtrace = std::backtrace::Backtrace::capture();
+    let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
+        .then(|| backtrace.to_string());
+    LAST_PANIC.with(|last| *last.borrow_mut() = Some((message, backtrace)));
+}
+
+fn panic_failure() -> Failure {
+    let (message, backtrace) = LAST_PANIC
+        .with(|last| last.borrow_mut().take())
+        .unwrap_or_else(|| ("the function panicked".to_string(), None));
+    Failure {
+        kind: FailureKind::Panic,
+        message,
+        backtrace,
+    }
+}
+
+async fn serve(descriptors: fds::ProtocolFds, depth: u32) -> Result<i32, AgentError> {
+    let input = fds::reader(descriptors.input).map_err(AgentError::Descriptors)?;
+    let mut output = fds::writer(descriptors.output).map_err(AgentError::Descriptors)?;
+    let (outbox, outbox_receiver) = Outbox::new();
+    tokio::spawn(async move {
+        let _ = write_frames(outbox_receiver, &mut output).await;
+    });
+    let (os, arch) = uname();
+    let hello = Message::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        binary_id: binary_id().to_vec(),
+        pid: std::process::id(),
+        os,
+        arch,
+        depth,
+    });
+    let _ = outbox.send(OutFrame::message(&hello));
+
+    let mut frames = FramedRead::new(input, FrameDecoder::default());
+    let running: Running = Arc::default();
+    let mut assemblies = Assemblies::default();
+    let mut awaiting_payload: HashMap<u64, (FunctionRef, CallMode)> = HashMap::new();
+    loop {
+        let frame = match frames.next().await {
+            None => return Ok(0),
+            Some(Ok(frame)) => frame,
+            Some(Err(error)) => {
+                eprintln!(
+                    "chopsticks agent: the controller's input is unreadable ({error}); exiting"
+                );
+                return Ok(2);
+            }
+        };
+        let violation = match frame {
+            Frame::Message(Message::Call {
+                id,
+                function,
+                mode,
+                args,
+            }) => match args {
+                Payload::Inline(args) => {
+                    start_call(id, &function, mode, args, &outbox, &running);
+                    None
+                }
+                Payload::Streamed { len } => {
+                    awaiting_payload.insert(id, (function, mode));
+                    assemblies.start(id, len).err()
+                }
+            },
+            Frame::Chunk { id, data } => match assemblies.add(id, &data) {
+                Ok(Some(args)) => {
+                    if let Some((function, mode)) = awaiting_payload.remove(&id) {
+                        start_call(id, &function, mode, args, &outbox, &running);
+                    }
+                    None
+                }
+                Ok(None) => None,
+                Err(message) => Some(message),
+            },
+            Frame::Message(Message::Cancel { id }) => {
+                assemblies.cancel(id);
+                awaiting_payload.remove(&id);
+                let handle = running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                if let Some(handle) = handle {
+                    handle.abort();
+                }
+                None
+            }
+            Frame::Message(Message::Shutdown) => return Ok(0),
+            Frame::Message(other) => Some(format!(
+                "the controller sent {other:?}, which only an agent may send"
+            )),
+        };
+        if let Some(message) = violation {
+            eprintln!("chopsticks agent: protocol violation: {message}; exiting");
+            return Ok(2);
+        }
+    }
+}
+
+fn start_call(
+    id: u64,
+    function: &FunctionRef,
+    mode: CallMode,
+    args: Vec<u8>,
+    outbox: &Outbox,
+    running: &Running,
+) {
+    let resolved = match resolve(function, mode) {
+        Ok(resolved) => resolved,
+        Err(failure) => {
+            let _ = outbox.send(OutFrame::message(&Message::Fail { id, failure }));
+            return;
+        }
+    };
+    let outbox = outbox.clone();
+    let registry = running.clone();
+    let task = tokio::spawn(async move {
+        let outcome: CallOutcome = match resolved {
+            Resolved::Blocking(trampoline) => {
+                let job = move || {
+                    std::panic::catch_unwind(AssertUnwindSafe(|| trampoline.run(&args)))
+                        .unwrap_or_else(|_| Err(panic_failure()))
+                };
+                tokio::task::spawn_blocking(job).await.unwrap_or_else(|_| {
+                    Err(Failure::new(
+                        FailureKind::Panic,
+                        "the call's thread was lost",
+                    ))
+                })
+            }
+            Resolved::Async(trampoline) => AssertUnwindSafe(trampoline.run(args))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| Err(panic_failure())),
+        };
+        registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        let _ = match outcome {
+            Ok(value) => outbox
+                .send_payload(id, value, |value| Message::Return { id, value })
+                .await
+                .map(drop),
+            Err(failure) => outbox.send(OutFrame::message(&Message::Fail { id, failure })),
+        };
+    });
+    running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, task.abort_handle());
+}

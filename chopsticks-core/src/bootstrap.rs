@@ -1,0 +1,219 @@
+//! The shell bootstrap: place the agent file on a target that has only a POSIX `sh`.
+//!
+//! The controller runs `sh -c SCRIPT chopsticks-bootstrap HASH SIZE DEPTH "OS ARCH"`.
+//! Every value travels as a positional argument, never spliced into the
+//! script text, and transports that need one command line quote each word
+//! ([`AgentCommand::to_shell_command`]). The script:
+//!
+//! 1. refuses a target whose `uname -s` / `uname -m` differ from the controller's;
+//! 2. picks `${XDG_CACHE_HOME:-$HOME/.cache}/chopsticks` if it is a directory
+//!    owned by the user and not writable by group or others, else a
+//!    `/tmp/chopsticks-UID` directory that must be owned by the user with mode 0700;
+//! 3. on a cache hit, verifies size and SHA-256 of `agent-HASH` and execs it;
+//!    a corrupt entry is deleted, never executed;
+//! 4. on a miss, says `send`, reads exactly SIZE bytes into a `mktemp` file
+//!    (created exclusively), verifies them, makes the file executable,
+//!    renames it into place and execs it.
+//!
+//! Each step reports one line `chopsticks-bootstrap WORD ...` on stdout; the
+//! controller sends the file only after `send` and reads frames only after
+//! `exec`. Lines without that prefix (noise from shell start-up files) are skipped.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::agent_env::{AGENT_DEPTH, AGENT_MARKER};
+use crate::identity::{AgentFile, SELF_EXE};
+use crate::protocol::PROTOCOL_VERSION;
+use crate::transport::AgentCommand;
+
+const SCRIPT: &str = r#"set -u
+hash=$1 size=$2 depth=$3 want=$4
+say() { printf 'chopsticks-bootstrap %s\n' "$*"; }
+fail() { say error "$*"; exit 111; }
+case $hash in ''|*[!0-9a-f]*) fail "invalid agent hash";; esac
+case $size in ''|*[!0-9]*) fail "invalid agent size";; esac
+have="$(uname -s) $(uname -m)"
+[ "$have" = "$want" ] || { say arch "$have"; exit 112; }
+private() {
+  [ -d "$1" ] && [ ! -L "$1" ] && [ -O "$1" ] && [ -w "$1" ] && [ -x "$1" ] || return 1
+  case $(ls -ld -- "$1") in d????-??-*) return 0;; esac
+  return 1
+}
+dir=${XDG_CACHE_HOME:-${HOME:-/nonexistent}/.cache}/chopsticks
+if ! { mkdir -p -m 700 -- "$dir" 2>/dev/null && private "$dir"; }; then
+  dir=${TMPDIR:-/tmp}/chopsticks-$(id -u)
+  mkdir -m 700 -- "$dir" 2>/dev/null
+  [ -d "$dir" ] && [ ! -L "$dir" ] && [ -O "$dir" ] || fail "cache directory $dir is not a directory owned by $(id -un)"
+  case $(ls -ld -- "$dir") in drwx------*) ;; *) fail "cache directory $dir must have mode 0700";; esac
+fi
+verify() {
+  [ "$(wc -c < "$1")" -eq "$size" ] 2>/dev/null || return 1
+  sum=$(sha256sum < "$1") || return 1
+  [ "${sum%% *}" = "$hash" ]
+}
+run() {
+  say exec "$1"
+  export CHOPSTICKS_AGENT=@VERSION@ CHOPSTICKS_DEPTH="$depth"
+  exec "$agent"
+}
+agent=$dir/agent-$hash
+if [ -f "$agent" ] && [ ! -L "$agent" ] && verify "$agent"; then run cached; fi
+rm -f -- "$agent"
+tmp=$(mktemp "$dir/.agent-$hash.XXXXXX") || fail "cannot create a temporary file in $dir"
+say send
+head -c "$size" > "$tmp"
+verify "$tmp" || { rm -f -- "$tmp"; fail "the uploaded agent did not match its size and checksum"; }
+chmod 700 "$tmp" && mv -f -- "$tmp" "$agent" || { rm -f -- "$tmp"; fail "cannot install the agent in $dir"; }
+run uploaded
+"#;
+
+/// The command that runs the shell bootstrap for `file` at nesting `depth`.
+pub(crate) fn command(file: &AgentFile, depth: u32, os: &str, arch: &str) -> AgentCommand {
+    debug_assert_eq!(
+        (AGENT_MARKER, AGENT_DEPTH),
+        ("CHOPSTICKS_AGENT", "CHOPSTICKS_DEPTH")
+    );
+    AgentCommand::new("sh")
+        .arg("-c")
+        .arg(SCRIPT.replace("@VERSION@", &PROTOCOL_VERSION.to_string()))
+        .arg("chopsticks-bootstrap")
+        .arg(file.sha256.clone())
+        .arg(file.size.to_string())
+        .arg(depth.to_string())
+        .arg(format!("{os} {arch}"))
+}
+
+/// How the bootstrap ended, as far as the controller can tell.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The agent is starting; frames follow. `true` when the file was uploaded.
+    Exec { uploaded: bool },
+    /// The script reported an error.
+    Failed(String),
+    /// The target's `uname -s` and `uname -m`.
+    WrongPlatform(String),
+    /// The process ended or closed stdout before `exec`.
+    Ended,
+}
+
+const PREFIX: &str = "chopsticks-bootstrap ";
+const MAX_NOISE_BYTES: usize = 64 * 1024;
+
+/// Runs the controller's side of the dialogue: reads status lines, uploads the file when asked.
+pub(crate) async fn dialogue<R, W>(
+    file: &AgentFile,
+    stdout: &mut R,
+    stdin: &mut W,
+) -> std::io::Result<Outcome>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let mut noise = 0usize;
+    loop {
+        let Some(line) = read_line(stdout, &mut noise).await? else {
+            return Ok(Outcome::Ended);
+        };
+        let Some(status) = line.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let (word, rest) = status.split_once(' ').unwrap_or((status, ""));
+        match word {
+            "exec" => {
+                return Ok(Outcome::Exec {
+                    uploaded: rest == "uploaded",
+                });
+            }
+            "error" => return Ok(Outcome::Failed(rest.to_string())),
+            "arch" => return Ok(Outcome::WrongPlatform(rest.to_string())),
+            "send" => upload(file, stdin).await?,
+            _ => {
+                return Ok(Outcome::Failed(format!(
+                    "unexpected bootstrap status {status:?}"
+                )));
+            }
+        }
+    }
+}
+
+/// Reads one line byte by byte, so nothing after it is consumed.
+async fn read_line<R>(reader: &mut R, noise: &mut usize) -> std::io::Result<Option<String>>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    let mut line = Vec::new();
+    loop {
+        let mut byte = [0u8; 1];
+        if reader.read(&mut byte).await? == 0 {
+            return Ok(None);
+        }
+        *noise += 1;
+        if *noise > MAX_NOISE_BYTES {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the bootstrap printed more than 64 KiB without starting the agent",
+            ));
+        }
+        if byte[0] == b'\n' {
+            return Ok(Some(String::from_utf8_lossy(&line).into_owned()));
+        }
+        line.push(byte[0]);
+    }
+}
+
+async fn upload<W>(file: &AgentFile, stdin: &mut W) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let mut source = tokio::fs::File::open(SELF_EXE).await?;
+    let mut buffer = vec![0u8; 256 * 1024];
+    let mut left = file.size;
+    while left > 0 {
+        let want = buffer.len().min(left as usize);
+        let read = source.read(&mut buffer[..want]).await?;
+        if read == 0 {
+            break;
+        }
+        stdin.write_all(&buffer[..read]).await?;
+        left -= read as u64;
+    }
+    stdin.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn dialogue_skips_noise_and_reports_errors() {
+        let file = AgentFile {
+            size: 0,
+            sha256: "00".into(),
+        };
+        let mut out: &[u8] = b"Welcome!\nchopsticks-bootstrap error no space left\n";
+        let mut sink = Vec::new();
+        let outcome = dialogue(&file, &mut out, &mut sink)
+            .await
+            .expect("dialogue");
+        assert_eq!(outcome, Outcome::Failed("no space left".into()));
+
+        let mut out: &[u8] = b"chopsticks-bootstrap arch Linux aarch64\n";
+        let outcome = dialogue(&file, &mut out, &mut sink)
+            .await
+            .expect("dialogue");
+        assert_eq!(outcome, Outcome::WrongPlatform("Linux aarch64".into()));
+
+        let mut out: &[u8] = b"chopsticks-bootstrap exec cached\n\x00\x00";
+        let outcome = dialogue(&file, &mut out, &mut sink)
+            .await
+            .expect("dialogue");
+        assert_eq!(outcome, Outcome::Exec { uploaded: false });
+        assert_eq!(out, b"\x00\x00", "bytes after the exec line stay unread");
+
+        let mut out: &[u8] = b"";
+        let outcome = dialogue(&file, &mut out, &mut sink)
+            .await
+            .expect("dialogue");
+        assert_eq!(outcome, Outcome::Ended);
+    }
+}

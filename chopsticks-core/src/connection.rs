@@ -1,0 +1,525 @@
+//! One live agent process: the task that writes frames, the task that routes
+//! replies to waiting calls by id, the stderr forwarder and the process supervisor.
+//!
+//! When the agent's output ends, every pending call fails at once with
+//! `Disconnected`, naming the host, how the process ended and its last stderr lines.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::io::AsyncRead;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::codec::FramedRead;
+
+use crate::agent_env::{self, AGENT_DEPTH, AGENT_MARKER, MAX_DEPTH};
+use crate::bootstrap::{self, Outcome};
+use crate::error::{Error, Phase, Result};
+use crate::identity::{self, hex};
+use crate::protocol::{CallMode, Failure, FunctionRef, Hello, Message, PROTOCOL_VERSION, Payload};
+use crate::stderr::{self, StderrSink, StderrTail};
+use crate::transport::{AgentCommand, AgentLaunch, AgentProcess, ExitReport, Pipes, Transport};
+use crate::wire::{Assemblies, Frame, FrameDecoder, INLINE_LIMIT, OutFrame, Outbox, write_frames};
+
+/// How long a closing connection waits for stderr and the exit status, to explain itself.
+const EXPLAIN_WAIT: Duration = Duration::from_millis(300);
+
+type Frames = FramedRead<Box<dyn AsyncRead + Send + Unpin>, FrameDecoder>;
+
+/// What a waiting call receives.
+enum Reply {
+    Value(Vec<u8>),
+    Failed(Failure),
+    Closed(Arc<Closure>),
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+struct Closure {
+    protocol_violation: bool,
+    reason: String,
+    stderr_tail: Vec<String>,
+}
+
+impl Closure {
+    fn to_error(&self, host: &str) -> Error {
+        if self.protocol_violation {
+            Error::Protocol {
+                host: host.to_string(),
+                message: self.reason.clone(),
+            }
+        } else {
+            Error::Disconnected {
+                host: host.to_string(),
+                reason: self.reason.clone(),
+                stderr_tail: self.stderr_tail.clone(),
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    waiters: HashMap<u64, oneshot::Sender<Reply>>,
+    closed: Option<Arc<Closure>>,
+}
+
+/// State shared by the connection handle, its reader task and its calls.
+struct Shared {
+    host: Arc<str>,
+    pending: Mutex<Pending>,
+    tail: Arc<StderrTail>,
+    exit: watch::Receiver<Option<ExitReport>>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn deliver(&self, id: u64, reply: Reply) {
+        if let Some(waiter) = self.lock().waiters.remove(&id) {
+            let _ = waiter.send(reply);
+        }
+    }
+
+    fn is_waiting(&self, id: u64) -> bool {
+        self.lock().waiters.contains_key(&id)
+    }
+
+    /// Marks the connection closed and fails every pending call.
+    fn close(&self, closure: Closure) {
+        let closure = Arc::new(closure);
+        let waiters = {
+            let mut pending = self.lock();
+            if pending.closed.is_some() {
+                return;
+            }
+            pending.closed = Some(closure.clone());
+            std::mem::take(&mut pending.waiters)
+        };
+        for (_, waiter) in waiters {
+            let _ = waiter.send(Reply::Closed(closure.clone()));
+        }
+    }
+
+    /// Waits briefly for the exit status and the last stderr lines, then closes.
+    async fn close_explained(&self, protocol_violation: bool, what: String) {
+        self.tail.wait_closed(EXPLAIN_WAIT).await;
+        let mut exit = self.exit.clone();
+        let status = tokio::time::timeout(EXPLAIN_WAIT, exit.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(|status| status.ok().and_then(|status| *status));
+        let reason = match status {
+            Some(status) if !protocol_violation => format!("{what}; the agent process {status}"),
+            _ => what,
+        };
+        self.close(Closure {
+            protocol_violation,
+            reason,
+            stderr_tail: self.tail.snapshot(),
+        });
+    }
+}
+
+/// Options a connection is made with.
+#[derive(Clone)]
+pub(crate) struct ConnectOptions {
+    pub(crate) stderr_sink: StderrSink,
+}
+
+/// A live agent process.
+pub(crate) struct Connection {
+    shared: Arc<Shared>,
+    outbox: Outbox,
+    next_id: AtomicU64,
+    hello: Hello,
+    reader: JoinHandle<()>,
+    _kill: oneshot::Sender<()>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.shared.close(Closure {
+            protocol_violation: false,
+            reason: "the tunnel was closed".into(),
+            stderr_tail: Vec::new(),
+        });
+    }
+}
+
+impl Connection {
+    /// Whether the agent is still there to take calls.
+    pub(crate) fn is_alive(&self) -> bool {
+        self.shared.lock().closed.is_none()
+    }
+
+    /// The agent's hello.
+    pub(crate) fn hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    /// Runs one call and returns its encoded result.
+    pub(crate) async fn call(
+        &self,
+        function: &FunctionRef,
+        mode: CallMode,
+        args: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        {
+            let mut pending = self.shared.lock();
+            if let Some(closure) = &pending.closed {
+                return Err(closure.to_error(&self.shared.host));
+            }
+            pending.waiters.insert(id, sender);
+        }
+        let mut guard = CallGuard {
+            connection: self,
+            id,
+            streamed: args.len() > INLINE_LIMIT,
+            finished: false,
+        };
+        // A closed outbox means the reader is failing this call right now.
+        let _ = self
+            .outbox
+            .send_payload(id, args, |args| Message::Call {
+                id,
+                function: function.clone(),
+                mode,
+                args,
+            })
+            .await;
+        let reply = receiver.await;
+        guard.finished = true;
+        match reply {
+            Ok(Reply::Value(value)) => Ok(value),
+            Ok(Reply::Failed(failure)) => Err(Error::Remote {
+                host: self.shared.host.to_string(),
+                function: function.name().to_string(),
+                message: failure.describe(),
+                backtrace: failure.backtrace,
+            }),
+            Ok(Reply::Closed(closure)) => Err(closure.to_error(&self.shared.host)),
+            Err(_) => Err(Error::Disconnected {
+                host: self.shared.host.to_string(),
+                reason: "the connection was dropped".into(),
+                stderr_tail: Vec::new(),
+            }),
+        }
+    }
+
+    /// Asks the agent to exit and waits for it, at most `bound`.
+    pub(crate) async fn shutdown(&self, bound: Duration) -> bool {
+        let _ = self.outbox.send(OutFrame::message(&Message::Shutdown));
+        let mut exit = self.shared.exit.clone();
+        tokio::time::timeout(bound, exit.wait_for(Option::is_some))
+            .await
+            .is_ok()
+    }
+}
+
+/// Withdraws an unfinished call: forgets its waiter and tells the agent to cancel it.
+struct CallGuard<'c> {
+    connection: &'c Connection,
+    id: u64,
+    streamed: bool,
+    finished: bool,
+}
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let connection = self.connection;
+        let was_waiting = connection.shared.lock().waiters.remove(&self.id).is_some();
+        if !was_waiting {
+            return;
+        }
+        let cancel = OutFrame::message(&Message::Cancel { id: self.id });
+        if self.streamed {
+            // Behind the chunks already queued, so the agent can drop a partial payload.
+            let outbox = connection.outbox.clone();
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = outbox.send_bulk(cancel).await;
+                });
+            }
+        } else {
+            let _ = connection.outbox.send(cancel);
+        }
+    }
+}
+
+/// Starts the agent through `transport`, runs the bootstrap if needed, and checks its hello.
+pub(crate) async fn connect(
+    transport: &dyn Transport,
+    options: &ConnectOptions,
+) -> Result<Connection> {
+    let host: Arc<str> = transport.host().into();
+    let spawn_error = |message: String| Error::Spawn {
+        host: host.to_string(),
+        message,
+        source: None,
+    };
+    if !agent_env::runtime_linked() {
+        return Err(spawn_error(
+            "this program cannot become an agent: depend on the `chopsticks` crate (which links \
+             `chopsticks-agent`), or add `use chopsticks_agent as _;` to a crate the program links"
+                .into(),
+        ));
+    }
+    let depth = agent_env::depth() + 1;
+    if depth > MAX_DEPTH {
+        return Err(spawn_error(format!(
+            "tunnels are nested {depth} agents deep, over the limit of {MAX_DEPTH}; a remote function \
+             that opens tunnels is probably recursing without end"
+        )));
+    }
+    let launch = transport.launch();
+    let (os, arch) = identity::uname();
+    let agent_file = match launch {
+        AgentLaunch::ShellBootstrap => Some(
+            tokio::task::spawn_blocking(identity::agent_file)
+                .await
+                .map_err(|error| spawn_error(format!("hashing this program failed: {error}")))?
+                .map_err(|error| Error::Io {
+                    host: host.to_string(),
+                    phase: Phase::Bootstrap,
+                    source: error,
+                })?,
+        ),
+        _ => None,
+    };
+    let command = match agent_file {
+        Some(file) => bootstrap::command(file, depth, &os, &arch),
+        None => AgentCommand::new(format!("/proc/{}/exe", std::process::id()))
+            .env(AGENT_MARKER, PROTOCOL_VERSION.to_string())
+            .env(AGENT_DEPTH, depth.to_string()),
+    };
+    let Pipes {
+        mut stdin,
+        stdout,
+        stderr,
+        process,
+    } = transport
+        .spawn(&command)
+        .await
+        .map_err(|source| Error::Spawn {
+            host: host.to_string(),
+            message: source.to_string(),
+            source: Some(source),
+        })?;
+
+    let tail = StderrTail::new();
+    let stderr_task = match stderr {
+        Some(pipe) => Some(tokio::spawn(stderr::forward(
+            pipe,
+            host.clone(),
+            tail.clone(),
+            options.stderr_sink.clone(),
+        ))),
+        None => {
+            tail.mark_closed();
+            None
+        }
+    };
+    let (exit_sender, exit) = watch::channel(None);
+    let (kill, kill_requested) = oneshot::channel();
+    tokio::spawn(supervise(process, kill_requested, exit_sender, stderr_task));
+    let shared = Arc::new(Shared {
+        host: host.clone(),
+        pending: Mutex::new(Pending::default()),
+        tail,
+        exit,
+    });
+
+    let mut stdout = stdout;
+    if let Some(file) = agent_file {
+        let outcome = bootstrap::dialogue(file, &mut stdout, &mut stdin)
+            .await
+            .map_err(|error| Error::Bootstrap {
+                host: host.to_string(),
+                message: format!("talking to the bootstrap script failed: {error}"),
+            })?;
+        match outcome {
+            Outcome::Exec { .. } => {}
+            Outcome::Failed(message) => {
+                return Err(Error::Bootstrap {
+                    host: host.to_string(),
+                    message,
+                });
+            }
+            Outcome::WrongPlatform(platform) => {
+                return Err(Error::Bootstrap {
+                    host: host.to_string(),
+                    message: format!(
+                        "the target runs {platform} but this program is built for {os} {arch}; \
+                         build the program for the target's architecture to call functions there"
+                    ),
+                });
+            }
+            Outcome::Ended => return Err(ended_early(&shared).await),
+        }
+    }
+
+    let mut frames: Frames = FramedRead::new(stdout, FrameDecoder::default());
+    let hello = match frames.next().await {
+        Some(Ok(Frame::Message(Message::Hello(hello)))) => hello,
+        Some(Ok(other)) => {
+            return Err(Error::Handshake {
+                host: host.to_string(),
+                message: format!("expected the agent's hello, received {other:?}"),
+            });
+        }
+        Some(Err(error)) if error.kind() == std::io::ErrorKind::InvalidData => {
+            return Err(Error::Handshake {
+                host: host.to_string(),
+                message: format!(
+                    "expected the agent's hello, but the process wrote something else to stdout ({error})"
+                ),
+            });
+        }
+        Some(Err(_)) | None => return Err(ended_early(&shared).await),
+    };
+    check_hello(&host, &hello)?;
+
+    let (outbox, outbox_receiver) = Outbox::new();
+    tokio::spawn(async move {
+        let _ = write_frames(outbox_receiver, &mut stdin).await;
+    });
+    let reader = tokio::spawn(read_replies(frames, shared.clone()));
+    Ok(Connection {
+        shared,
+        outbox,
+        next_id: AtomicU64::new(1),
+        hello,
+        reader,
+        _kill: kill,
+    })
+}
+
+fn check_hello(host: &str, hello: &Hello) -> Result<()> {
+    if hello.protocol != PROTOCOL_VERSION {
+        return Err(Error::Handshake {
+            host: host.to_string(),
+            message: format!(
+                "the agent speaks protocol version {} but this program speaks version {PROTOCOL_VERSION}",
+                hello.protocol
+            ),
+        });
+    }
+    let ours = identity::binary_id();
+    if hello.binary_id != ours {
+        return Err(Error::Handshake {
+            host: host.to_string(),
+            message: format!(
+                "the agent is a different program (binary id {}) than this one ({}); both ends must \
+                 run the same binary",
+                hex(&hello.binary_id),
+                hex(ours)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The error for a process that ended before its agent said hello.
+async fn ended_early(shared: &Shared) -> Error {
+    shared.tail.wait_closed(EXPLAIN_WAIT).await;
+    let mut exit = shared.exit.clone();
+    let status = tokio::time::timeout(Duration::from_secs(1), exit.wait_for(Option::is_some))
+        .await
+        .ok()
+        .and_then(|status| status.ok().and_then(|status| *status));
+    let mut message = match status {
+        Some(status) => format!("the process {status} before the agent started"),
+        None => "the process closed its output before the agent started".to_string(),
+    };
+    let tail = shared.tail.snapshot();
+    if !tail.is_empty() {
+        message.push_str(": ");
+        message.push_str(&tail.join(" / "));
+    }
+    Error::Bootstrap {
+        host: shared.host.to_string(),
+        message,
+    }
+}
+
+/// Routes replies to waiting calls until the agent's output ends or breaks the protocol.
+async fn read_replies(mut frames: Frames, shared: Arc<Shared>) {
+    let mut assemblies = Assemblies::default();
+    let (violation, what) = loop {
+        let frame = match frames.next().await {
+            Some(Ok(frame)) => frame,
+            Some(Err(error)) if error.kind() == std::io::ErrorKind::InvalidData => {
+                break (true, error.to_string());
+            }
+            Some(Err(error)) => break (false, format!("reading from the agent failed: {error}")),
+            None => break (false, "the agent's output ended".to_string()),
+        };
+        let result = match frame {
+            Frame::Message(Message::Return { id, value }) => match value {
+                Payload::Inline(value) => {
+                    shared.deliver(id, Reply::Value(value));
+                    Ok(())
+                }
+                Payload::Streamed { len } if shared.is_waiting(id) => assemblies.start(id, len),
+                Payload::Streamed { .. } => Ok(()),
+            },
+            Frame::Message(Message::Fail { id, failure }) => {
+                shared.deliver(id, Reply::Failed(failure));
+                Ok(())
+            }
+            Frame::Chunk { id, data } => assemblies.add(id, &data).map(|complete| {
+                if let Some(value) = complete {
+                    shared.deliver(id, Reply::Value(value));
+                }
+            }),
+            Frame::Message(other) => Err(format!(
+                "the agent sent {other:?}, which only a controller may send"
+            )),
+        };
+        if let Err(message) = result {
+            break (true, message);
+        }
+    };
+    shared.close_explained(violation, what).await;
+}
+
+/// Owns the process: records how it ended, and kills it when the connection goes away.
+async fn supervise(
+    mut process: Box<dyn AgentProcess>,
+    kill_requested: oneshot::Receiver<()>,
+    exit: watch::Sender<Option<ExitReport>>,
+    stderr_task: Option<JoinHandle<()>>,
+) {
+    let status = tokio::select! {
+        status = process.wait() => status,
+        _ = kill_requested => {
+            let _ = process.start_kill();
+            process.wait().await
+        }
+    };
+    exit.send_replace(Some(status.unwrap_or_default()));
+    if let Some(task) = stderr_task {
+        // Give stderr a moment to drain; a grandchild holding it open must not keep the task alive.
+        let abort = task.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! The one error type of chopsticks, with variants named by the phase that failed.
+
+use std::fmt;
+use std::time::Duration;
+
+/// A boxed error from a transport or another source outside core.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `Result` with [`Error`] as the error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The phase of work an error or timeout happened in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Phase {
+    /// Starting the agent process and waiting for its hello.
+    Connect,
+    /// The shell bootstrap that places and verifies the agent file.
+    Bootstrap,
+    /// The hello exchange that proves both ends run the same binary.
+    Handshake,
+    /// A function call.
+    Call,
+    /// Closing the tunnel.
+    Close,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Connect => "connect",
+            Phase::Bootstrap => "bootstrap",
+            Phase::Handshake => "handshake",
+            Phase::Call => "call",
+            Phase::Close => "close",
+        })
+    }
+}
+
+/// Everything that can go wrong with a tunnel. Every variant names the host.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The transport could not start the agent process at all.
+    #[error("could not start the agent on {host}: {message}")]
+    Spawn {
+        /// The host the tunnel points at.
+        host: String,
+        /// What went wrong, as a sentence.
+        message: String,
+        /// The underlying error, when there is one.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The process started but the agent never said hello: the bootstrap
+    /// script failed, the program exited, or the target cannot run this binary.
+    #[error("bootstrap on {host} failed: {message}")]
+    Bootstrap {
+        /// The host the tunnel points at.
+        host: String,
+        /// What went wrong, including what the process printed.
+        message: String,
+    },
+    /// The agent answered but is not the same program or protocol version.
+    #[error("handshake with the agent on {host} failed: {message}")]
+    Handshake {
+        /// The host the tunnel points at.
+        host: String,
+        /// What did not match.
+        message: String,
+    },
+    /// The peer sent bytes that are not a valid frame or message; the tunnel was closed.
+    #[error("protocol error on {host}: {message}; the tunnel was closed")]
+    Protocol {
+        /// The host the tunnel points at.
+        host: String,
+        /// What was wrong with the input.
+        message: String,
+    },
+    /// The connection ended while the call was pending or before it was sent.
+    #[error("{}", disconnected_sentence(host, reason, stderr_tail))]
+    Disconnected {
+        /// The host the tunnel points at.
+        host: String,
+        /// Why the connection ended (exit status, protocol error, close).
+        reason: String,
+        /// The last lines the agent process wrote to stderr.
+        stderr_tail: Vec<String>,
+    },
+    /// The remote function panicked, or its arguments or result could not be decoded there.
+    #[error("{function} failed on {host}: {message}")]
+    Remote {
+        /// The host the call ran on.
+        host: String,
+        /// The type name of the function that was called.
+        function: String,
+        /// The panic message or decoding error.
+        message: String,
+        /// The remote backtrace, when `RUST_BACKTRACE` enabled one on the agent.
+        backtrace: Option<String>,
+    },
+    /// A value could not be encoded or decoded on this side.
+    #[error("{what} of {function} for {host} could not be {action}: {message}")]
+    Value {
+        /// The host the call is for.
+        host: String,
+        /// The type name of the function.
+        function: String,
+        /// "the arguments" or "the result".
+        what: &'static str,
+        /// "encoded" or "decoded".
+        action: &'static str,
+        /// The serde error.
+        message: String,
+    },
+    /// A phase did not finish within its time bound.
+    #[error("{phase} on {host} timed out after {after:?}")]
+    Timeout {
+        /// The host the tunnel points at.
+        host: String,
+        /// The phase that timed out.
+        phase: Phase,
+        /// The bound that was exceeded.
+        after: Duration,
+    },
+    /// An I/O error on this side.
+    #[error("I/O error on {host} during {phase}: {source}")]
+    Io {
+        /// The host the tunnel points at.
+        host: String,
+        /// The phase the error happened in.
+        phase: Phase,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn disconnected_sentence(host: &str, reason: &str, stderr_tail: &[String]) -> String {
+    let mut text = format!("the agent on {host} disconnected: {reason}");
+    if !stderr_tail.is_empty() {
+        text.push_str("; its last stderr lines were:");
+        for line in stderr_tail {
+            text.push_str("\n  ");
+            text.push_str(line);
+        }
+    }
+    text
+}
+
+impl Error {
+    /// The host this error is about.
+    pub fn host(&self) -> &str {
+        match self {
+            Error::Spawn { host, .. }
+            | Error::Bootstrap { host, .. }
+            | Error::Handshake { host, .. }
+            | Error::Protocol { host, .. }
+            | Error::Disconnected { host, .. }
+            | Error::Remote { host, .. }
+            | Error::Value { host, .. }
+            | Error::Timeout { host, .. }
+            | Error::Io { host, .. } => host,
+        }
+    }
+
+    /// Whether the error ended the connection, so that the next call reconnects.
+    pub fn is_disconnect(&self) -> bool {
+        matches!(self, Error::Disconnected { .. } | Error::Protocol { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disconnected_names_host_and_stderr() {
+        let error = Error::Disconnected {
+            host: "web1".into(),
+            reason: "the agent was killed by signal 9".into(),
+            stderr_tail: vec!["about to die".into()],
+        };
+        let text = error.to_string();
+        assert!(text.contains("web1"), "{text}");
+        assert!(text.contains("signal 9"), "{text}");
+        assert!(text.contains("about to die"), "{text}");
+        assert_eq!(error.host(), "web1");
+    }
+}

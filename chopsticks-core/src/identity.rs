@@ -1,0 +1,178 @@
+//! Who this process is: its binary id, the agent file's content hash, its OS and architecture.
+
+use std::ffi::CStr;
+use std::io::{self, Read};
+use std::sync::OnceLock;
+
+use sha2::{Digest, Sha256};
+
+/// The path through which a process reaches its own executable, even after the file was replaced.
+pub const SELF_EXE: &str = "/proc/self/exe";
+
+/// The identity of the running binary: its GNU build-id when the linker
+/// wrote one, otherwise the SHA-256 of its file. Computed once.
+pub fn binary_id() -> &'static [u8] {
+    static ID: OnceLock<Vec<u8>> = OnceLock::new();
+    ID.get_or_init(|| {
+        build_id()
+            .or_else(|| {
+                agent_file()
+                    .ok()
+                    .map(|file| file.sha256.as_bytes().to_vec())
+            })
+            .unwrap_or_default()
+    })
+}
+
+/// The agent file the shell bootstrap uploads: this program's bytes, their length and SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentFile {
+    /// Length in bytes.
+    pub size: u64,
+    /// Lowercase hex SHA-256 of the content.
+    pub sha256: String,
+}
+
+/// Hashes this program's file once (through `/proc/self/exe`).
+pub fn agent_file() -> io::Result<&'static AgentFile> {
+    static FILE: OnceLock<AgentFile> = OnceLock::new();
+    if let Some(file) = FILE.get() {
+        return Ok(file);
+    }
+    let mut reader = std::fs::File::open(SELF_EXE)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let read = reader.read(&mut buffer)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+        size += read as u64;
+    }
+    let sha256 = hex(&hasher.finalize());
+    Ok(FILE.get_or_init(|| AgentFile { size, sha256 }))
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        let _ = write!(text, "{byte:02x}");
+    }
+    text
+}
+
+/// `uname -s` and `uname -m` of this machine, as the bootstrap script sees them.
+pub fn uname() -> (String, String) {
+    // SAFETY: utsname is plain old data; an all-zero value is valid.
+    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is a valid, writable utsname.
+    if unsafe { libc::uname(&mut name) } != 0 {
+        return (std::env::consts::OS.into(), std::env::consts::ARCH.into());
+    }
+    let field = |chars: &[libc::c_char]| {
+        // SAFETY: uname NUL-terminates every field within its array.
+        unsafe { CStr::from_ptr(chars.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    (field(&name.sysname), field(&name.machine))
+}
+
+/// The GNU build-id note of the main program, read from its loaded program headers.
+fn build_id() -> Option<Vec<u8>> {
+    let mut found: Option<Vec<u8>> = None;
+    // SAFETY: the callback only reads the headers the loader hands it, and
+    // `data` points at `found`, which outlives the call.
+    unsafe {
+        libc::dl_iterate_phdr(
+            Some(visit_object),
+            (&mut found as *mut Option<Vec<u8>>).cast(),
+        );
+    }
+    found
+}
+
+unsafe extern "C" fn visit_object(
+    info: *mut libc::dl_phdr_info,
+    _size: libc::size_t,
+    data: *mut libc::c_void,
+) -> libc::c_int {
+    // SAFETY: the loader passes a valid info pointer; `data` is the Option from build_id.
+    let (info, found) = unsafe { (&*info, &mut *data.cast::<Option<Vec<u8>>>()) };
+    // The first object reported is the main program; stop after it.
+    for index in 0..usize::from(info.dlpi_phnum) {
+        // SAFETY: dlpi_phdr points at dlpi_phnum headers.
+        let header = unsafe { &*info.dlpi_phdr.add(index) };
+        if header.p_type != libc::PT_NOTE {
+            continue;
+        }
+        let start = (info.dlpi_addr as usize).wrapping_add(header.p_vaddr as usize);
+        // SAFETY: a loaded PT_NOTE segment is mapped readable for p_memsz bytes.
+        let notes =
+            unsafe { std::slice::from_raw_parts(start as *const u8, header.p_memsz as usize) };
+        if let Some(id) = find_build_id(notes) {
+            *found = Some(id.to_vec());
+            break;
+        }
+    }
+    1
+}
+
+/// Walks ELF notes looking for `NT_GNU_BUILD_ID` owned by "GNU".
+fn find_build_id(mut notes: &[u8]) -> Option<&[u8]> {
+    const NT_GNU_BUILD_ID: u32 = 3;
+    let align4 = |n: usize| (n + 3) & !3;
+    while notes.len() >= 12 {
+        let word = |at: usize| {
+            u32::from_ne_bytes([notes[at], notes[at + 1], notes[at + 2], notes[at + 3]])
+        };
+        let (name_len, desc_len, kind) = (word(0) as usize, word(4) as usize, word(8));
+        let name_end = 12 + align4(name_len);
+        let desc_end = name_end.checked_add(align4(desc_len))?;
+        if desc_end > notes.len() {
+            return None;
+        }
+        if kind == NT_GNU_BUILD_ID && &notes[12..12 + name_len] == b"GNU\0" {
+            return Some(&notes[name_end..name_end + desc_len]);
+        }
+        notes = &notes[desc_end..];
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binary_id_is_stable_and_nonempty() {
+        assert!(!binary_id().is_empty());
+        assert_eq!(binary_id(), binary_id());
+    }
+
+    #[test]
+    fn agent_file_hash_matches_sha256sum_format() {
+        let file = agent_file().expect("hash self");
+        assert_eq!(file.sha256.len(), 64);
+        assert!(file.size > 0);
+    }
+
+    #[test]
+    fn uname_reports_this_machine() {
+        let (os, arch) = uname();
+        assert_eq!(os, "Linux");
+        assert_eq!(arch, std::env::consts::ARCH);
+    }
+
+    #[test]
+    fn truncated_notes_do_not_panic() {
+        assert_eq!(
+            find_build_id(&[4, 0, 0, 0, 255, 255, 255, 255, 3, 0, 0, 0, b'G']),
+            None
+        );
+    }
+}

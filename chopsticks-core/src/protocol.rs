@@ -1,0 +1,220 @@
+//! The messages both ends exchange, and the CBOR encoding of argument and result values.
+//!
+//! A session starts with the agent's [`Hello`]. The controller checks its
+//! protocol version and binary id before it sends any [`Message::Call`]. Each
+//! call carries an id; the agent answers it with exactly one
+//! [`Message::Return`] or [`Message::Fail`], unless the controller sent a
+//! [`Message::Cancel`] first. Payloads over [`INLINE_LIMIT`](crate::wire::INLINE_LIMIT)
+//! bytes travel as [`Payload::Streamed`] followed by raw chunk frames (see
+//! [`wire`](crate::wire)).
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The protocol version both ends must speak.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// One protocol message, carried CBOR-encoded in one frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Message {
+    /// Sent once by the agent as soon as it starts.
+    Hello(Hello),
+    /// Run a function.
+    Call {
+        /// The call id, unique per connection.
+        id: u64,
+        /// Which function to run.
+        function: FunctionRef,
+        /// Whether it is a blocking `fn` or an `async fn`.
+        mode: CallMode,
+        /// The CBOR-encoded argument tuple.
+        args: Payload,
+    },
+    /// The function returned; the payload is its CBOR-encoded result.
+    Return {
+        /// The call id.
+        id: u64,
+        /// The CBOR-encoded result.
+        value: Payload,
+    },
+    /// The call failed on the agent.
+    Fail {
+        /// The call id.
+        id: u64,
+        /// What went wrong.
+        failure: Failure,
+    },
+    /// The controller no longer wants the result of this call.
+    Cancel {
+        /// The call id.
+        id: u64,
+    },
+    /// The controller asks the agent to exit.
+    Shutdown,
+}
+
+/// The agent's introduction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The protocol version the agent speaks.
+    pub protocol: u32,
+    /// The GNU build-id of the agent program (or the SHA-256 of its file).
+    #[serde(with = "serde_bytes")]
+    pub binary_id: Vec<u8>,
+    /// The agent's process id on its machine.
+    pub pid: u32,
+    /// `uname -s` of the agent's machine.
+    pub os: String,
+    /// `uname -m` of the agent's machine.
+    pub arch: String,
+    /// How many agents deep this one is (1 for an agent a program started directly).
+    pub depth: u32,
+}
+
+/// A value that is either inline in its message or follows as chunk frames.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Payload {
+    /// The bytes themselves.
+    Inline(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// This many bytes follow in chunk frames with the same call id.
+    Streamed {
+        /// Total length of the payload in bytes.
+        len: u64,
+    },
+}
+
+/// Names a function both ends can run.
+///
+/// An enum so that named, registered functions (for agents cross-built for
+/// another target) can join later.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum FunctionRef {
+    /// A monomorphised trampoline, by its offset from the anchor symbol. Valid
+    /// only between two processes of the same binary, which the hello proves.
+    Offset {
+        /// Trampoline address minus anchor address.
+        offset: i64,
+        /// `type_name` of the function, for errors and traces.
+        name: String,
+    },
+}
+
+impl FunctionRef {
+    /// The function's name for errors and traces.
+    pub fn name(&self) -> &str {
+        match self {
+            FunctionRef::Offset { name, .. } => name,
+        }
+    }
+}
+
+/// How the agent runs a function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CallMode {
+    /// A plain `fn`, run on the agent's blocking pool.
+    Blocking,
+    /// An `async fn`, run as a task on the agent's runtime.
+    Async,
+}
+
+/// Why a call failed on the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// The kind of failure.
+    pub kind: FailureKind,
+    /// A human-readable message (the panic message, the decoding error).
+    pub message: String,
+    /// A backtrace, when the agent captured one.
+    pub backtrace: Option<String>,
+}
+
+/// Kinds of [`Failure`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum FailureKind {
+    /// The function panicked.
+    Panic,
+    /// The arguments could not be decoded.
+    Arguments,
+    /// The result could not be encoded.
+    Result,
+    /// The function reference does not name a function in this binary.
+    UnknownFunction,
+}
+
+impl Failure {
+    /// A failure of `kind` with `message` and no backtrace.
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        Failure {
+            kind,
+            message: message.into(),
+            backtrace: None,
+        }
+    }
+
+    /// The message, prefixed with what kind of failure it was.
+    pub fn describe(&self) -> String {
+        match self.kind {
+            FailureKind::Panic => format!("panicked: {}", self.message),
+            FailureKind::Arguments => format!("could not decode its arguments: {}", self.message),
+            FailureKind::Result => format!("could not encode its result: {}", self.message),
+            FailureKind::UnknownFunction => format!("is not a function: {}", self.message),
+        }
+    }
+}
+
+/// CBOR-encodes a value.
+pub fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
+    let mut bytes = Vec::new();
+    ciborium::into_writer(value, &mut bytes).map_err(|error| error.to_string())?;
+    Ok(bytes)
+}
+
+/// Decodes a CBOR value. Nesting depth is bounded, so hostile input cannot overflow the stack.
+pub fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    ciborium::from_reader(bytes).map_err(|error| error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let messages = [
+            Message::Hello(Hello {
+                protocol: PROTOCOL_VERSION,
+                binary_id: vec![1, 2, 3],
+                pid: 42,
+                os: "Linux".into(),
+                arch: "x86_64".into(),
+                depth: 1,
+            }),
+            Message::Call {
+                id: 7,
+                function: FunctionRef::Offset {
+                    offset: -1234,
+                    name: "demo::f".into(),
+                },
+                mode: CallMode::Async,
+                args: Payload::Inline(vec![0x80]),
+            },
+            Message::Return {
+                id: 7,
+                value: Payload::Streamed { len: 1 << 30 },
+            },
+            Message::Fail {
+                id: 8,
+                failure: Failure::new(FailureKind::Panic, "boom"),
+            },
+            Message::Cancel { id: 9 },
+            Message::Shutdown,
+        ];
+        for message in messages {
+            let bytes = encode_value(&message).expect("encode");
+            assert_eq!(decode_value::<Message>(&bytes).expect("decode"), message);
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! [`Tunnel`]: a cheap, cloneable handle to one agent on one target.
+
+use std::future::{Future, IntoFuture};
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::connection::{self, ConnectOptions, Connection};
+use crate::error::{Error, Phase, Result};
+use crate::protocol::{CallMode, FunctionRef, decode_value, encode_value};
+use crate::remote::{AsyncRemoteFn, RemoteFn, async_function_ref, function_ref};
+use crate::stderr::{self, StderrSink};
+use crate::transport::Transport;
+
+/// The default bound on starting an agent and receiving its hello.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default bound on waiting for the agent to exit on [`Tunnel::close`].
+pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A handle to an agent on one target. Cheap to clone; clones share the agent.
+///
+/// The agent starts on first use ([`connect`](Self::connect) or the first
+/// call). If it dies or is closed, the next call starts a new one. When the
+/// last clone is dropped, the agent is stopped.
+#[derive(Clone)]
+pub struct Tunnel {
+    inner: Arc<TunnelInner>,
+}
+
+struct TunnelInner {
+    host: String,
+    transport: Box<dyn Transport>,
+    connect_timeout: Duration,
+    call_timeout: Option<Duration>,
+    options: ConnectOptions,
+    current: Mutex<Option<Arc<Connection>>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("host", &self.inner.host)
+            .field("connected", &self.is_connected())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures a [`Tunnel`] before it is built.
+pub struct TunnelBuilder {
+    transport: Box<dyn Transport>,
+    connect_timeout: Duration,
+    call_timeout: Option<Duration>,
+    stderr_sink: StderrSink,
+}
+
+impl TunnelBuilder {
+    /// Bounds starting the agent and receiving its hello (default 30 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Bounds every call that does not set its own timeout (default: unbounded).
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = Some(timeout);
+        self
+    }
+
+    /// Where the agent's stderr lines go (default: this process's stderr, as `[host] line`).
+    /// Every line is also emitted as a `tracing` event with target `chopsticks::stderr`.
+    pub fn stderr(mut self, sink: StderrSink) -> Self {
+        self.stderr_sink = sink;
+        self
+    }
+
+    /// Builds the tunnel. Nothing starts until the first use.
+    pub fn build(self) -> Tunnel {
+        Tunnel {
+            inner: Arc::new(TunnelInner {
+                host: self.transport.host().to_string(),
+                transport: self.transport,
+                connect_timeout: self.connect_timeout,
+                call_timeout: self.call_timeout,
+                options: ConnectOptions {
+                    stderr_sink: self.stderr_sink,
+                },
+                current: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+}
+
+impl Tunnel {
+    /// A tunnel through `transport` with default settings.
+    pub fn new(transport: impl Transport) -> Tunnel {
+        Tunnel::builder(transport).build()
+    }
+
+    /// A builder for a tunnel through `transport`.
+    pub fn builder(transport: impl Transport) -> TunnelBuilder {
+        TunnelBuilder {
+            transport: Box::new(transport),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            call_timeout: None,
+            stderr_sink: stderr::print_to_stderr(),
+        }
+    }
+
+    /// The target's name, as the transport gives it.
+    pub fn host(&self) -> &str {
+        &self.inner.host
+    }
+
+    /// Whether an agent is running for this tunnel now.
+    pub fn is_connected(&self) -> bool {
+        self.current_connection().is_some()
+    }
+
+    /// The agent's process id on its machine, when connected.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.current_connection()
+            .map(|connection| connection.hello().pid)
+    }
+
+    /// Starts the agent now instead of on the first call.
+    pub async fn connect(&self) -> Result<()> {
+        self.connection().await.map(drop)
+    }
+
+    /// Stops the agent: asks it to exit, waits up to 5 s, then kills it.
+    /// The next call starts a new agent.
+    pub async fn close(&self) -> Result<()> {
+        let _serialized = self.inner.connecting.lock().await;
+        let connection = self.lock_current().take();
+        if let Some(connection) = connection {
+            if !connection.shutdown(DEFAULT_CLOSE_TIMEOUT).await {
+                tracing::warn!(host = %self.inner.host, "the agent did not exit within the close timeout; killing it");
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls the blocking function `function` with the argument tuple `args` on the agent.
+    ///
+    /// `function` must capture nothing (a `fn` item or a closure without
+    /// captures); this is checked when the program is built. The returned
+    /// [`Call`] can take a [`timeout`](Call::timeout) before it is awaited.
+    pub fn call<F, Args>(&self, function: F, args: Args) -> Call<'_, F::Output>
+    where
+        F: RemoteFn<Args>,
+        Args: Serialize + DeserializeOwned,
+        F::Output: Serialize + DeserializeOwned,
+    {
+        let function_ref = function_ref(function);
+        Call::new(self, function_ref, CallMode::Blocking, encode_value(&args))
+    }
+
+    /// Calls the `async` function `function` with `args`; it runs as a task on the agent's runtime.
+    pub fn call_async<F, Args>(&self, function: F, args: Args) -> Call<'_, F::Output>
+    where
+        F: AsyncRemoteFn<Args>,
+        Args: Serialize + DeserializeOwned + Send + 'static,
+        F::Output: Serialize + DeserializeOwned + 'static,
+    {
+        let function_ref = async_function_ref(function);
+        Call::new(self, function_ref, CallMode::Async, encode_value(&args))
+    }
+
+    fn lock_current(&self) -> std::sync::MutexGuard<'_, Option<Arc<Connection>>> {
+        self.inner
+            .current
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn current_connection(&self) -> Option<Arc<Connection>> {
+        self.lock_current()
+            .as_ref()
+            .filter(|connection| connection.is_alive())
+            .cloned()
+    }
+
+    async fn connection(&self) -> Result<Arc<Connection>> {
+        if let Some(connection) = self.current_connection() {
+            return Ok(connection);
+        }
+        let _serialized = self.inner.connecting.lock().await;
+        if let Some(connection) = self.current_connection() {
+            return Ok(connection);
+        }
+        let inner = &self.inner;
+        let connecting = connection::connect(&*inner.transport, &inner.options);
+        let connection = tokio::time::timeout(inner.connect_timeout, connecting)
+            .await
+            .map_err(|_| Error::Timeout {
+                host: inner.host.clone(),
+                phase: Phase::Connect,
+                after: inner.connect_timeout,
+            })??;
+        let connection = Arc::new(connection);
+        *self.lock_current() = Some(connection.clone());
+        Ok(connection)
+    }
+}
+
+/// A pending call; await it, optionally after setting a [`timeout`](Self::timeout).
+///
+/// Dropping the future before it completes cancels the call on the agent:
+/// an `async` function is aborted, a blocking one runs on and its result is discarded.
+#[must_use = "a call does nothing until it is awaited"]
+pub struct Call<'t, R> {
+    tunnel: &'t Tunnel,
+    function: FunctionRef,
+    mode: CallMode,
+    args: std::result::Result<Vec<u8>, String>,
+    timeout: Option<Duration>,
+    result: PhantomData<fn() -> R>,
+}
+
+impl<R> std::fmt::Debug for Call<'_, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Call")
+            .field("host", &self.tunnel.host())
+            .field("function", &self.function.name())
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'t, R> Call<'t, R> {
+    fn new(
+        tunnel: &'t Tunnel,
+        function: FunctionRef,
+        mode: CallMode,
+        args: std::result::Result<Vec<u8>, String>,
+    ) -> Self {
+        Call {
+            tunnel,
+            function,
+            mode,
+            args,
+            timeout: tunnel.inner.call_timeout,
+            result: PhantomData,
+        }
+    }
+
+    /// Bounds this call (including connecting, if the tunnel is not connected yet).
+    /// On expiry the call fails with [`Error::Timeout`] and is cancelled on the agent.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+impl<'t, R> IntoFuture for Call<'t, R>
+where
+    R: DeserializeOwned + Send + 't,
+{
+    type Output = Result<R>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<R>> + Send + 't>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let tunnel = self.tunnel;
+            let host = tunnel.host();
+            let function = self.function;
+            let value_error = |what, action, message| Error::Value {
+                host: host.to_string(),
+                function: function.name().to_string(),
+                what,
+                action,
+                message,
+            };
+            let args = self
+                .args
+                .map_err(|message| value_error("the arguments", "encoded", message))?;
+            let run = async {
+                let connection = tunnel.connection().await?;
+                connection.call(&function, self.mode, args).await
+            };
+            let encoded = match self.timeout {
+                None => run.await?,
+                Some(after) => {
+                    tokio::time::timeout(after, run)
+                        .await
+                        .map_err(|_| Error::Timeout {
+                            host: host.to_string(),
+                            phase: Phase::Call,
+                            after,
+                        })??
+                }
+            };
+            decode_value(&encoded).map_err(|message| value_error("the result", "decoded", message))
+        })
+    }
+}

@@ -1,0 +1,479 @@
+//! Framing: length-delimited frames carrying either one CBOR message or one raw data chunk.
+//!
+//! ```text
+//!  0        4        5                                     4+length
+//!  +--------+--------+--------------------------------------+
+//!  | length |  tag   | body                                 |
+//!  | u32 BE |   u8   |                                      |
+//!  +--------+--------+--------------------------------------+
+//!
+//!  tag 0x01  MESSAGE   body = one CBOR-encoded protocol::Message
+//!  tag 0x02  CHUNK     body = call id (u64 BE) + raw payload bytes
+//!
+//!  length counts the tag and the body; it never exceeds MAX_FRAME_LEN.
+//! ```
+//!
+//! A payload larger than [`INLINE_LIMIT`] is announced by its message as
+//! `Payload::Streamed { len }` and follows as CHUNK frames of at most
+//! [`CHUNK_LEN`] bytes. Chunks bypass CBOR entirely, so bulk data costs one
+//! copy on each side. The [`Outbox`] keeps two queues: small frames go out
+//! first, and at most one chunk joins each write batch, so a 10 GB transfer
+//! never delays a ping by more than one chunk.
+//!
+//! The length prefix is decoded by `tokio_util`'s `LengthDelimitedCodec`
+//! with an explicit maximum: an oversized or garbled length closes the
+//! connection with an `InvalidData` error instead of allocating.
+
+use std::collections::HashMap;
+use std::io;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::codec::{Decoder, LengthDelimitedCodec};
+
+use crate::protocol::{Message, Payload};
+
+/// The largest frame either end accepts (tag and body).
+pub const MAX_FRAME_LEN: usize = 1024 * 1024;
+/// Payloads larger than this are streamed as chunks instead of inlined.
+pub const INLINE_LIMIT: usize = 64 * 1024;
+/// The size of one data chunk.
+pub const CHUNK_LEN: usize = 256 * 1024;
+/// The largest streamed payload either end accepts by default.
+pub const MAX_PAYLOAD_LEN: u64 = 4 << 30;
+
+const TAG_MESSAGE: u8 = 0x01;
+const TAG_CHUNK: u8 = 0x02;
+/// Bodies at least this large are written straight from their buffer instead of being batched.
+const DIRECT_WRITE_LEN: usize = 16 * 1024;
+/// A write batch is flushed once it holds this many bytes.
+const BATCH_LEN: usize = 256 * 1024;
+/// How many chunk frames may wait in the bulk queue.
+const BULK_QUEUE_LEN: usize = 4;
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// A protocol message.
+    Message(Message),
+    /// A piece of a streamed payload.
+    Chunk {
+        /// The call id the payload belongs to.
+        id: u64,
+        /// The bytes.
+        data: Bytes,
+    },
+}
+
+/// An encoded frame ready to write: a small head and an optional large body.
+#[derive(Debug, Clone)]
+pub struct OutFrame {
+    head: Bytes,
+    body: Bytes,
+}
+
+impl OutFrame {
+    /// Encodes a message frame.
+    pub fn message(message: &Message) -> OutFrame {
+        let mut buffer = BytesMut::with_capacity(64);
+        buffer.put_u32(0);
+        buffer.put_u8(TAG_MESSAGE);
+        let mut writer = buffer.writer();
+        // Writing CBOR into memory fails only if a Serialize impl fails; ours are derived.
+        if ciborium::into_writer(message, &mut writer).is_err() {
+            unreachable_encoding(message);
+        }
+        let mut buffer = writer.into_inner();
+        let length = (buffer.len() - 4) as u32;
+        buffer[..4].copy_from_slice(&length.to_be_bytes());
+        OutFrame {
+            head: buffer.freeze(),
+            body: Bytes::new(),
+        }
+    }
+
+    /// Encodes a chunk frame; `data` must be at most [`CHUNK_LEN`] bytes.
+    pub fn chunk(id: u64, data: Bytes) -> OutFrame {
+        debug_assert!(data.len() <= CHUNK_LEN);
+        let mut head = BytesMut::with_capacity(13);
+        head.put_u32((1 + 8 + data.len()) as u32);
+        head.put_u8(TAG_CHUNK);
+        head.put_u64(id);
+        OutFrame {
+            head: head.freeze(),
+            body: data,
+        }
+    }
+
+    /// The frame's bytes on the wire, concatenated (for tests and tools).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(self.head.len() + self.body.len());
+        bytes.extend_from_slice(&self.head);
+        bytes.extend_from_slice(&self.body);
+        bytes
+    }
+}
+
+#[cold]
+fn unreachable_encoding(message: &Message) {
+    tracing::error!(?message, "a protocol message could not be CBOR-encoded");
+}
+
+/// Decodes frames from a byte stream; use with `tokio_util::codec::FramedRead`.
+///
+/// Malformed input yields an `io::Error` of kind `InvalidData`.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    lengths: LengthDelimitedCodec,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        FrameDecoder {
+            lengths: LengthDelimitedCodec::builder()
+                .big_endian()
+                .length_field_type::<u32>()
+                .max_frame_length(MAX_FRAME_LEN)
+                .new_codec(),
+        }
+    }
+}
+
+fn invalid(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+impl Decoder for FrameDecoder {
+    type Item = Frame;
+    type Error = io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> io::Result<Option<Frame>> {
+        let Some(mut body) = self.lengths.decode(src)? else {
+            return Ok(None);
+        };
+        if body.is_empty() {
+            return Err(invalid("received an empty frame".into()));
+        }
+        match body.get_u8() {
+            TAG_MESSAGE => ciborium::from_reader::<Message, _>(&body[..])
+                .map(|message| Some(Frame::Message(message)))
+                .map_err(|error| invalid(format!("received an undecodable message: {error}"))),
+            TAG_CHUNK => {
+                if body.len() < 8 {
+                    return Err(invalid("received a chunk frame without a call id".into()));
+                }
+                let id = body.get_u64();
+                Ok(Some(Frame::Chunk {
+                    id,
+                    data: body.freeze(),
+                }))
+            }
+            tag => Err(invalid(format!(
+                "received a frame with unknown tag {tag:#04x}"
+            ))),
+        }
+    }
+}
+
+/// The sending half of a connection: cheap to clone, shared by every call.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    urgent: mpsc::UnboundedSender<OutFrame>,
+    bulk: mpsc::Sender<OutFrame>,
+}
+
+/// The receiving half of an [`Outbox`], drained by [`write_frames`].
+#[derive(Debug)]
+pub struct OutboxReceiver {
+    urgent: mpsc::UnboundedReceiver<OutFrame>,
+    bulk: mpsc::Receiver<OutFrame>,
+}
+
+/// The writer has stopped; nothing more can be sent on this connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxClosed;
+
+impl Outbox {
+    /// A new outbox and the receiver for its writer task.
+    pub fn new() -> (Outbox, OutboxReceiver) {
+        let (urgent_tx, urgent_rx) = mpsc::unbounded_channel();
+        let (bulk_tx, bulk_rx) = mpsc::channel(BULK_QUEUE_LEN);
+        (
+            Outbox {
+                urgent: urgent_tx,
+                bulk: bulk_tx,
+            },
+            OutboxReceiver {
+                urgent: urgent_rx,
+                bulk: bulk_rx,
+            },
+        )
+    }
+
+    /// Queues a small frame ahead of any bulk data.
+    pub fn send(&self, frame: OutFrame) -> Result<(), OutboxClosed> {
+        self.urgent.send(frame).map_err(|_| OutboxClosed)
+    }
+
+    /// Queues a frame behind earlier bulk data, waiting while the bulk queue is full.
+    pub async fn send_bulk(&self, frame: OutFrame) -> Result<(), OutboxClosed> {
+        self.bulk.send(frame).await.map_err(|_| OutboxClosed)
+    }
+
+    /// Sends a message carrying `data`: inline when small, otherwise the
+    /// message with `Payload::Streamed` followed by chunk frames, all through
+    /// the bulk queue so that the message precedes its chunks.
+    ///
+    /// Returns whether the payload was streamed.
+    pub async fn send_payload(
+        &self,
+        id: u64,
+        data: Vec<u8>,
+        message: impl FnOnce(Payload) -> Message,
+    ) -> Result<bool, OutboxClosed> {
+        if data.len() <= INLINE_LIMIT {
+            self.send(OutFrame::message(&message(Payload::Inline(data))))?;
+            return Ok(false);
+        }
+        let len = data.len() as u64;
+        self.send_bulk(OutFrame::message(&message(Payload::Streamed { len })))
+            .await?;
+        let data = Bytes::from(data);
+        let mut start = 0;
+        while start < data.len() {
+            let end = (start + CHUNK_LEN).min(data.len());
+            self.send_bulk(OutFrame::chunk(id, data.slice(start..end)))
+                .await?;
+            start = end;
+        }
+        Ok(true)
+    }
+
+    /// Whether the writer has stopped.
+    pub fn is_closed(&self) -> bool {
+        self.urgent.is_closed()
+    }
+}
+
+/// Writes queued frames until every [`Outbox`] clone is dropped, batching
+/// small frames into one write and letting at most one chunk into each batch.
+pub async fn write_frames<W>(mut receiver: OutboxReceiver, writer: &mut W) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let mut batch = BytesMut::with_capacity(BATCH_LEN);
+    loop {
+        let (first, first_is_bulk) = tokio::select! {
+            biased;
+            Some(frame) = receiver.urgent.recv() => (frame, false),
+            Some(frame) = receiver.bulk.recv() => (frame, true),
+            else => break,
+        };
+        append(&mut batch, first, writer).await?;
+        while batch.len() < BATCH_LEN {
+            match receiver.urgent.try_recv() {
+                Ok(frame) => append(&mut batch, frame, writer).await?,
+                Err(_) => break,
+            }
+        }
+        if !first_is_bulk && let Ok(frame) = receiver.bulk.try_recv() {
+            append(&mut batch, frame, writer).await?;
+        }
+        if !batch.is_empty() {
+            writer.write_all(&batch).await?;
+            batch.clear();
+        }
+        writer.flush().await?;
+    }
+    writer.flush().await
+}
+
+async fn append<W>(batch: &mut BytesMut, frame: OutFrame, writer: &mut W) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    batch.extend_from_slice(&frame.head);
+    if frame.body.len() >= DIRECT_WRITE_LEN {
+        writer.write_all(batch).await?;
+        batch.clear();
+        writer.write_all(&frame.body).await?;
+    } else {
+        batch.extend_from_slice(&frame.body);
+    }
+    Ok(())
+}
+
+/// Reassembles streamed payloads from chunk frames, bounded in size.
+#[derive(Debug, Default)]
+pub struct Assemblies {
+    partial: HashMap<u64, Partial>,
+}
+
+#[derive(Debug)]
+struct Partial {
+    expected: u64,
+    data: Vec<u8>,
+}
+
+impl Assemblies {
+    /// Starts collecting `len` bytes for call `id`.
+    pub fn start(&mut self, id: u64, len: u64) -> Result<(), String> {
+        if len > MAX_PAYLOAD_LEN {
+            return Err(format!(
+                "a streamed payload of {len} bytes exceeds the limit of {MAX_PAYLOAD_LEN} bytes"
+            ));
+        }
+        if len <= INLINE_LIMIT as u64 {
+            return Err(format!(
+                "a payload of {len} bytes was streamed instead of inlined"
+            ));
+        }
+        // Reserve at most 64 MiB up front; a lying peer cannot make us allocate its claim.
+        let reserve = len.min(64 << 20) as usize;
+        let partial = Partial {
+            expected: len,
+            data: Vec::with_capacity(reserve),
+        };
+        if self.partial.insert(id, partial).is_some() {
+            return Err(format!(
+                "call {id} streamed a second payload before finishing the first"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Adds a chunk. Returns the whole payload once complete; chunks for
+    /// unknown ids (cancelled calls) are dropped.
+    pub fn add(&mut self, id: u64, data: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        let Some(partial) = self.partial.get_mut(&id) else {
+            return Ok(None);
+        };
+        let received = partial.data.len() as u64 + data.len() as u64;
+        if received > partial.expected {
+            return Err(format!(
+                "call {id} sent {received} bytes of a payload announced as {} bytes",
+                partial.expected
+            ));
+        }
+        partial.data.extend_from_slice(data);
+        if received < partial.expected {
+            return Ok(None);
+        }
+        Ok(self.partial.remove(&id).map(|partial| partial.data))
+    }
+
+    /// Drops a partial payload.
+    pub fn cancel(&mut self, id: u64) {
+        self.partial.remove(&id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{CallMode, FunctionRef};
+
+    fn decode_all(bytes: &[u8]) -> io::Result<Vec<Frame>> {
+        let mut decoder = FrameDecoder::default();
+        let mut buffer = BytesMut::from(bytes);
+        let mut frames = Vec::new();
+        while let Some(frame) = decoder.decode(&mut buffer)? {
+            frames.push(frame);
+        }
+        Ok(frames)
+    }
+
+    #[test]
+    fn message_and_chunk_frames_round_trip() {
+        let message = Message::Cancel { id: 3 };
+        let mut bytes = OutFrame::message(&message).to_bytes();
+        bytes.extend(OutFrame::chunk(3, Bytes::from_static(b"abc")).to_bytes());
+        let frames = decode_all(&bytes).expect("decode");
+        assert_eq!(
+            frames,
+            vec![
+                Frame::Message(message),
+                Frame::Chunk {
+                    id: 3,
+                    data: Bytes::from_static(b"abc")
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn oversized_length_is_rejected_without_allocating() {
+        let bytes = [0xff, 0xff, 0xff, 0xff, TAG_MESSAGE];
+        let error = decode_all(&bytes).expect_err("must fail");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn unknown_tag_and_short_chunk_are_rejected() {
+        for bytes in [
+            &[0, 0, 0, 1, 0x7f][..],
+            &[0, 0, 0, 3, TAG_CHUNK, 0, 0][..],
+            &[0, 0, 0, 0][..],
+        ] {
+            let error = decode_all(bytes).expect_err("must fail");
+            assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        }
+    }
+
+    #[tokio::test]
+    async fn streamed_payload_reassembles_in_order() {
+        let (outbox, receiver) = Outbox::new();
+        let data: Vec<u8> = (0..(3 * CHUNK_LEN + 17)).map(|i| i as u8).collect();
+        let expected = data.clone();
+        let sender = tokio::spawn(async move {
+            let streamed = outbox
+                .send_payload(5, data, |args| Message::Call {
+                    id: 5,
+                    function: FunctionRef::Offset {
+                        offset: 0,
+                        name: "f".into(),
+                    },
+                    mode: CallMode::Blocking,
+                    args,
+                })
+                .await
+                .expect("send");
+            assert!(streamed);
+            outbox
+                .send(OutFrame::message(&Message::Shutdown))
+                .expect("send");
+        });
+        let mut wire = Vec::new();
+        write_frames(receiver, &mut wire).await.expect("write");
+        sender.await.expect("sender");
+
+        let mut assemblies = Assemblies::default();
+        let mut complete = None;
+        for frame in decode_all(&wire).expect("decode") {
+            match frame {
+                Frame::Message(Message::Call {
+                    id,
+                    args: Payload::Streamed { len },
+                    ..
+                }) => assemblies.start(id, len).expect("start"),
+                Frame::Chunk { id, data } => {
+                    if let Some(whole) = assemblies.add(id, &data).expect("add") {
+                        complete = Some(whole);
+                    }
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(complete.as_deref(), Some(&expected[..]));
+    }
+
+    #[test]
+    fn assemblies_refuse_overruns_and_huge_claims() {
+        let mut assemblies = Assemblies::default();
+        assert!(assemblies.start(1, MAX_PAYLOAD_LEN + 1).is_err());
+        assemblies.start(1, INLINE_LIMIT as u64 + 1).expect("start");
+        assert!(assemblies.add(1, &vec![0; INLINE_LIMIT + 2]).is_err());
+        assert_eq!(assemblies.add(99, b"stray").expect("ignored"), None);
+    }
+}

@@ -1,0 +1,64 @@
+//! Transports that start the agent on this machine: [`Local`] (a subprocess)
+//! and [`Sudo`] (a subprocess running as another user through `sudo -n`).
+//!
+//! ```
+//! use chopsticks_core::Tunnel;
+//! use chopsticks_local::Local;
+//! use chopsticks_agent as _; // lets this program become an agent
+//!
+//! fn add3(a: i64, b: i64, c: i64) -> i64 { a + b + c }
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let tun = Tunnel::new(Local::named("sidecar"));
+//! assert_eq!(tun.host(), "sidecar");
+//! assert_eq!(tun.call(add3, (1, 2, 39)).await.unwrap(), 42);
+//! # });
+//! ```
+
+mod local;
+mod sudo;
+
+pub use local::Local;
+pub use sudo::Sudo;
+
+/// Errors of the local transports; core reports them as `Error::Spawn`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LocalError {
+    /// The program could not be executed.
+    #[error("could not run {program}: {source}")]
+    Exec {
+        /// The program that was to run.
+        program: String,
+        /// Why it could not.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The user name given to [`Sudo`] cannot be passed safely.
+    #[error("{user:?} is not a usable user name: {reason}")]
+    InvalidUser {
+        /// The rejected name.
+        user: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+}
+
+fn spawn_piped(
+    mut command: tokio::process::Command,
+    program: &str,
+) -> Result<chopsticks_core::Pipes, LocalError> {
+    use std::process::Stdio;
+    let exec_error = |source| LocalError::Exec {
+        program: program.to_string(),
+        source,
+    };
+    let child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(exec_error)?;
+    chopsticks_core::Pipes::from_child(child).map_err(exec_error)
+}

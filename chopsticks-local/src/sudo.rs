@@ -1,0 +1,77 @@
+//! [`Sudo`]: the agent as another user on this machine.
+
+use chopsticks_core::{AgentCommand, AgentLaunch, BoxError, Pipes, Transport, async_trait};
+
+use crate::{LocalError, spawn_piped};
+
+/// Runs the agent as `user` through `sudo -n -H -u USER`.
+///
+/// `sudo` must allow this without a password (`-n` never prompts). The agent
+/// file reaches the user through the shell bootstrap, cached under the
+/// user's `~/.cache/chopsticks` (or a private `/tmp/chopsticks-UID`).
+#[derive(Debug, Clone)]
+pub struct Sudo {
+    user: String,
+    host: String,
+}
+
+impl Sudo {
+    /// An agent running as `user`; its host name is `sudo:USER`.
+    pub fn new(user: impl Into<String>) -> Sudo {
+        let user = user.into();
+        Sudo {
+            host: format!("sudo:{user}"),
+            user,
+        }
+    }
+
+    fn checked_user(&self) -> Result<&str, LocalError> {
+        let invalid = |reason| LocalError::InvalidUser {
+            user: self.user.clone(),
+            reason,
+        };
+        if self.user.is_empty() {
+            return Err(invalid("it is empty"));
+        }
+        if self.user.starts_with('-') {
+            return Err(invalid("it starts with '-' and would be read as an option"));
+        }
+        if self
+            .user
+            .chars()
+            .any(|ch| ch.is_whitespace() || ch.is_control())
+        {
+            return Err(invalid("it contains white space or control characters"));
+        }
+        Ok(&self.user)
+    }
+}
+
+#[async_trait]
+impl Transport for Sudo {
+    fn host(&self) -> &str {
+        &self.host
+    }
+
+    fn launch(&self) -> AgentLaunch {
+        AgentLaunch::ShellBootstrap
+    }
+
+    async fn spawn(&self, command: &AgentCommand) -> Result<Pipes, BoxError> {
+        let user = self.checked_user()?;
+        let mut process = tokio::process::Command::new("sudo");
+        process.args(["-n", "-H", "-u", user, "--"]);
+        if !command.env_vars().is_empty() {
+            // sudo resets the environment; pass ours through env(1), word by word.
+            process.arg("env");
+            process.args(
+                command
+                    .env_vars()
+                    .iter()
+                    .map(|(key, value)| format!("{key}={value}")),
+            );
+        }
+        process.arg(command.program()).args(command.args());
+        Ok(spawn_piped(process, "sudo")?)
+    }
+}

@@ -1,1 +1,22 @@
-mod placeholder {}
+//! Integration tests of the chopsticks facade, against real agent processes.
+//!
+//! Modules:
+//! - `calls`: arities, closures, async functions, concurrency, large payloads, nesting
+//! - `lifecycle`: lazy connect, close and reconnect, drop, agent exit on EOF, killed agents
+//! - `hygiene`: stdout writes cannot corrupt the stream; stderr forwarding
+//! - `failures`: panics, timeouts, cancellation, the nesting limit
+//! - `protocol`: fake agents that send garbage, oversized frames, a wrong version or binary
+//! - `bootstrap`: the shell bootstrap and its cache: upload, reuse, corruption, unsafe dirs
+//! - `sudo`: the `Sudo` transport with a throwaway user
+//! - `custom_transport`: a transport written outside core (`examples/custom_transport.rs`)
+
+mod support;
+
+mod bootstrap;
+mod calls;
+mod custom_transport;
+mod failures;
+mod hygiene;
+mod lifecycle;
+mod protocol;
+mod sudo;

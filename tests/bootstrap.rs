@@ -1,0 +1,175 @@
+//! The shell bootstrap and its content-addressed agent cache, run for real through `sh`.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use chopsticks::{Error, Local, Tunnel};
+
+fn pid() -> u32 {
+    std::process::id()
+}
+
+fn cached_agent(dir: &Path) -> PathBuf {
+    let hash = &chopsticks::identity::agent_file().expect("hash").sha256;
+    dir.join(format!("agent-{hash}"))
+}
+
+fn bootstrapped(cache: &Path, tmp: &Path) -> Tunnel {
+    Tunnel::builder(
+        Local::named("booted")
+            .shell_bootstrap(true)
+            .env("XDG_CACHE_HOME", cache.display().to_string())
+            .env("TMPDIR", tmp.display().to_string()),
+    )
+    .stderr(chopsticks::stderr::discard())
+    .build()
+}
+
+fn same_as_this_program(path: &Path) -> bool {
+    std::fs::read(path).ok() == std::fs::read("/proc/self/exe").ok()
+}
+
+#[tokio::test]
+async fn uploads_on_a_miss_and_reuses_the_cache_afterwards() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let cache = root.path().join("cache");
+    let tun = bootstrapped(&cache, root.path());
+    let first = tun.call(pid, ()).await.expect("first connect uploads");
+    let agent = cached_agent(&cache.join("chopsticks"));
+    let metadata = std::fs::metadata(&agent).expect("the agent file is cached");
+    assert_eq!(metadata.permissions().mode() & 0o777, 0o700);
+    let dir_mode = std::fs::metadata(cache.join("chopsticks"))
+        .expect("dir")
+        .permissions()
+        .mode();
+    assert_eq!(dir_mode & 0o777, 0o700);
+    assert!(same_as_this_program(&agent));
+    let leftovers: Vec<_> = std::fs::read_dir(cache.join("chopsticks"))
+        .expect("list")
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with(".agent"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "temporary files left behind: {leftovers:?}"
+    );
+
+    tun.close().await.expect("close");
+    let second = tun
+        .call(pid, ())
+        .await
+        .expect("second connect uses the cache");
+    assert_ne!(first, second);
+    let again = std::fs::metadata(&agent).expect("still cached");
+    assert_eq!(
+        (again.ino(), again.mtime_nsec()),
+        (metadata.ino(), metadata.mtime_nsec()),
+        "re-uploaded"
+    );
+}
+
+#[tokio::test]
+async fn a_corrupted_cache_entry_is_replaced_not_executed() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let cache = root.path().join("cache");
+    let dir = cache.join("chopsticks");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let agent = cached_agent(&dir);
+    let size = chopsticks::identity::agent_file().expect("hash").size as usize;
+    // Same size, wrong content, executable: a script that would leave a trace if run.
+    let trace = root.path().join("executed");
+    let mut evil = format!("#!/bin/sh\ntouch '{}'\n", trace.display()).into_bytes();
+    evil.resize(size, b'#');
+    std::fs::write(&agent, &evil).expect("plant");
+    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+
+    let tun = bootstrapped(&cache, root.path());
+    tun.call(pid, ())
+        .await
+        .expect("connects after replacing the entry");
+    assert!(!trace.exists(), "the corrupted cache entry was executed");
+    assert!(same_as_this_program(&agent), "the entry was not replaced");
+}
+
+#[tokio::test]
+async fn an_unsafe_cache_directory_is_not_used() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let cache = root.path().join("cache");
+    let shared = cache.join("chopsticks");
+    std::fs::create_dir_all(&shared).expect("mkdir");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let tmp = root.path().join("tmp");
+    std::fs::create_dir(&tmp).expect("mkdir");
+
+    let tun = bootstrapped(&cache, &tmp);
+    tun.call(pid, ())
+        .await
+        .expect("falls back to a private directory");
+    assert!(
+        !cached_agent(&shared).exists(),
+        "used a world-writable cache directory"
+    );
+    // SAFETY: getuid has no preconditions.
+    let fallback = tmp.join(format!("chopsticks-{}", unsafe { libc::getuid() }));
+    assert!(same_as_this_program(&cached_agent(&fallback)));
+    let mode = std::fs::metadata(&fallback)
+        .expect("fallback")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+}
+
+#[tokio::test]
+async fn a_fallback_directory_with_a_loose_mode_is_refused() {
+    let root = tempfile::tempdir().expect("tempdir");
+    // XDG_CACHE_HOME is a file, so the usual cache directory cannot be made.
+    let not_a_dir = root.path().join("file");
+    std::fs::write(&not_a_dir, b"").expect("file");
+    // SAFETY: getuid has no preconditions.
+    let fallback = root
+        .path()
+        .join(format!("chopsticks-{}", unsafe { libc::getuid() }));
+    std::fs::create_dir(&fallback).expect("mkdir");
+    std::fs::set_permissions(&fallback, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+
+    let tun = bootstrapped(&not_a_dir, root.path());
+    let error = tun.connect().await.expect_err("must refuse");
+    assert!(matches!(error, Error::Bootstrap { .. }), "{error:?}");
+    assert!(error.to_string().contains("mode 0700"), "{error}");
+    assert!(error.to_string().contains("booted"), "{error}");
+}
+
+#[tokio::test]
+async fn a_target_of_another_architecture_gets_a_clear_error() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let bin = root.path().join("bin");
+    std::fs::create_dir(&bin).expect("mkdir");
+    let uname = bin.join("uname");
+    std::fs::write(
+        &uname,
+        "#!/bin/sh\ncase $1 in -s) echo Linux;; -m) echo riscv64;; esac\n",
+    )
+    .expect("write");
+    std::fs::set_permissions(&uname, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let tun = Tunnel::builder(
+        Local::named("riscv")
+            .shell_bootstrap(true)
+            .env("PATH", path),
+    )
+    .stderr(chopsticks::stderr::discard())
+    .build();
+    let error = tun.connect().await.expect_err("must refuse");
+    let text = error.to_string();
+    assert!(matches!(error, Error::Bootstrap { .. }), "{error:?}");
+    assert!(
+        text.contains("riscv64") && text.contains(std::env::consts::ARCH),
+        "{text}"
+    );
+    assert!(text.contains("build the program"), "{text}");
+}

@@ -1,0 +1,167 @@
+//! Failures: panics, timeouts, cancellation and the nesting limit.
+
+use std::time::{Duration, Instant};
+
+use chopsticks::{Error, Local, Phase, Tunnel};
+
+use crate::support::FakeAgent;
+
+fn explode(code: u32) -> u32 {
+    panic!("boom {code}");
+}
+
+async fn explode_later() -> u32 {
+    tokio::task::yield_now().await;
+    panic!("async boom");
+}
+
+fn pid() -> u32 {
+    std::process::id()
+}
+
+#[tokio::test]
+async fn a_panic_comes_back_as_remote_and_the_agent_keeps_serving() {
+    let tun = Tunnel::new(Local::named("fragile"));
+    let agent = tun.call(pid, ()).await.expect("pid");
+    let error = tun.call(explode, (42,)).await.expect_err("must fail");
+    let Error::Remote {
+        host,
+        function,
+        message,
+        ..
+    } = &error
+    else {
+        panic!("expected Remote, got {error:?}");
+    };
+    assert_eq!(host, "fragile");
+    assert!(function.contains("explode"), "{function}");
+    assert!(message.contains("boom 42"), "{message}");
+    assert!(
+        message.contains("failures.rs"),
+        "the panic location is kept: {message}"
+    );
+    let error = tun
+        .call_async(explode_later, ())
+        .await
+        .expect_err("must fail");
+    assert!(error.to_string().contains("async boom"), "{error}");
+    assert_eq!(tun.call(pid, ()).await.expect("still serving"), agent);
+}
+
+async fn write_after(path: String, delay_ms: u64) -> bool {
+    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    std::fs::write(path, b"should not happen").is_ok()
+}
+
+fn sleep_then(value: u32, delay_ms: u64) -> u32 {
+    std::thread::sleep(Duration::from_millis(delay_ms));
+    value
+}
+
+#[tokio::test]
+async fn a_timed_out_async_call_is_aborted_on_the_agent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let marker = dir.path().join("written");
+    let tun = Tunnel::new(Local::named("slow"));
+    tun.connect().await.expect("connect");
+    let error = tun
+        .call_async(write_after, (marker.display().to_string(), 600))
+        .timeout(Duration::from_millis(100))
+        .await
+        .expect_err("must time out");
+    let Error::Timeout { host, phase, after } = &error else {
+        panic!("expected Timeout, got {error:?}");
+    };
+    assert_eq!(
+        (host.as_str(), *phase, *after),
+        ("slow", Phase::Call, Duration::from_millis(100))
+    );
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(
+        !marker.exists(),
+        "the cancelled async call ran to completion"
+    );
+}
+
+#[tokio::test]
+async fn a_dropped_blocking_call_is_discarded_and_later_calls_get_their_own_results() {
+    let tun = Tunnel::builder(Local::new())
+        .call_timeout(Duration::from_millis(100))
+        .build();
+    let error = tun
+        .call(sleep_then, (1, 400))
+        .await
+        .expect_err("default timeout applies");
+    assert!(
+        matches!(
+            error,
+            Error::Timeout {
+                phase: Phase::Call,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    // A per-call override beats the tunnel default.
+    let value = tun
+        .call(sleep_then, (2, 500))
+        .timeout(Duration::from_secs(5))
+        .await;
+    assert_eq!(value.expect("override"), 2);
+    // Dropping the future cancels as well.
+    tokio::select! {
+        _ = tun.call(sleep_then, (3, 300)).timeout(Duration::from_secs(5)) => panic!("should be dropped"),
+        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+    }
+    assert_eq!(tun.call(sleep_then, (4, 0)).await.expect("next call"), 4);
+}
+
+#[tokio::test]
+async fn connect_times_out_when_no_hello_arrives() {
+    let tun = Tunnel::builder(FakeAgent {
+        script: "sleep 30".into(),
+    })
+    .connect_timeout(Duration::from_millis(300))
+    .build();
+    let started = Instant::now();
+    let error = tun.connect().await.expect_err("must time out");
+    assert!(
+        matches!(
+            error,
+            Error::Timeout {
+                phase: Phase::Connect,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("fake"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+type Dive =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(u32, String), String>> + Send>>;
+
+/// Opens a tunnel from inside the agent and dives again, until the depth limit says no.
+fn dive() -> Dive {
+    Box::pin(async {
+        let depth = chopsticks::agent_env::depth();
+        let tun = Tunnel::new(Local::named(format!("level{}", depth + 1)));
+        match tun.call_async(dive, ()).await {
+            Ok(deeper) => deeper,
+            Err(error) => Ok((depth, error.to_string())),
+        }
+    })
+}
+
+#[tokio::test]
+async fn runaway_nesting_stops_at_the_depth_limit_with_a_clear_error() {
+    let tun = Tunnel::new(Local::named("level1"));
+    let (deepest, message) = tun.call_async(dive, ()).await.expect("call").expect("dive");
+    assert_eq!(deepest, chopsticks::agent_env::MAX_DEPTH);
+    assert!(message.contains("over the limit of 8"), "{message}");
+    assert!(
+        message.contains("level9"),
+        "the error names the host: {message}"
+    );
+}

@@ -1,0 +1,119 @@
+//! Connection lifecycle: close and reconnect, drop, agent exit on EOF, killed agents.
+
+use std::time::{Duration, Instant};
+
+use chopsticks::{Error, Local, Tunnel};
+use tokio::io::AsyncReadExt;
+
+use crate::support::{capture_stderr, process_alive, wait_gone};
+
+fn pid() -> u32 {
+    std::process::id()
+}
+
+#[tokio::test]
+async fn close_stops_the_agent_and_the_next_call_reconnects() {
+    let tun = Tunnel::new(Local::new());
+    let first = tun.call(pid, ()).await.expect("first");
+    tun.close().await.expect("close");
+    assert!(!tun.is_connected());
+    assert!(
+        wait_gone(first, Duration::from_secs(2)).await,
+        "agent {first} still runs after close"
+    );
+    let second = tun.call(pid, ()).await.expect("second");
+    assert_ne!(first, second);
+}
+
+#[tokio::test]
+async fn dropping_the_last_handle_terminates_the_agent() {
+    let tun = Tunnel::new(Local::new());
+    let clone = tun.clone();
+    let agent = tun.call(pid, ()).await.expect("call");
+    drop(tun);
+    assert!(process_alive(agent), "a clone still holds the agent");
+    drop(clone);
+    assert!(
+        wait_gone(agent, Duration::from_secs(2)).await,
+        "agent {agent} outlived its tunnel"
+    );
+}
+
+#[tokio::test]
+async fn an_agent_exits_when_its_stdin_closes() {
+    // Start an agent by hand, as a controller would, then vanish like a killed controller.
+    let mut child = tokio::process::Command::new("/proc/self/exe")
+        .env("CHOPSTICKS_AGENT", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut hello = [0u8; 4];
+    stdout
+        .read_exact(&mut hello)
+        .await
+        .expect("the agent says hello");
+    drop(child.stdin.take());
+    let status = tokio::time::timeout(Duration::from_secs(2), child.wait())
+        .await
+        .expect("the agent exits within 2 s of losing its controller")
+        .expect("wait");
+    assert!(status.success(), "{status}");
+}
+
+fn speak_then_sleep() -> u32 {
+    eprintln!("about to sleep for a long time");
+    std::thread::sleep(Duration::from_secs(30));
+    0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_agent_fails_pending_calls_fast_and_names_host_and_stderr() {
+    let (sink, _lines) = capture_stderr();
+    let tun = Tunnel::builder(Local::named("doomed")).stderr(sink).build();
+    let agent = tun.call(pid, ()).await.expect("pid");
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        let tun = tun.clone();
+        calls.push(tokio::spawn(
+            async move { tun.call(speak_then_sleep, ()).await },
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(agent as i32, libc::SIGKILL) }, 0);
+    let killed = Instant::now();
+    for call in calls {
+        let error = call
+            .await
+            .expect("join")
+            .expect_err("the call cannot succeed");
+        let Error::Disconnected {
+            host,
+            reason,
+            stderr_tail,
+        } = &error
+        else {
+            panic!("expected Disconnected, got {error:?}");
+        };
+        assert_eq!(host, "doomed");
+        assert!(reason.contains("signal 9"), "{reason}");
+        assert!(
+            stderr_tail
+                .iter()
+                .any(|line| line.contains("about to sleep")),
+            "{stderr_tail:?}"
+        );
+        assert!(error.to_string().contains("doomed"), "{error}");
+    }
+    assert!(
+        killed.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        killed.elapsed()
+    );
+    let next = tun.call(pid, ()).await.expect("reconnects");
+    assert_ne!(next, agent);
+}

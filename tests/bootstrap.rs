@@ -25,6 +25,11 @@ fn bootstrapped(cache: &Path, tmp: &Path) -> Tunnel {
     .build()
 }
 
+fn uid() -> u32 {
+    // SAFETY: getuid has no preconditions.
+    unsafe { libc::getuid() }
+}
+
 fn same_as_this_program(path: &Path) -> bool {
     std::fs::read(path).ok() == std::fs::read("/proc/self/exe").ok()
 }
@@ -110,8 +115,7 @@ async fn an_unsafe_cache_directory_is_not_used() {
         !cached_agent(&shared).exists(),
         "used a world-writable cache directory"
     );
-    // SAFETY: getuid has no preconditions.
-    let fallback = tmp.join(format!("chopsticks-{}", unsafe { libc::getuid() }));
+    let fallback = tmp.join(format!("chopsticks-{}", uid()));
     assert!(same_as_this_program(&cached_agent(&fallback)));
     let mode = std::fs::metadata(&fallback)
         .expect("fallback")
@@ -126,10 +130,7 @@ async fn a_fallback_directory_with_a_loose_mode_is_refused() {
     // XDG_CACHE_HOME is a file, so the usual cache directory cannot be made.
     let not_a_dir = root.path().join("file");
     std::fs::write(&not_a_dir, b"").expect("file");
-    // SAFETY: getuid has no preconditions.
-    let fallback = root
-        .path()
-        .join(format!("chopsticks-{}", unsafe { libc::getuid() }));
+    let fallback = root.path().join(format!("chopsticks-{}", uid()));
     std::fs::create_dir(&fallback).expect("mkdir");
     std::fs::set_permissions(&fallback, std::fs::Permissions::from_mode(0o755)).expect("chmod");
 

@@ -107,7 +107,7 @@ fn offset_of(address: usize) -> i64 {
 unsafe fn conjure<F: Copy>() -> F {
     const { assert!(size_of::<F>() == 0) };
     // SAFETY: F is zero-sized and Copy (see the function's contract).
-    unsafe { std::mem::MaybeUninit::<F>::uninit().assume_init() }
+    unsafe { std::mem::zeroed() }
 }
 
 fn blocking_trampoline<F, Args, R>(args: &[u8]) -> CallOutcome

@@ -1,9 +1,9 @@
 //! [`Tunnel`]: a cheap, cloneable handle to one agent on one target.
 
-use std::future::{Future, IntoFuture};
-use std::marker::PhantomData;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -209,27 +209,46 @@ impl Tunnel {
     }
 }
 
-/// A pending call; await it, optionally after setting a [`timeout`](Self::timeout).
+/// A pending call: a future, which can take a [`timeout`](Self::timeout) before it is first polled.
 ///
-/// Dropping the future before it completes cancels the call on the agent:
-/// an `async` function is aborted, a blocking one runs on and its result is discarded.
+/// Dropping the call before it completes cancels it on the agent: an `async`
+/// function is aborted, a blocking one runs on and its result is discarded.
 #[must_use = "a call does nothing until it is awaited"]
 pub struct Call<'t, R> {
-    tunnel: &'t Tunnel,
-    function: FunctionRef,
-    mode: CallMode,
-    args: std::result::Result<Vec<u8>, String>,
-    timeout: Option<Duration>,
-    result: PhantomData<fn() -> R>,
+    state: CallState<'t, R>,
+}
+
+type BoxedCall<'t, R> = Pin<Box<dyn Future<Output = Result<R>> + Send + 't>>;
+
+enum CallState<'t, R> {
+    Ready {
+        tunnel: &'t Tunnel,
+        function: FunctionRef,
+        mode: CallMode,
+        args: std::result::Result<Vec<u8>, String>,
+        timeout: Option<Duration>,
+    },
+    Running(BoxedCall<'t, R>),
+    Finished,
 }
 
 impl<R> std::fmt::Debug for Call<'_, R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Call")
-            .field("host", &self.tunnel.host())
-            .field("function", &self.function.name())
-            .field("timeout", &self.timeout)
-            .finish_non_exhaustive()
+        match &self.state {
+            CallState::Ready {
+                tunnel,
+                function,
+                timeout,
+                ..
+            } => f
+                .debug_struct("Call")
+                .field("host", &tunnel.host())
+                .field("function", &function.name())
+                .field("timeout", timeout)
+                .finish_non_exhaustive(),
+            CallState::Running(_) => f.write_str("Call(running)"),
+            CallState::Finished => f.write_str("Call(finished)"),
+        }
     }
 }
 
@@ -241,62 +260,93 @@ impl<'t, R> Call<'t, R> {
         args: std::result::Result<Vec<u8>, String>,
     ) -> Self {
         Call {
-            tunnel,
-            function,
-            mode,
-            args,
-            timeout: tunnel.inner.call_timeout,
-            result: PhantomData,
+            state: CallState::Ready {
+                tunnel,
+                function,
+                mode,
+                args,
+                timeout: tunnel.inner.call_timeout,
+            },
         }
     }
 
     /// Bounds this call (including connecting, if the tunnel is not connected yet).
     /// On expiry the call fails with [`Error::Timeout`] and is cancelled on the agent.
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
+    /// Has no effect once the call has been polled.
+    pub fn timeout(mut self, after: Duration) -> Self {
+        if let CallState::Ready { timeout, .. } = &mut self.state {
+            *timeout = Some(after);
+        }
         self
     }
 }
 
-impl<'t, R> IntoFuture for Call<'t, R>
+async fn run_call<R: DeserializeOwned>(
+    tunnel: &Tunnel,
+    function: FunctionRef,
+    mode: CallMode,
+    args: std::result::Result<Vec<u8>, String>,
+    timeout: Option<Duration>,
+) -> Result<R> {
+    let host = tunnel.host();
+    let value_error = |what, action, message| Error::Value {
+        host: host.to_string(),
+        function: function.name().to_string(),
+        what,
+        action,
+        message,
+    };
+    let args = args.map_err(|message| value_error("the arguments", "encoded", message))?;
+    let run = async {
+        let connection = tunnel.connection().await?;
+        connection.call(&function, mode, args).await
+    };
+    let encoded = match timeout {
+        None => run.await?,
+        Some(after) => tokio::time::timeout(after, run)
+            .await
+            .map_err(|_| Error::Timeout {
+                host: host.to_string(),
+                phase: Phase::Call,
+                after,
+            })??,
+    };
+    decode_value(&encoded).map_err(|message| value_error("the result", "decoded", message))
+}
+
+impl<'t, R> Future for Call<'t, R>
 where
     R: DeserializeOwned + Send + 't,
 {
     type Output = Result<R>;
-    type IntoFuture = Pin<Box<dyn Future<Output = Result<R>> + Send + 't>>;
 
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let tunnel = self.tunnel;
-            let host = tunnel.host();
-            let function = self.function;
-            let value_error = |what, action, message| Error::Value {
-                host: host.to_string(),
-                function: function.name().to_string(),
-                what,
-                action,
-                message,
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<R>> {
+        let this = &mut *self;
+        if let CallState::Ready { .. } = this.state {
+            let CallState::Ready {
+                tunnel,
+                function,
+                mode,
+                args,
+                timeout,
+            } = std::mem::replace(&mut this.state, CallState::Finished)
+            else {
+                unreachable!("checked just above")
             };
-            let args = self
-                .args
-                .map_err(|message| value_error("the arguments", "encoded", message))?;
-            let run = async {
-                let connection = tunnel.connection().await?;
-                connection.call(&function, self.mode, args).await
-            };
-            let encoded = match self.timeout {
-                None => run.await?,
-                Some(after) => {
-                    tokio::time::timeout(after, run)
-                        .await
-                        .map_err(|_| Error::Timeout {
-                            host: host.to_string(),
-                            phase: Phase::Call,
-                            after,
-                        })??
-                }
-            };
-            decode_value(&encoded).map_err(|message| value_error("the result", "decoded", message))
-        })
+            this.state =
+                CallState::Running(Box::pin(run_call(tunnel, function, mode, args, timeout)));
+        }
+        let CallState::Running(running) = &mut this.state else {
+            return Poll::Ready(Err(Error::Value {
+                host: String::new(),
+                function: String::new(),
+                what: "the call",
+                action: "polled",
+                message: "it was polled after it completed".into(),
+            }));
+        };
+        let result = std::task::ready!(running.as_mut().poll(cx));
+        this.state = CallState::Finished;
+        Poll::Ready(result)
     }
 }

@@ -21,6 +21,7 @@
 //! ```
 
 mod fds;
+mod pool;
 mod serve;
 
 use chopsticks_core::agent_env::{self, AGENT_DEPTH, AGENT_MARKER};

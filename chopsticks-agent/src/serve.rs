@@ -10,6 +10,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chopsticks_core::identity::{binary_id, uname};
@@ -17,15 +18,38 @@ use chopsticks_core::protocol::{
     CallMode, Failure, FailureKind, FunctionRef, Hello, Message, PROTOCOL_VERSION, Payload,
 };
 use chopsticks_core::remote::{CallOutcome, Resolved, resolve};
-use chopsticks_core::wire::{Assemblies, Frame, FrameDecoder, OutFrame, Outbox, write_frames};
+use chopsticks_core::wire::{
+    Assemblies, Frame, FrameDecoder, INLINE_LIMIT, OutFrame, Outbox, write_frames,
+};
 use futures_util::{FutureExt, StreamExt};
 use tokio::task::AbortHandle;
 use tokio_util::codec::FramedRead;
 
 use crate::AgentError;
 use crate::fds;
+use crate::pool::CallPool;
 
-type Running = Arc<Mutex<HashMap<u64, AbortHandle>>>;
+/// A call in progress, by id, so that a `Cancel` can reach it.
+enum RunningCall {
+    /// An async call: aborted on cancel.
+    Task(AbortHandle),
+    /// A blocking call: runs on, but its result is discarded.
+    Blocking(Arc<AtomicBool>),
+}
+
+type Running = Arc<Mutex<HashMap<u64, RunningCall>>>;
+
+fn lock(running: &Running) -> std::sync::MutexGuard<'_, HashMap<u64, RunningCall>> {
+    running.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// What every call needs: where to send its reply and how to register for cancellation.
+struct Dispatch {
+    outbox: Outbox,
+    running: Running,
+    pool: CallPool,
+    runtime: tokio::runtime::Handle,
+}
 
 thread_local! {
     /// The message and backtrace of the last panic on this thread.
@@ -94,7 +118,12 @@ async fn serve(descriptors: fds::ProtocolFds, depth: u32) -> Result<i32, AgentEr
     let _ = outbox.send(OutFrame::message(&hello));
 
     let mut frames = FramedRead::new(input, FrameDecoder::default());
-    let running: Running = Arc::default();
+    let dispatch = Dispatch {
+        outbox: outbox.clone(),
+        running: Running::default(),
+        pool: CallPool::default(),
+        runtime: tokio::runtime::Handle::current(),
+    };
     let mut assemblies = Assemblies::default();
     let mut awaiting_payload: HashMap<u64, (FunctionRef, CallMode)> = HashMap::new();
     loop {
@@ -116,7 +145,7 @@ async fn serve(descriptors: fds::ProtocolFds, depth: u32) -> Result<i32, AgentEr
                 args,
             }) => match args {
                 Payload::Inline(args) => {
-                    start_call(id, &function, mode, args, &outbox, &running);
+                    dispatch.start(id, &function, mode, args);
                     None
                 }
                 Payload::Streamed { len } => {
@@ -127,7 +156,7 @@ async fn serve(descriptors: fds::ProtocolFds, depth: u32) -> Result<i32, AgentEr
             Frame::Chunk { id, data } => match assemblies.add(id, &data) {
                 Ok(Some(args)) => {
                     if let Some((function, mode)) = awaiting_payload.remove(&id) {
-                        start_call(id, &function, mode, args, &outbox, &running);
+                        dispatch.start(id, &function, mode, args);
                     }
                     None
                 }
@@ -137,12 +166,12 @@ async fn serve(descriptors: fds::ProtocolFds, depth: u32) -> Result<i32, AgentEr
             Frame::Message(Message::Cancel { id }) => {
                 assemblies.cancel(id);
                 awaiting_payload.remove(&id);
-                let handle = running
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-                if let Some(handle) = handle {
-                    handle.abort();
+                match lock(&dispatch.running).remove(&id) {
+                    Some(RunningCall::Task(handle)) => handle.abort(),
+                    Some(RunningCall::Blocking(cancelled)) => {
+                        cancelled.store(true, Ordering::Relaxed)
+                    }
+                    None => {}
                 }
                 None
             }
@@ -158,56 +187,72 @@ async fn serve(descriptors: fds::ProtocolFds, depth: u32) -> Result<i32, AgentEr
     }
 }
 
-fn start_call(
-    id: u64,
-    function: &FunctionRef,
-    mode: CallMode,
-    args: Vec<u8>,
-    outbox: &Outbox,
-    running: &Running,
-) {
-    let resolved = match resolve(function, mode) {
-        Ok(resolved) => resolved,
-        Err(failure) => {
-            let _ = outbox.send(OutFrame::message(&Message::Fail { id, failure }));
-            return;
-        }
-    };
-    let outbox = outbox.clone();
-    let registry = running.clone();
-    let task = tokio::spawn(async move {
-        let outcome: CallOutcome = match resolved {
-            Resolved::Blocking(trampoline) => {
-                let job = move || {
-                    std::panic::catch_unwind(AssertUnwindSafe(|| trampoline.run(&args)))
-                        .unwrap_or_else(|_| Err(panic_failure()))
-                };
-                tokio::task::spawn_blocking(job).await.unwrap_or_else(|_| {
-                    Err(Failure::new(
-                        FailureKind::Panic,
-                        "the call's thread was lost",
-                    ))
-                })
+impl Dispatch {
+    fn start(&self, id: u64, function: &FunctionRef, mode: CallMode, args: Vec<u8>) {
+        match resolve(function, mode) {
+            Ok(Resolved::Blocking(trampoline)) => {
+                let cancelled = Arc::new(AtomicBool::new(false));
+                lock(&self.running).insert(id, RunningCall::Blocking(cancelled.clone()));
+                let (outbox, running, runtime) = (
+                    self.outbox.clone(),
+                    self.running.clone(),
+                    self.runtime.clone(),
+                );
+                self.pool.submit(move || {
+                    let outcome =
+                        std::panic::catch_unwind(AssertUnwindSafe(|| trampoline.run(&args)))
+                            .unwrap_or_else(|_| Err(panic_failure()));
+                    lock(&running).remove(&id);
+                    if cancelled.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    match outcome {
+                        Ok(value) if value.len() > INLINE_LIMIT => {
+                            runtime.spawn(async move {
+                                let _ = outbox
+                                    .send_payload(id, value, |value| Message::Return { id, value })
+                                    .await;
+                            });
+                        }
+                        outcome => {
+                            let _ = outbox.send(reply(id, outcome));
+                        }
+                    }
+                });
             }
-            Resolved::Async(trampoline) => AssertUnwindSafe(trampoline.run(args))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|_| Err(panic_failure())),
-        };
-        registry
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-        let _ = match outcome {
-            Ok(value) => outbox
-                .send_payload(id, value, |value| Message::Return { id, value })
-                .await
-                .map(drop),
-            Err(failure) => outbox.send(OutFrame::message(&Message::Fail { id, failure })),
-        };
-    });
-    running
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(id, task.abort_handle());
+            Ok(Resolved::Async(trampoline)) => {
+                let (outbox, running) = (self.outbox.clone(), self.running.clone());
+                let task = self.runtime.spawn(async move {
+                    let outcome = AssertUnwindSafe(trampoline.run(args))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|_| Err(panic_failure()));
+                    lock(&running).remove(&id);
+                    let _ = match outcome {
+                        Ok(value) => outbox
+                            .send_payload(id, value, |value| Message::Return { id, value })
+                            .await
+                            .map(drop),
+                        Err(failure) => outbox.send(reply(id, Err(failure))),
+                    };
+                });
+                // The task cannot finish before this insert: this runtime has one thread, and it is here.
+                lock(&self.running).insert(id, RunningCall::Task(task.abort_handle()));
+            }
+            Err(failure) => {
+                let _ = self.outbox.send(reply(id, Err(failure)));
+            }
+        }
+    }
+}
+
+/// The reply frame for a finished call whose value is small enough to inline.
+fn reply(id: u64, outcome: CallOutcome) -> OutFrame {
+    OutFrame::message(&match outcome {
+        Ok(value) => Message::Return {
+            id,
+            value: Payload::Inline(value),
+        },
+        Err(failure) => Message::Fail { id, failure },
+    })
 }

@@ -8,6 +8,8 @@
 //! bytes travel as [`Payload::Streamed`] followed by raw chunk frames (see
 //! [`wire`](crate::wire)).
 
+use std::borrow::Cow;
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -97,7 +99,7 @@ pub enum FunctionRef {
         /// Trampoline address minus anchor address.
         offset: i64,
         /// `type_name` of the function, for errors and traces.
-        name: String,
+        name: Cow<'static, str>,
     },
 }
 

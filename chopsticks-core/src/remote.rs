@@ -12,6 +12,7 @@
 //! Offsets are never keys or fingerprints: one trampoline can exist in
 //! several copies, and identical closures may share one. Both are harmless.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::OnceLock;
@@ -156,7 +157,7 @@ where
     let trampoline: BlockingTrampoline = blocking_trampoline::<F, Args, F::Output>;
     FunctionRef::Offset {
         offset: offset_of(trampoline as usize),
-        name: std::any::type_name::<F>().to_string(),
+        name: Cow::Borrowed(std::any::type_name::<F>()),
     }
 }
 
@@ -176,7 +177,7 @@ where
     let trampoline: AsyncTrampoline = async_trampoline::<F, Args, F::Output>;
     FunctionRef::Offset {
         offset: offset_of(trampoline as usize),
-        name: std::any::type_name::<F>().to_string(),
+        name: Cow::Borrowed(std::any::type_name::<F>()),
     }
 }
 
@@ -350,7 +351,7 @@ mod tests {
     fn offsets_outside_the_code_are_refused() {
         let function = FunctionRef::Offset {
             offset: i64::MAX / 2,
-            name: "bogus".into(),
+            name: Cow::Borrowed("bogus"),
         };
         let failure = resolve(&function, CallMode::Blocking).expect_err("must refuse");
         assert_eq!(failure.kind, FailureKind::UnknownFunction);

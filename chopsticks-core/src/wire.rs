@@ -9,9 +9,21 @@
 //!
 //!  tag 0x01  MESSAGE   body = one CBOR-encoded protocol::Message
 //!  tag 0x02  CHUNK     body = call id (u64 BE) + raw payload bytes
+//!  tag 0x03  CALL      body = id u64 | mode u8 | offset i64 | name length u16 | name
+//!                             | payload
+//!  tag 0x04  RETURN    body = id u64 | payload
 //!
-//!  length counts the tag and the body; it never exceeds MAX_FRAME_LEN.
+//!  payload = 0x00 | raw bytes to the end of the frame      (Payload::Inline)
+//!          | 0x01 | total length u64                       (Payload::Streamed)
+//!
+//!  Integers are big-endian. length counts the tag and the body; it never
+//!  exceeds MAX_FRAME_LEN.
 //! ```
+//!
+//! `Call` and `Return` carry every call, so they have fixed binary layouts
+//! (no CBOR parsing, no key strings); every other message is CBOR, which
+//! keeps the rare ones easy to extend. Both decode to the same
+//! [`Message`](crate::protocol::Message) values.
 //!
 //! A payload larger than [`INLINE_LIMIT`] is announced by its message as
 //! `Payload::Streamed { len }` and follows as CHUNK frames of at most
@@ -32,7 +44,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::codec::{Decoder, LengthDelimitedCodec};
 
-use crate::protocol::{Message, Payload};
+use crate::protocol::{CallMode, FunctionRef, Message, Payload};
 
 /// The largest frame either end accepts (tag and body).
 pub const MAX_FRAME_LEN: usize = 1024 * 1024;
@@ -45,6 +57,10 @@ pub const MAX_PAYLOAD_LEN: u64 = 4 << 30;
 
 const TAG_MESSAGE: u8 = 0x01;
 const TAG_CHUNK: u8 = 0x02;
+const TAG_CALL: u8 = 0x03;
+const TAG_RETURN: u8 = 0x04;
+const PAYLOAD_INLINE: u8 = 0x00;
+const PAYLOAD_STREAMED: u8 = 0x01;
 /// Bodies at least this large are written straight from their buffer instead of being batched.
 const DIRECT_WRITE_LEN: usize = 16 * 1024;
 /// A write batch is flushed once it holds this many bytes.
@@ -74,22 +90,80 @@ pub struct OutFrame {
 }
 
 impl OutFrame {
-    /// Encodes a message frame.
+    /// Encodes a message frame: `Call` and `Return` in their binary layouts, the rest as CBOR.
     pub fn message(message: &Message) -> OutFrame {
-        let mut buffer = BytesMut::with_capacity(64);
-        buffer.put_u32(0);
-        buffer.put_u8(TAG_MESSAGE);
-        let mut writer = buffer.writer();
-        // Writing CBOR into memory fails only if a Serialize impl fails; ours are derived.
-        if ciborium::into_writer(message, &mut writer).is_err() {
-            unreachable_encoding(message);
+        match message {
+            Message::Call {
+                id,
+                function: FunctionRef::Offset { offset, name },
+                mode,
+                args,
+            } => {
+                // Names longer than a u16 are cut; they only label errors and traces.
+                let name = &name.as_bytes()[..name.len().min(usize::from(u16::MAX))];
+                let mut head = BytesMut::with_capacity(4 + 1 + 8 + 1 + 8 + 2 + name.len() + 9);
+                head.put_u32(0);
+                head.put_u8(TAG_CALL);
+                head.put_u64(*id);
+                head.put_u8(match mode {
+                    CallMode::Blocking => 0,
+                    CallMode::Async => 1,
+                });
+                head.put_i64(*offset);
+                head.put_u16(name.len() as u16);
+                head.put_slice(name);
+                OutFrame::with_payload(head, args)
+            }
+            Message::Return { id, value } => {
+                let mut head = BytesMut::with_capacity(4 + 1 + 8 + 9);
+                head.put_u32(0);
+                head.put_u8(TAG_RETURN);
+                head.put_u64(*id);
+                OutFrame::with_payload(head, value)
+            }
+            other => {
+                let mut buffer = BytesMut::with_capacity(64);
+                buffer.put_u32(0);
+                buffer.put_u8(TAG_MESSAGE);
+                let mut writer = buffer.writer();
+                // Writing CBOR into memory fails only if a Serialize impl fails; ours are derived.
+                if ciborium::into_writer(other, &mut writer).is_err() {
+                    unreachable_encoding(other);
+                }
+                let mut buffer = writer.into_inner();
+                let length = (buffer.len() - 4) as u32;
+                buffer[..4].copy_from_slice(&length.to_be_bytes());
+                OutFrame {
+                    head: buffer.freeze(),
+                    body: Bytes::new(),
+                }
+            }
         }
-        let mut buffer = writer.into_inner();
-        let length = (buffer.len() - 4) as u32;
-        buffer[..4].copy_from_slice(&length.to_be_bytes());
+    }
+
+    /// Finishes a binary frame whose head ends where its payload starts.
+    fn with_payload(mut head: BytesMut, payload: &Payload) -> OutFrame {
+        let body = match payload {
+            Payload::Inline(bytes) => {
+                head.put_u8(PAYLOAD_INLINE);
+                if bytes.len() < DIRECT_WRITE_LEN {
+                    head.put_slice(bytes);
+                    Bytes::new()
+                } else {
+                    Bytes::copy_from_slice(bytes)
+                }
+            }
+            Payload::Streamed { len } => {
+                head.put_u8(PAYLOAD_STREAMED);
+                head.put_u64(*len);
+                Bytes::new()
+            }
+        };
+        let length = (head.len() - 4 + body.len()) as u32;
+        head[..4].copy_from_slice(&length.to_be_bytes());
         OutFrame {
-            head: buffer.freeze(),
-            body: Bytes::new(),
+            head: head.freeze(),
+            body,
         }
     }
 
@@ -160,19 +234,91 @@ impl Decoder for FrameDecoder {
                 .map(|message| Some(Frame::Message(message)))
                 .map_err(|error| invalid(format!("received an undecodable message: {error}"))),
             TAG_CHUNK => {
-                if body.len() < 8 {
-                    return Err(invalid("received a chunk frame without a call id".into()));
-                }
-                let id = body.get_u64();
+                let id = take_u64(&mut body, "chunk")?;
                 Ok(Some(Frame::Chunk {
                     id,
                     data: body.freeze(),
                 }))
             }
+            TAG_CALL => {
+                let id = take_u64(&mut body, "call")?;
+                let mode = match take_u8(&mut body, "call")? {
+                    0 => CallMode::Blocking,
+                    1 => CallMode::Async,
+                    other => {
+                        return Err(invalid(format!(
+                            "received a call with unknown mode {other}"
+                        )));
+                    }
+                };
+                let offset = take_u64(&mut body, "call")? as i64;
+                let name_len = usize::from(take_u16(&mut body, "call")?);
+                if body.len() < name_len {
+                    return Err(invalid(
+                        "received a call frame cut short in its name".into(),
+                    ));
+                }
+                let name = String::from_utf8_lossy(&body.split_to(name_len)).into_owned();
+                let args = take_payload(&mut body, "call")?;
+                Ok(Some(Frame::Message(Message::Call {
+                    id,
+                    function: FunctionRef::Offset {
+                        offset,
+                        name: name.into(),
+                    },
+                    mode,
+                    args,
+                })))
+            }
+            TAG_RETURN => {
+                let id = take_u64(&mut body, "return")?;
+                let value = take_payload(&mut body, "return")?;
+                Ok(Some(Frame::Message(Message::Return { id, value })))
+            }
             tag => Err(invalid(format!(
                 "received a frame with unknown tag {tag:#04x}"
             ))),
         }
+    }
+}
+
+fn short(what: &str) -> io::Error {
+    invalid(format!("received a {what} frame that is too short"))
+}
+
+fn take_u8(body: &mut BytesMut, what: &str) -> io::Result<u8> {
+    if body.remaining() < 1 {
+        return Err(short(what));
+    }
+    Ok(body.get_u8())
+}
+
+fn take_u16(body: &mut BytesMut, what: &str) -> io::Result<u16> {
+    if body.remaining() < 2 {
+        return Err(short(what));
+    }
+    Ok(body.get_u16())
+}
+
+fn take_u64(body: &mut BytesMut, what: &str) -> io::Result<u64> {
+    if body.remaining() < 8 {
+        return Err(short(what));
+    }
+    Ok(body.get_u64())
+}
+
+fn take_payload(body: &mut BytesMut, what: &str) -> io::Result<Payload> {
+    match take_u8(body, what)? {
+        PAYLOAD_INLINE => Ok(Payload::Inline(body.to_vec())),
+        PAYLOAD_STREAMED if body.remaining() == 8 => Ok(Payload::Streamed {
+            len: body.get_u64(),
+        }),
+        PAYLOAD_STREAMED => Err(invalid(format!(
+            "received a {what} frame with a malformed streamed length"
+        ))),
+        other => Err(invalid(format!(
+            "received a {what} frame with unknown payload kind {other}"
+        ))),
     }
 }
 
@@ -400,6 +546,64 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn call_and_return_use_binary_layouts_and_round_trip() {
+        let messages = [
+            Message::Call {
+                id: 9,
+                function: FunctionRef::Offset {
+                    offset: -77,
+                    name: "crate::f".into(),
+                },
+                mode: CallMode::Async,
+                args: Payload::Inline(vec![1, 2, 3]),
+            },
+            Message::Call {
+                id: 10,
+                function: FunctionRef::Offset {
+                    offset: 5,
+                    name: "".into(),
+                },
+                mode: CallMode::Blocking,
+                args: Payload::Streamed { len: 1 << 40 },
+            },
+            Message::Return {
+                id: 11,
+                value: Payload::Inline(vec![0; DIRECT_WRITE_LEN + 1]),
+            },
+            Message::Return {
+                id: 12,
+                value: Payload::Streamed { len: 70_000 },
+            },
+        ];
+        for message in messages {
+            let bytes = OutFrame::message(&message).to_bytes();
+            assert_ne!(bytes[4], TAG_MESSAGE);
+            let frames = decode_all(&bytes).expect("decode");
+            assert_eq!(frames, vec![Frame::Message(message)]);
+        }
+    }
+
+    #[test]
+    fn truncated_binary_frames_are_rejected() {
+        let call = OutFrame::message(&Message::Call {
+            id: 1,
+            function: FunctionRef::Offset {
+                offset: 0,
+                name: "name".into(),
+            },
+            mode: CallMode::Blocking,
+            args: Payload::Streamed { len: 99 },
+        })
+        .to_bytes();
+        for cut in 5..call.len() {
+            let mut bytes = call[..cut].to_vec();
+            bytes[..4].copy_from_slice(&((cut - 4) as u32).to_be_bytes());
+            let error = decode_all(&bytes).expect_err("must fail");
+            assert_eq!(error.kind(), io::ErrorKind::InvalidData, "cut at {cut}");
+        }
     }
 
     #[test]

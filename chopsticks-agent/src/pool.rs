@@ -1,0 +1,163 @@
+//! The pool that runs blocking calls.
+//!
+//! `tokio::task::spawn_blocking` wakes one sleeping thread per task, which
+//! costs a futex wake and a context switch per call. This pool wakes a
+//! worker only when no awake worker is looking for work ("searching"). A
+//! worker that takes a job while more are queued wakes the next one first,
+//! so long calls still overlap (16 calls that sleep 400 ms finish together),
+//! while a burst of short calls is drained by one or two awake workers.
+//! Workers that sleep for [`IDLE_RETIRE`] without work exit.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// How long an idle worker waits for work before it exits.
+const IDLE_RETIRE: Duration = Duration::from_secs(10);
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Job>,
+    /// Workers awake and not running a job.
+    searching: usize,
+    /// Workers waiting on the condition variable.
+    sleeping: usize,
+    /// Wake-ups handed out and not yet taken by a sleeping worker.
+    permits: usize,
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+/// A pool of threads for blocking calls. Cheap to clone.
+#[derive(Clone, Default)]
+pub(crate) struct CallPool {
+    shared: Arc<Shared>,
+}
+
+impl CallPool {
+    /// Queues `job`; it runs on a pool thread.
+    pub(crate) fn submit(&self, job: impl FnOnce() + Send + 'static) {
+        let mut state = self.shared.lock();
+        state.queue.push_back(Box::new(job));
+        if state.searching == 0 {
+            self.wake_one(&mut state);
+        }
+    }
+
+    /// Makes one more worker searching: a sleeper if there is one, else a new thread.
+    fn wake_one(&self, state: &mut State) {
+        state.searching += 1;
+        if state.sleeping > 0 {
+            state.sleeping -= 1;
+            state.permits += 1;
+            self.shared.wake.notify_one();
+            return;
+        }
+        let pool = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("chopsticks-call".into())
+            .spawn(move || pool.work());
+        if spawned.is_err() {
+            // No thread: the searching workers, or the next submit, will run the job.
+            state.searching -= 1;
+        }
+    }
+
+    fn work(&self) {
+        let mut state = self.shared.lock();
+        loop {
+            if let Some(job) = state.queue.pop_front() {
+                state.searching -= 1;
+                if !state.queue.is_empty() && state.searching == 0 {
+                    self.wake_one(&mut state);
+                }
+                drop(state);
+                job();
+                state = self.shared.lock();
+                state.searching += 1;
+                continue;
+            }
+            state.searching -= 1;
+            state.sleeping += 1;
+            loop {
+                let (woken, timeout) = self
+                    .shared
+                    .wake
+                    .wait_timeout(state, IDLE_RETIRE)
+                    .unwrap_or_else(|poison| poison.into_inner());
+                state = woken;
+                if state.permits > 0 {
+                    // The waker already moved this worker from sleeping to searching.
+                    state.permits -= 1;
+                    break;
+                }
+                if timeout.timed_out() {
+                    state.sleeping -= 1;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Instant;
+
+    #[test]
+    fn long_jobs_overlap() {
+        let pool = CallPool::default();
+        let (done, finished) = mpsc::channel();
+        let started = Instant::now();
+        for _ in 0..16 {
+            let done = done.clone();
+            pool.submit(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                let _ = done.send(());
+            });
+        }
+        for _ in 0..16 {
+            finished
+                .recv_timeout(Duration::from_secs(5))
+                .expect("job finished");
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(1000),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn many_short_jobs_all_run() {
+        let pool = CallPool::default();
+        let (done, finished) = mpsc::channel();
+        for round in 0..10_000u32 {
+            let done = done.clone();
+            pool.submit(move || {
+                let _ = done.send(round);
+            });
+        }
+        let mut total = 0u64;
+        for _ in 0..10_000 {
+            total += u64::from(finished.recv_timeout(Duration::from_secs(5)).expect("job"));
+        }
+        assert_eq!(total, (0..10_000u64).sum());
+    }
+}

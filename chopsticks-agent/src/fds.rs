@@ -56,6 +56,16 @@ fn file_type(fd: &OwnedFd) -> io::Result<libc::mode_t> {
     Ok(stat.st_mode & libc::S_IFMT)
 }
 
+/// The pipe buffer size the agent asks for (the unprivileged maximum by default).
+const PIPE_BUFFER: libc::c_int = 1 << 20;
+
+/// Enlarges a pipe's kernel buffer, so bulk data moves in fewer, larger steps.
+/// Failure is harmless: the pipe keeps its default size.
+fn enlarge_pipe(fd: &OwnedFd) {
+    // SAFETY: F_SETPIPE_SZ on an open pipe descriptor has no memory-safety preconditions.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BUFFER) };
+}
+
 /// Wraps the input descriptor for the runtime: a pipe or a socket.
 pub(crate) fn reader(fd: OwnedFd) -> io::Result<Box<dyn AsyncRead + Send + Unpin>> {
     match file_type(&fd)? {
@@ -72,7 +82,10 @@ pub(crate) fn reader(fd: OwnedFd) -> io::Result<Box<dyn AsyncRead + Send + Unpin
 /// Wraps the output descriptor for the runtime: a pipe or a socket.
 pub(crate) fn writer(fd: OwnedFd) -> io::Result<Box<dyn AsyncWrite + Send + Unpin>> {
     match file_type(&fd)? {
-        libc::S_IFIFO => Ok(Box::new(tokio::net::unix::pipe::Sender::from_owned_fd(fd)?)),
+        libc::S_IFIFO => {
+            enlarge_pipe(&fd);
+            Ok(Box::new(tokio::net::unix::pipe::Sender::from_owned_fd(fd)?))
+        }
         libc::S_IFSOCK => Ok(Box::new(socket(fd)?)),
         _ => Err(io::Error::other(
             "the agent's stdout must be a pipe or a socket",

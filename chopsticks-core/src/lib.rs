@@ -47,6 +47,8 @@
 
 pub mod agent_env;
 mod bootstrap;
+mod buffer;
+pub mod cbor;
 mod connection;
 mod error;
 pub mod identity;

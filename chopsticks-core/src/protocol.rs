@@ -169,14 +169,12 @@ impl Failure {
 
 /// CBOR-encodes a value.
 pub fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
-    let mut bytes = Vec::new();
-    ciborium::into_writer(value, &mut bytes).map_err(|error| error.to_string())?;
-    Ok(bytes)
+    crate::cbor::to_vec(value).map_err(|error| error.to_string())
 }
 
 /// Decodes a CBOR value. Nesting depth is bounded, so hostile input cannot overflow the stack.
 pub fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    ciborium::from_reader(bytes).map_err(|error| error.to_string())
+    crate::cbor::from_slice(bytes).map_err(|error| error.to_string())
 }
 
 #[cfg(test)]

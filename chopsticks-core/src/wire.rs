@@ -122,19 +122,17 @@ impl OutFrame {
                 OutFrame::with_payload(head, value)
             }
             other => {
-                let mut buffer = BytesMut::with_capacity(64);
-                buffer.put_u32(0);
-                buffer.put_u8(TAG_MESSAGE);
-                let mut writer = buffer.writer();
-                // Writing CBOR into memory fails only if a Serialize impl fails; ours are derived.
-                if ciborium::into_writer(other, &mut writer).is_err() {
-                    unreachable_encoding(other);
-                }
-                let mut buffer = writer.into_inner();
-                let length = (buffer.len() - 4) as u32;
-                buffer[..4].copy_from_slice(&length.to_be_bytes());
+                // Encoding fails only if a Serialize impl fails; ours are derived.
+                let body = crate::cbor::to_vec(other).unwrap_or_else(|error| {
+                    unreachable_encoding(other, &error);
+                    Vec::new()
+                });
+                let mut head = BytesMut::with_capacity(5 + body.len());
+                head.put_u32(1 + body.len() as u32);
+                head.put_u8(TAG_MESSAGE);
+                head.put_slice(&body);
                 OutFrame {
-                    head: buffer.freeze(),
+                    head: head.freeze(),
                     body: Bytes::new(),
                 }
             }
@@ -190,8 +188,8 @@ impl OutFrame {
 }
 
 #[cold]
-fn unreachable_encoding(message: &Message) {
-    tracing::error!(?message, "a protocol message could not be CBOR-encoded");
+fn unreachable_encoding(message: &Message, error: &crate::cbor::CodecError) {
+    tracing::error!(?message, %error, "a protocol message could not be CBOR-encoded");
 }
 
 /// Decodes frames from a byte stream; use with `tokio_util::codec::FramedRead`.
@@ -230,7 +228,7 @@ impl Decoder for FrameDecoder {
             return Err(invalid("received an empty frame".into()));
         }
         match body.get_u8() {
-            TAG_MESSAGE => ciborium::from_reader::<Message, _>(&body[..])
+            TAG_MESSAGE => crate::cbor::from_slice::<Message>(&body[..])
                 .map(|message| Some(Frame::Message(message)))
                 .map_err(|error| invalid(format!("received an undecodable message: {error}"))),
             TAG_CHUNK => {
@@ -479,7 +477,7 @@ impl Assemblies {
         let reserve = len.min(64 << 20) as usize;
         let partial = Partial {
             expected: len,
-            data: Vec::with_capacity(reserve),
+            data: crate::buffer::with_capacity(reserve),
         };
         if self.partial.insert(id, partial).is_some() {
             return Err(format!(
@@ -502,6 +500,7 @@ impl Assemblies {
                 partial.expected
             ));
         }
+        crate::buffer::reserve(&mut partial.data, data.len());
         partial.data.extend_from_slice(data);
         if received < partial.expected {
             return Ok(None);

@@ -13,6 +13,18 @@ const HUGE_PAGE: usize = 2 << 20;
 /// An empty `Vec` with room for `capacity` bytes, huge-page advised when large.
 pub(crate) fn with_capacity(capacity: usize) -> Vec<u8> {
     let buffer: Vec<u8> = Vec::with_capacity(capacity);
+    advise(buffer)
+}
+
+/// Like [`with_capacity`], but `None` instead of aborting when the memory cannot be had.
+pub(crate) fn try_with_capacity(capacity: usize) -> Option<Vec<u8>> {
+    let mut buffer: Vec<u8> = Vec::new();
+    buffer.try_reserve_exact(capacity).ok()?;
+    Some(advise(buffer))
+}
+
+fn advise(buffer: Vec<u8>) -> Vec<u8> {
+    let capacity = buffer.capacity();
     if capacity >= HUGE_PAGE_THRESHOLD {
         let base = buffer.as_ptr() as usize;
         let start = (base + HUGE_PAGE - 1) & !(HUGE_PAGE - 1);

@@ -473,11 +473,15 @@ impl Assemblies {
                 "a payload of {len} bytes was streamed instead of inlined"
             ));
         }
-        // Reserve at most 64 MiB up front; a lying peer cannot make us allocate its claim.
-        let reserve = len.min(64 << 20) as usize;
+        // Address space only: pages are touched as chunks arrive, and a claim
+        // that cannot be reserved is refused instead of aborting the process.
+        let data = usize::try_from(len)
+            .ok()
+            .and_then(crate::buffer::try_with_capacity)
+            .ok_or_else(|| format!("cannot reserve memory for a payload of {len} bytes"))?;
         let partial = Partial {
             expected: len,
-            data: crate::buffer::with_capacity(reserve),
+            data,
         };
         if self.partial.insert(id, partial).is_some() {
             return Err(format!(
@@ -500,7 +504,6 @@ impl Assemblies {
                 partial.expected
             ));
         }
-        crate::buffer::reserve(&mut partial.data, data.len());
         partial.data.extend_from_slice(data);
         if received < partial.expected {
             return Ok(None);

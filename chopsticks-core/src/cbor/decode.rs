@@ -329,6 +329,15 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
         }
         // A byte string stands for a sequence of u8.
         let head = self.head()?;
+        if is_serde_vec_u8_visitor::<V>() {
+            // serde's own visitor for `Vec<u8>` would push the bytes one by one
+            // into a growing vector; build its exact result in one copy instead.
+            let owned = self.byte_buf(head.argument)?;
+            let owned = std::mem::ManuallyDrop::new(owned);
+            // SAFETY: `is_serde_vec_u8_visitor` checked that V::Value is Vec<u8>
+            // (a type without lifetimes); ownership moves into the copy.
+            return Ok(unsafe { std::mem::transmute_copy::<Vec<u8>, V::Value>(&owned) });
+        }
         match head.argument {
             Some(len) => {
                 let bytes = self.take(len)?;
@@ -396,6 +405,20 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
         bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
         map struct identifier
     }
+}
+
+/// The type names serde gives the visitor of `impl Deserialize for Vec<T>` with `T = u8`.
+const SERDE_VEC_U8_VISITORS: [&str; 2] = [
+    "serde_core::de::impls::<impl serde_core::de::Deserialize<'_> for alloc::vec::Vec<_>>::deserialize::VecVisitor<u8>",
+    "serde::de::impls::<impl serde::de::Deserialize<'_> for alloc::vec::Vec<_>>::deserialize::VecVisitor<u8>",
+];
+
+/// Whether `V` is serde's visitor for `Vec<u8>`, whose result the decoder may build directly.
+/// Both the value type and the visitor's full path must match; any other
+/// visitor, including a custom one producing `Vec<u8>`, takes the general path.
+fn is_serde_vec_u8_visitor<'de, V: Visitor<'de>>() -> bool {
+    typeid::of::<V::Value>() == typeid::of::<Vec<u8>>()
+        && SERDE_VEC_U8_VISITORS.contains(&std::any::type_name::<V>())
 }
 
 /// The elements of an array.

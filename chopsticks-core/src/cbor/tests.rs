@@ -97,6 +97,48 @@ fn byte_sequences_become_byte_strings() {
     assert_eq!(to_vec(&vec![1u16, 2]).expect("enc"), hex("820102"));
 }
 
+#[test]
+fn vec_u8_decodes_in_one_allocation() {
+    // serde's growing visitor would end with a power-of-two capacity.
+    let bytes: Vec<u8> = (0..3_000_001u32).map(|i| i as u8).collect();
+    let decoded: Vec<u8> = from_slice(&to_vec(&bytes).expect("enc")).expect("dec");
+    assert_eq!(decoded, bytes);
+    assert_eq!(
+        decoded.capacity(),
+        bytes.len(),
+        "the fast path for serde's Vec<u8> visitor was not taken"
+    );
+
+    /// A custom visitor producing Vec<u8> must still run: it keeps only even bytes.
+    struct EvenBytes(Vec<u8>);
+    impl<'de> Deserialize<'de> for EvenBytes {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct Even;
+            impl<'de> serde::de::Visitor<'de> for Even {
+                type Value = Vec<u8>;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("bytes")
+                }
+                fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                    self,
+                    mut seq: A,
+                ) -> Result<Vec<u8>, A::Error> {
+                    let mut kept = Vec::new();
+                    while let Some(byte) = seq.next_element::<u8>()? {
+                        if byte % 2 == 0 {
+                            kept.push(byte);
+                        }
+                    }
+                    Ok(kept)
+                }
+            }
+            deserializer.deserialize_seq(Even).map(EvenBytes)
+        }
+    }
+    let even: EvenBytes = from_slice(&to_vec(&vec![1u8, 2, 3, 4]).expect("enc")).expect("dec");
+    assert_eq!(even.0, [2, 4]);
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 enum Shape {
     Unit,

@@ -47,7 +47,7 @@
 
 pub mod agent_env;
 mod bootstrap;
-mod buffer;
+pub mod buffer;
 pub mod cbor;
 mod connection;
 mod error;

@@ -311,7 +311,10 @@ async fn run_call<R: DeserializeOwned>(
                 after,
             })??,
     };
-    decode_value(&encoded).map_err(|message| value_error("the result", "decoded", message))
+    let value =
+        decode_value(&encoded).map_err(|message| value_error("the result", "decoded", message));
+    crate::buffer::give(encoded);
+    value
 }
 
 impl<'t, R> Future for Call<'t, R>

@@ -47,7 +47,7 @@ use tokio_util::codec::{Decoder, LengthDelimitedCodec};
 use crate::protocol::{CallMode, FunctionRef, Message, Payload};
 
 /// The largest frame either end accepts (tag and body).
-pub const MAX_FRAME_LEN: usize = 1024 * 1024;
+pub const MAX_FRAME_LEN: usize = CHUNK_LEN + 64 * 1024;
 /// Payloads larger than this are streamed as chunks instead of inlined.
 pub const INLINE_LIMIT: usize = 64 * 1024;
 /// The size of one data chunk.
@@ -383,7 +383,8 @@ impl Outbox {
         let len = data.len() as u64;
         self.send_bulk(OutFrame::message(&message(Payload::Streamed { len })))
             .await?;
-        let data = Bytes::from(data);
+        // When the writer drops the last chunk, the buffer becomes the process's spare.
+        let data = Bytes::from_owner(Recycled(data));
         let mut start = 0;
         while start < data.len() {
             let end = (start + CHUNK_LEN).min(data.len());
@@ -397,6 +398,21 @@ impl Outbox {
     /// Whether the writer has stopped.
     pub fn is_closed(&self) -> bool {
         self.urgent.is_closed()
+    }
+}
+
+/// A payload buffer that returns to the spare slot when its last chunk is written.
+struct Recycled(Vec<u8>);
+
+impl AsRef<[u8]> for Recycled {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Recycled {
+    fn drop(&mut self) {
+        crate::buffer::give(std::mem::take(&mut self.0));
     }
 }
 

@@ -36,7 +36,7 @@ pub use chopsticks_core::{
     AgentCommand, AgentLaunch, AgentProcess, BoxError, Call, Error, ExitReport, Phase, Pipes,
     Result, StderrSink, Transport, Tunnel, TunnelBuilder, async_trait, shell_quote,
 };
-pub use chopsticks_core::{agent_env, identity, protocol, remote, stderr, wire};
+pub use chopsticks_core::{agent_env, buffer, identity, protocol, remote, stderr, wire};
 
 #[cfg(feature = "local")]
 pub use chopsticks_local::{Local, LocalError, Sudo};

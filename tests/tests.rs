@@ -9,6 +9,7 @@
 //! - `bootstrap`: the shell bootstrap and its cache: upload, reuse, corruption, unsafe dirs
 //! - `sudo`: the `Sudo` transport with a throwaway user
 //! - `custom_transport`: a transport written outside core (`examples/custom_transport.rs`)
+//! - `memory`: resident memory of idle agents
 
 mod support;
 
@@ -18,5 +19,6 @@ mod custom_transport;
 mod failures;
 mod hygiene;
 mod lifecycle;
+mod memory;
 mod protocol;
 mod sudo;

@@ -118,6 +118,14 @@ async fn serve(descriptors: fds::ProtocolFds, depth: u32) -> Result<i32, AgentEr
     let _ = outbox.send(OutFrame::message(&hello));
 
     let mut frames = FramedRead::new(input, FrameDecoder::default());
+    // Pool threads give buffers back outside any runtime; release the spare from here.
+    tokio::spawn(async {
+        let mut tick = tokio::time::interval(chopsticks_core::buffer::SPARE_IDLE / 2);
+        loop {
+            tick.tick().await;
+            chopsticks_core::buffer::release_if_idle();
+        }
+    });
     let dispatch = Dispatch {
         outbox: outbox.clone(),
         running: Running::default(),
@@ -202,6 +210,8 @@ impl Dispatch {
                     let outcome =
                         std::panic::catch_unwind(AssertUnwindSafe(|| trampoline.run(&args)))
                             .unwrap_or_else(|_| Err(panic_failure()));
+                    // The next large payload reuses these pages instead of fresh ones.
+                    chopsticks_core::buffer::give(args);
                     lock(&running).remove(&id);
                     if cancelled.load(Ordering::Relaxed) {
                         return;

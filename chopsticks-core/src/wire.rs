@@ -690,6 +690,66 @@ mod tests {
         assert_eq!(complete.as_deref(), Some(&expected[..]));
     }
 
+    fn any_message() -> impl proptest::strategy::Strategy<Value = Message> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (
+                any::<u64>(),
+                any::<i64>(),
+                ".{0,40}",
+                any::<bool>(),
+                proptest::collection::vec(any::<u8>(), 0..64)
+            )
+                .prop_map(|(id, offset, name, blocking, args)| Message::Call {
+                    id,
+                    function: FunctionRef::Offset {
+                        offset,
+                        name: name.into()
+                    },
+                    mode: if blocking {
+                        CallMode::Blocking
+                    } else {
+                        CallMode::Async
+                    },
+                    args: Payload::Inline(args),
+                }),
+            (any::<u64>(), any::<u64>()).prop_map(|(id, len)| Message::Return {
+                id,
+                value: Payload::Streamed { len },
+            }),
+            any::<u64>().prop_map(|id| Message::Cancel { id }),
+            Just(Message::Shutdown),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            std::env::var("CHOPSTICKS_FUZZ_CASES").ok().and_then(|cases| cases.parse().ok()).unwrap_or(512)
+        ))]
+
+        /// Fuzzes the frame decoder with arbitrary bytes: errors are fine, panics are not.
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoder(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = decode_all(&bytes);
+        }
+
+        /// Fuzzes with valid frames that have a few bytes flipped, which reaches deeper paths.
+        #[test]
+        fn mutated_frames_never_panic_the_decoder(
+            messages in proptest::collection::vec(any_message(), 1..4),
+            flips in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 1..6),
+        ) {
+            let mut bytes: Vec<u8> = messages.iter().flat_map(|message| OutFrame::message(message).to_bytes()).collect();
+            let pristine = decode_all(&bytes).expect("valid frames decode");
+            proptest::prop_assert_eq!(pristine, messages.into_iter().map(Frame::Message).collect::<Vec<_>>());
+            for (at, mask) in flips {
+                let len = bytes.len();
+                bytes[at % len] ^= mask;
+            }
+            let _ = decode_all(&bytes);
+        }
+    }
+
     #[test]
     fn assemblies_refuse_overruns_and_huge_claims() {
         let mut assemblies = Assemblies::default();

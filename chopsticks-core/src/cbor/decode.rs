@@ -124,8 +124,10 @@ impl<'de> Decoder<'de> {
                     "an indefinite string holds a chunk of another type",
                 ));
             };
-            buffer::reserve(&mut joined, usize::try_from(len).unwrap_or(usize::MAX));
-            joined.extend_from_slice(self.take(len)?);
+            // Bounds-checked against the input before any memory is reserved.
+            let chunk = self.take(len)?;
+            buffer::reserve(&mut joined, chunk.len());
+            joined.extend_from_slice(chunk);
         }
     }
 

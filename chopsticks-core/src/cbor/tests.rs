@@ -239,6 +239,10 @@ fn same(a: &Everything, b: &Everything) -> bool {
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("CHOPSTICKS_FUZZ_CASES").ok().and_then(|cases| cases.parse().ok()).unwrap_or(256)
+    ))]
+
     #[test]
     fn values_round_trip(value in everything(), nested in everything()) {
         let value = Everything { maybe: Some(Box::new(nested)), ..value };
@@ -280,6 +284,9 @@ fn hostile_lengths_and_nesting_are_refused() {
     // Trailing bytes and extra array elements.
     assert!(from_slice::<u8>(&hex("0000")).is_err());
     assert!(from_slice::<(u8,)>(&hex("820102")).is_err());
+    // An indefinite byte string whose chunk claims far more than the input holds.
+    assert!(from_slice::<Vec<u8>>(&hex("5f5b52cf3bb3f0e56a50ff")).is_err());
+    assert!(from_slice::<String>(&hex("7f7b52cf3bb3f0e56a50ff")).is_err());
     // Invalid UTF-8 and reserved initial bytes.
     assert!(from_slice::<String>(&hex("62c328")).is_err());
     assert!(from_slice::<u8>(&hex("1c")).is_err());

@@ -1,0 +1,48 @@
+//! Memory: an idle agent stays small, and returns to small after moving a large payload.
+
+use std::time::Duration;
+
+use chopsticks::{Local, Tunnel};
+
+/// Resident memory from `smaps_rollup`, which counts transparent huge pages too.
+fn resident_kib(pid: u32) -> u64 {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    rollup
+        .lines()
+        .find_map(|line| line.strip_prefix("Rss:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
+fn byte_len(data: Vec<u8>) -> usize {
+    data.len()
+}
+
+const TEN_MB_IN_KIB: u64 = 10_000_000 / 1024;
+
+#[tokio::test]
+async fn an_idle_agent_stays_under_ten_megabytes_even_after_a_large_call() {
+    let tun = Tunnel::new(Local::new());
+    tun.connect().await.expect("connect");
+    let agent = tun.agent_pid().expect("pid");
+    let idle = resident_kib(agent);
+    assert!(idle < TEN_MB_IN_KIB, "idle agent uses {idle} KiB");
+
+    assert_eq!(
+        tun.call(byte_len, (vec![1u8; 32 << 20],))
+            .await
+            .expect("call"),
+        32 << 20
+    );
+    let busy = resident_kib(agent);
+    assert!(
+        busy > 32 * 1024,
+        "the payload buffer is kept for reuse right after a call ({busy} KiB)"
+    );
+    tokio::time::sleep(chopsticks::buffer::SPARE_IDLE * 2 + Duration::from_millis(500)).await;
+    let after = resident_kib(agent);
+    assert!(
+        after < TEN_MB_IN_KIB,
+        "the agent still uses {after} KiB after idling"
+    );
+}

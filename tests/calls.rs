@@ -225,3 +225,26 @@ async fn connect_is_lazy_and_tunnels_are_send_and_sync() {
     tun.call(zero, ()).await.expect("call");
     assert!(tun.is_connected());
 }
+
+fn nested_from_blocking() -> Result<u32, String> {
+    // Blocking functions run inside the agent's runtime context, so they can use tokio.
+    tokio::runtime::Handle::current().block_on(async {
+        let inner = Tunnel::new(Local::named("inner-blocking"));
+        inner
+            .call(std::process::id, ())
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+#[tokio::test]
+async fn a_blocking_function_can_use_the_agent_runtime() {
+    let tun = Tunnel::new(Local::new());
+    let outer = tun.call(std::process::id, ()).await.expect("pid");
+    let inner = tun
+        .call(nested_from_blocking, ())
+        .await
+        .expect("call")
+        .expect("nested");
+    assert_ne!(inner, outer);
+}

@@ -165,3 +165,52 @@ async fn runaway_nesting_stops_at_the_depth_limit_with_a_clear_error() {
         "the error names the host: {message}"
     );
 }
+
+async fn hog_the_thread() -> u8 {
+    // Blocks its executor thread, which an async fn must not do.
+    std::thread::sleep(Duration::from_millis(1500));
+    1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_function_that_blocks_does_not_freeze_the_agent() {
+    let tun = Tunnel::new(Local::new());
+    tun.connect().await.expect("connect");
+    let hog_tun = tun.clone();
+    let hog = tokio::spawn(async move { hog_tun.call_async(hog_the_thread, ()).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    assert_eq!(
+        tun.call(pid, ()).await.expect("ping"),
+        tun.agent_pid().expect("pid")
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "ping took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(hog.await.expect("join").expect("hog"), 1);
+}
+
+fn shout_and_panic(len: usize) -> u8 {
+    panic!("{}", "x".repeat(len));
+}
+
+#[tokio::test]
+async fn an_enormous_panic_message_is_cut_and_the_tunnel_survives() {
+    let tun = Tunnel::new(Local::new());
+    let agent = tun.call(pid, ()).await.expect("pid");
+    let error = tun
+        .call(shout_and_panic, (2 << 20,))
+        .await
+        .expect_err("must fail");
+    let Error::Remote { message, .. } = &error else {
+        panic!("expected Remote, got {error:?}");
+    };
+    assert!(
+        message.len() < 64 * 1024 && message.contains("[cut]"),
+        "{} bytes",
+        message.len()
+    );
+    assert_eq!(tun.call(pid, ()).await.expect("still connected"), agent);
+}

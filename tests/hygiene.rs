@@ -56,3 +56,47 @@ async fn stderr_lines_reach_the_sink_prefixed_with_the_host() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Runs the agent with stderr merged into stdout, as a careless transport might.
+struct Merged;
+
+#[chopsticks::async_trait]
+impl chopsticks::Transport for Merged {
+    fn host(&self) -> &str {
+        "merged"
+    }
+
+    fn launch(&self) -> chopsticks::AgentLaunch {
+        chopsticks::AgentLaunch::Direct
+    }
+
+    async fn spawn(
+        &self,
+        command: &chopsticks::AgentCommand,
+    ) -> Result<chopsticks::Pipes, chopsticks::BoxError> {
+        let child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg("exec \"$@\" 2>&1")
+            .arg("sh")
+            .arg(command.program())
+            .args(command.args())
+            .envs(command.env_vars().iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok(chopsticks::Pipes::from_child(child)?)
+    }
+}
+
+#[tokio::test]
+async fn stderr_merged_into_stdout_cannot_corrupt_the_stream() {
+    let tun = Tunnel::new(Merged);
+    for round in 0..50 {
+        tun.call(shout, (format!("noise {round}"),))
+            .await
+            .expect("call");
+        assert_eq!(tun.call(noisy, (round,)).await.expect("call"), round);
+    }
+}

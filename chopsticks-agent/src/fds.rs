@@ -43,9 +43,29 @@ pub(crate) fn take_protocol_fds() -> io::Result<ProtocolFds> {
     let null = unsafe { OwnedFd::from_raw_fd(null) };
     // SAFETY: dup2 onto the standard descriptors; both sources are open.
     check(unsafe { libc::dup2(null.as_raw_fd(), 0) })?;
-    // SAFETY: as above; fd 2 is the agent's stderr, kept open by the transport.
-    check(unsafe { libc::dup2(2, 1) })?;
+    if same_file(1, 2) != Some(false) {
+        // stderr is the protocol stream itself (a transport merged them) or is
+        // closed: anything written to it would corrupt the protocol.
+        // SAFETY: dup2 of an open descriptor onto the standard descriptors.
+        check(unsafe { libc::dup2(null.as_raw_fd(), 1) })?;
+        // SAFETY: as above.
+        check(unsafe { libc::dup2(null.as_raw_fd(), 2) })?;
+    } else {
+        // SAFETY: fd 2 is the agent's own stderr, kept open by the transport.
+        check(unsafe { libc::dup2(2, 1) })?;
+    }
     Ok(ProtocolFds { input, output })
+}
+
+/// Whether two descriptors refer to the same open file; `None` if either is closed.
+fn same_file(a: libc::c_int, b: libc::c_int) -> Option<bool> {
+    let identity = |fd| {
+        // SAFETY: stat is plain old data; fstat fills it for an open descriptor.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `stat` is writable; fstat fails cleanly on a closed descriptor.
+        (unsafe { libc::fstat(fd, &mut stat) } == 0).then_some((stat.st_dev, stat.st_ino))
+    };
+    Some(identity(a)? == identity(b)?)
 }
 
 fn file_type(fd: &OwnedFd) -> io::Result<libc::mode_t> {

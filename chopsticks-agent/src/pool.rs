@@ -14,6 +14,8 @@ use std::time::Duration;
 
 /// How long an idle worker waits for work before it exits.
 const IDLE_RETIRE: Duration = Duration::from_secs(10);
+/// At most this many workers; further jobs wait for one to finish.
+const MAX_WORKERS: usize = 512;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
@@ -26,6 +28,8 @@ struct State {
     sleeping: usize,
     /// Wake-ups handed out and not yet taken by a sleeping worker.
     permits: usize,
+    /// Worker threads alive.
+    workers: usize,
 }
 
 #[derive(Default)]
@@ -45,28 +49,41 @@ impl CallPool {
     pub(crate) fn submit(&self, job: impl FnOnce() + Send + 'static) {
         let mut state = self.shared.lock();
         state.queue.push_back(Box::new(job));
-        if state.searching == 0 {
-            self.wake_one(&mut state);
+        if state.searching == 0 && !self.wake_one(&mut state) && state.workers == 0 {
+            // No thread could be started and none exists to take the job later:
+            // run it here rather than strand it.
+            let job = state.queue.pop_back();
+            drop(state);
+            if let Some(job) = job {
+                job();
+            }
         }
     }
 
-    /// Makes one more worker searching: a sleeper if there is one, else a new thread.
-    fn wake_one(&self, state: &mut State) {
-        state.searching += 1;
+    /// Makes one more worker searching: a sleeper if there is one, else a new
+    /// thread. Returns false if no worker could be had; at the worker limit the
+    /// job simply waits for a busy worker to finish, which counts as success.
+    fn wake_one(&self, state: &mut State) -> bool {
         if state.sleeping > 0 {
+            state.searching += 1;
             state.sleeping -= 1;
             state.permits += 1;
             self.shared.wake.notify_one();
-            return;
+            return true;
+        }
+        if state.workers >= MAX_WORKERS {
+            return true;
         }
         let pool = self.clone();
         let spawned = std::thread::Builder::new()
             .name("chopsticks-call".into())
             .spawn(move || pool.work());
         if spawned.is_err() {
-            // No thread: the searching workers, or the next submit, will run the job.
-            state.searching -= 1;
+            return false;
         }
+        state.searching += 1;
+        state.workers += 1;
+        true
     }
 
     fn work(&self) {
@@ -99,6 +116,7 @@ impl CallPool {
                 }
                 if timeout.timed_out() {
                     state.sleeping -= 1;
+                    state.workers -= 1;
                     return;
                 }
             }

@@ -7,7 +7,7 @@
 //! keeps serving. The agent exits when its input ends, on `Shutdown`, or on a
 //! protocol violation, without waiting for blocking calls still running.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +19,7 @@ use chopsticks_core::protocol::{
 };
 use chopsticks_core::remote::{CallOutcome, Resolved, resolve};
 use chopsticks_core::wire::{
-    Assemblies, Frame, FrameDecoder, INLINE_LIMIT, OutFrame, Outbox, write_frames,
+    Assemblies, Frame, FrameDecoder, INLINE_LIMIT, MAX_PAYLOAD_LEN, OutFrame, Outbox, write_frames,
 };
 use futures_util::{FutureExt, StreamExt};
 use tokio::task::AbortHandle;
@@ -48,25 +48,70 @@ struct Dispatch {
     outbox: Outbox,
     running: Running,
     pool: CallPool,
-    runtime: tokio::runtime::Handle,
+    /// The runtime that reads and writes the protocol.
+    io: tokio::runtime::Handle,
+    /// The runtime that runs `async fn`s (and that blocking functions can enter),
+    /// so that a function that blocks cannot stall the protocol.
+    calls: tokio::runtime::Handle,
 }
 
+/// Longest panic message or backtrace sent back, so a failure always fits in one frame.
+const MAX_FAILURE_TEXT: usize = 32 * 1024;
+
 thread_local! {
-    /// The message and backtrace of the last panic on this thread.
+    /// The message and backtrace of the last panic in a call on this thread.
     static LAST_PANIC: RefCell<Option<(String, Option<String>)>> = const { RefCell::new(None) };
+    /// Whether this thread is running a remote function right now.
+    static IN_CALL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the current thread as running a call while `run` executes.
+fn in_call<T>(run: impl FnOnce() -> T) -> T {
+    IN_CALL.with(|flag| flag.set(true));
+    LAST_PANIC.with(|last| last.borrow_mut().take());
+    let result = run();
+    IN_CALL.with(|flag| flag.set(false));
+    result
+}
+
+/// A future whose polls count as running a call (for panic capture).
+struct InCall<F>(F);
+
+impl<F: std::future::Future + Unpin> std::future::Future for InCall<F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        in_call(|| std::pin::Pin::new(&mut self.0).poll(cx))
+    }
 }
 
 /// Runs the agent to completion and returns its exit code.
 pub(crate) fn run(depth: u32) -> Result<i32, AgentError> {
     let descriptors = fds::take_protocol_fds().map_err(AgentError::Descriptors)?;
     chopsticks_core::agent_env::set_depth(depth);
-    std::panic::set_hook(Box::new(record_panic));
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let previous_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if IN_CALL.with(Cell::get) {
+            record_panic(info);
+        } else {
+            previous_hook(info);
+        }
+    }));
+    let calls = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("chopsticks-async")
+        .build()
+        .map_err(AgentError::Runtime)?;
+    let io = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("chopsticks-agent")
         .build()
         .map_err(AgentError::Runtime)?;
-    let code = runtime.block_on(serve(descriptors, depth))?;
+    let code = io.block_on(serve(descriptors, depth, calls.handle().clone()))?;
     // Exit without dropping the runtime: it would wait for blocking calls still running.
     std::process::exit(code);
 }
@@ -99,7 +144,11 @@ fn panic_failure() -> Failure {
     }
 }
 
-async fn serve(descriptors: fds::ProtocolFds, depth: u32) -> Result<i32, AgentError> {
+async fn serve(
+    descriptors: fds::ProtocolFds,
+    depth: u32,
+    calls: tokio::runtime::Handle,
+) -> Result<i32, AgentError> {
     let input = fds::reader(descriptors.input).map_err(AgentError::Descriptors)?;
     let mut output = fds::writer(descriptors.output).map_err(AgentError::Descriptors)?;
     let (outbox, outbox_receiver) = Outbox::new();
@@ -130,7 +179,8 @@ async fn serve(descriptors: fds::ProtocolFds, depth: u32) -> Result<i32, AgentEr
         outbox: outbox.clone(),
         running: Running::default(),
         pool: CallPool::default(),
-        runtime: tokio::runtime::Handle::current(),
+        io: tokio::runtime::Handle::current(),
+        calls,
     };
     let mut assemblies = Assemblies::default();
     let mut awaiting_payload: HashMap<u64, (FunctionRef, CallMode)> = HashMap::new();
@@ -201,15 +251,19 @@ impl Dispatch {
             Ok(Resolved::Blocking(trampoline)) => {
                 let cancelled = Arc::new(AtomicBool::new(false));
                 lock(&self.running).insert(id, RunningCall::Blocking(cancelled.clone()));
-                let (outbox, running, runtime) = (
+                let (outbox, running, io, calls) = (
                     self.outbox.clone(),
                     self.running.clone(),
-                    self.runtime.clone(),
+                    self.io.clone(),
+                    self.calls.clone(),
                 );
                 self.pool.submit(move || {
-                    let outcome =
+                    // Blocking functions may use tokio (`Handle::current()`, `block_on`).
+                    let _runtime = calls.enter();
+                    let outcome = in_call(|| {
                         std::panic::catch_unwind(AssertUnwindSafe(|| trampoline.run(&args)))
-                            .unwrap_or_else(|_| Err(panic_failure()));
+                    })
+                    .unwrap_or_else(|_| Err(panic_failure()));
                     // The next large payload reuses these pages instead of fresh ones.
                     chopsticks_core::buffer::give(args);
                     lock(&running).remove(&id);
@@ -218,11 +272,7 @@ impl Dispatch {
                     }
                     match outcome {
                         Ok(value) if value.len() > INLINE_LIMIT => {
-                            runtime.spawn(async move {
-                                let _ = outbox
-                                    .send_payload(id, value, |value| Message::Return { id, value })
-                                    .await;
-                            });
+                            io.spawn(async move { send_outcome(&outbox, id, Ok(value)).await });
                         }
                         outcome => {
                             let _ = outbox.send(reply(id, outcome));
@@ -232,28 +282,59 @@ impl Dispatch {
             }
             Ok(Resolved::Async(trampoline)) => {
                 let (outbox, running) = (self.outbox.clone(), self.running.clone());
-                let task = self.runtime.spawn(async move {
-                    let outcome = AssertUnwindSafe(trampoline.run(args))
+                let task = self.calls.spawn(async move {
+                    let outcome = AssertUnwindSafe(InCall(trampoline.run(args)))
                         .catch_unwind()
                         .await
                         .unwrap_or_else(|_| Err(panic_failure()));
                     lock(&running).remove(&id);
-                    let _ = match outcome {
-                        Ok(value) => outbox
-                            .send_payload(id, value, |value| Message::Return { id, value })
-                            .await
-                            .map(drop),
-                        Err(failure) => outbox.send(reply(id, Err(failure))),
-                    };
+                    send_outcome(&outbox, id, outcome).await;
                 });
-                // The task cannot finish before this insert: this runtime has one thread, and it is here.
                 lock(&self.running).insert(id, RunningCall::Task(task.abort_handle()));
+                // The task runs on another runtime and may have finished before the insert.
+                if task.is_finished() {
+                    lock(&self.running).remove(&id);
+                }
             }
             Err(failure) => {
                 let _ = self.outbox.send(reply(id, Err(failure)));
             }
         }
     }
+}
+
+/// Sends a call's outcome: inline, streamed, or a failure if the value is too large to send.
+async fn send_outcome(outbox: &Outbox, id: u64, outcome: CallOutcome) {
+    let outcome = match outcome {
+        Ok(value) if value.len() as u64 > MAX_PAYLOAD_LEN => Err(Failure::new(
+            FailureKind::Result,
+            format!(
+                "its result of {} bytes exceeds the limit of {MAX_PAYLOAD_LEN} bytes for one value",
+                value.len()
+            ),
+        )),
+        outcome => outcome,
+    };
+    let _ = match outcome {
+        Ok(value) if value.len() > INLINE_LIMIT => outbox
+            .send_payload(id, value, |value| Message::Return { id, value })
+            .await
+            .map(drop),
+        outcome => outbox.send(reply(id, outcome)),
+    };
+}
+
+/// Cuts `text` to at most `limit` bytes, at a character boundary.
+fn bounded(mut text: String, limit: usize) -> String {
+    if text.len() > limit {
+        let mut end = limit;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str(" [cut]");
+    }
+    text
 }
 
 /// The reply frame for a finished call whose value is small enough to inline.
@@ -263,6 +344,15 @@ fn reply(id: u64, outcome: CallOutcome) -> OutFrame {
             id,
             value: Payload::Inline(value),
         },
-        Err(failure) => Message::Fail { id, failure },
+        Err(failure) => Message::Fail {
+            id,
+            failure: Failure {
+                message: bounded(failure.message, MAX_FAILURE_TEXT),
+                backtrace: failure
+                    .backtrace
+                    .map(|text| bounded(text, MAX_FAILURE_TEXT)),
+                ..failure
+            },
+        },
     })
 }

@@ -32,6 +32,9 @@ say() { printf 'chopsticks-bootstrap %s\n' "$*"; }
 fail() { say error "$*"; exit 111; }
 case $hash in ''|*[!0-9a-f]*) fail "invalid agent hash";; esac
 case $size in ''|*[!0-9]*) fail "invalid agent size";; esac
+for tool in uname sha256sum head mktemp wc; do
+  command -v "$tool" >/dev/null 2>&1 || fail "the target has no $tool, which the bootstrap needs"
+done
 have="$(uname -s) $(uname -m)"
 [ "$have" = "$want" ] || { say arch "$have"; exit 112; }
 private() {
@@ -54,12 +57,18 @@ verify() {
 run() {
   say exec "$1"
   export CHOPSTICKS_AGENT=@VERSION@ CHOPSTICKS_DEPTH="$depth"
+  trap - EXIT HUP INT TERM
   exec "$agent"
 }
 agent=$dir/agent-$hash
-if [ -f "$agent" ] && [ ! -L "$agent" ] && verify "$agent"; then run cached; fi
-rm -f -- "$agent"
+if [ -f "$agent" ] && [ ! -L "$agent" ]; then
+  verify "$agent" && run cached
+  rm -f -- "$agent"
+elif [ -L "$agent" ]; then
+  rm -f -- "$agent"
+fi
 tmp=$(mktemp "$dir/.agent-$hash.XXXXXX") || fail "cannot create a temporary file in $dir"
+trap 'rm -f -- "$tmp"' EXIT HUP INT TERM
 say send
 head -c "$size" > "$tmp"
 verify "$tmp" || { rm -f -- "$tmp"; fail "the uploaded agent did not match its size and checksum"; }

@@ -77,13 +77,21 @@ fn schedule_release() {
         return;
     }
     runtime.spawn(async {
+        // Reset the flag even if the runtime drops this task half-way.
+        struct Pending;
+        impl Drop for Pending {
+            fn drop(&mut self) {
+                RELEASE_PENDING.store(false, Ordering::Release);
+            }
+        }
+        let pending = Pending;
         loop {
             tokio::time::sleep(SPARE_IDLE).await;
             if !release_if_idle() {
                 break;
             }
         }
-        RELEASE_PENDING.store(false, Ordering::Release);
+        drop(pending);
         // A buffer given between the last check and the flag reset still gets released.
         if SPARE.lock().map(|spare| spare.is_some()).unwrap_or(false) {
             schedule_release();

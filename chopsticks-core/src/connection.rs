@@ -22,7 +22,9 @@ use crate::identity::{self, hex};
 use crate::protocol::{CallMode, Failure, FunctionRef, Hello, Message, PROTOCOL_VERSION, Payload};
 use crate::stderr::{self, StderrSink, StderrTail};
 use crate::transport::{AgentCommand, AgentLaunch, AgentProcess, ExitReport, Pipes, Transport};
-use crate::wire::{Assemblies, Frame, FrameDecoder, INLINE_LIMIT, OutFrame, Outbox, write_frames};
+use crate::wire::{
+    Assemblies, Frame, FrameDecoder, INLINE_LIMIT, MAX_PAYLOAD_LEN, OutFrame, Outbox, write_frames,
+};
 
 /// How long a closing connection waits for stderr and the exit status, to explain itself.
 const EXPLAIN_WAIT: Duration = Duration::from_millis(300);
@@ -173,6 +175,18 @@ impl Connection {
         mode: CallMode,
         args: Vec<u8>,
     ) -> Result<Vec<u8>> {
+        if args.len() as u64 > MAX_PAYLOAD_LEN {
+            return Err(Error::Value {
+                host: self.shared.host.to_string(),
+                function: function.name().to_string(),
+                what: "the arguments",
+                action: "sent",
+                message: format!(
+                    "{} bytes exceed the limit of {MAX_PAYLOAD_LEN} bytes for one value",
+                    args.len()
+                ),
+            });
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = oneshot::channel();
         {
@@ -389,13 +403,28 @@ pub(crate) async fn connect(
                 ),
             });
         }
-        Some(Err(_)) | None => return Err(ended_early(&shared).await),
+        Some(Err(error)) => {
+            let Error::Bootstrap { host, message } = ended_early(&shared).await else {
+                unreachable!("ended_early returns Bootstrap")
+            };
+            return Err(Error::Bootstrap {
+                host,
+                message: format!("{message} (reading its output failed: {error})"),
+            });
+        }
+        None => return Err(ended_early(&shared).await),
     };
     check_hello(&host, &hello)?;
 
     let (outbox, outbox_receiver) = Outbox::new();
+    let writer_shared = shared.clone();
     tokio::spawn(async move {
-        let _ = write_frames(outbox_receiver, &mut stdin).await;
+        if let Err(error) = write_frames(outbox_receiver, &mut stdin).await {
+            // Calls must not wait for replies to requests that never left.
+            writer_shared
+                .close_explained(false, format!("writing to the agent failed: {error}"))
+                .await;
+        }
     });
     let reader = tokio::spawn(read_replies(frames, shared.clone()));
     Ok(Connection {
@@ -419,6 +448,14 @@ fn check_hello(host: &str, hello: &Hello) -> Result<()> {
         });
     }
     let ours = identity::binary_id();
+    if ours.is_empty() || hello.binary_id.is_empty() {
+        return Err(Error::Handshake {
+            host: host.to_string(),
+            message: "a program without a build-id and unreadable through /proc/self/exe cannot \
+                      prove it is the same binary as its agent"
+                .into(),
+        });
+    }
     if hello.binary_id != ours {
         return Err(Error::Handshake {
             host: host.to_string(),

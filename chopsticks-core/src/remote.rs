@@ -30,11 +30,22 @@ pub type OutcomeFuture = Pin<Box<dyn Future<Output = CallOutcome> + Send + 'stat
 type BlockingTrampoline = fn(&[u8]) -> CallOutcome;
 type AsyncTrampoline = fn(Vec<u8>) -> OutcomeFuture;
 
+mod sealed {
+    /// Only the blanket implementations below make a type a [`RemoteFn`](super::RemoteFn).
+    pub trait Blocking<Args> {}
+    /// Only the blanket implementations below make a type an [`AsyncRemoteFn`](super::AsyncRemoteFn).
+    pub trait Async<Args> {}
+}
+
 /// A plain function (or non-capturing closure) taking the tuple `Args`.
 ///
 /// Implemented for every `Fn(A1, .., An) -> R + Copy + Send + Sync + 'static`
-/// with `n` from 0 to 8; `Args` is `(A1, .., An)`.
-pub trait RemoteFn<Args>: Copy + Send + Sync + 'static {
+/// with `n` from 0 to 8; `Args` is `(A1, .., An)`. The trait is sealed: the
+/// agent conjures the zero-sized function value instead of receiving it, which
+/// is sound for `fn` items and closures but not for arbitrary types. A closure
+/// that captures only zero-sized `Copy` values also qualifies; those values are
+/// conjured on the agent too.
+pub trait RemoteFn<Args>: sealed::Blocking<Args> + Copy + Send + Sync + 'static {
     /// What the function returns.
     type Output;
     /// Calls the function with the unpacked tuple.
@@ -42,7 +53,8 @@ pub trait RemoteFn<Args>: Copy + Send + Sync + 'static {
 }
 
 /// An `async fn` (or non-capturing closure returning a future) taking the tuple `Args`.
-pub trait AsyncRemoteFn<Args>: Copy + Send + Sync + 'static {
+/// Sealed, like [`RemoteFn`].
+pub trait AsyncRemoteFn<Args>: sealed::Async<Args> + Copy + Send + Sync + 'static {
     /// What the future resolves to.
     type Output;
     /// The future the function returns.
@@ -53,6 +65,19 @@ pub trait AsyncRemoteFn<Args>: Copy + Send + Sync + 'static {
 
 macro_rules! impl_remote_fn {
     ($($arg:ident),*) => {
+        impl<Func, Ret, $($arg,)*> sealed::Blocking<($($arg,)*)> for Func
+        where
+            Func: Fn($($arg),*) -> Ret + Copy + Send + Sync + 'static,
+        {
+        }
+
+        impl<Func, Fut, $($arg,)*> sealed::Async<($($arg,)*)> for Func
+        where
+            Func: Fn($($arg),*) -> Fut + Copy + Send + Sync + 'static,
+            Fut: Future + Send + 'static,
+        {
+        }
+
         impl<Func, Ret, $($arg,)*> RemoteFn<($($arg,)*)> for Func
         where
             Func: Fn($($arg),*) -> Ret + Copy + Send + Sync + 'static,

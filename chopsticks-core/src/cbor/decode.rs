@@ -343,11 +343,11 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
         match head.argument {
             Some(len) => {
                 let bytes = self.take(len)?;
-                visitor.visit_seq(de::value::SeqDeserializer::new(bytes.iter().copied()))
+                visit_byte_sequence(bytes.iter().copied(), visitor)
             }
             None => {
                 let bytes = self.chunks(MAJOR_BYTES)?;
-                visitor.visit_seq(de::value::SeqDeserializer::new(bytes.into_iter()))
+                visit_byte_sequence(bytes.into_iter(), visitor)
             }
         }
     }
@@ -407,6 +407,18 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
         bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
         map struct identifier
     }
+}
+
+/// Hands a byte string to a visitor that expects a sequence; bytes it leaves unread are an error.
+fn visit_byte_sequence<'de, I, V>(bytes: I, visitor: V) -> Result<V::Value, CodecError>
+where
+    I: Iterator<Item = u8>,
+    V: Visitor<'de>,
+{
+    let mut sequence = de::value::SeqDeserializer::<_, CodecError>::new(bytes);
+    let value = visitor.visit_seq(&mut sequence)?;
+    sequence.end()?;
+    Ok(value)
 }
 
 /// The type names serde gives the visitor of `impl Deserialize for Vec<T>` with `T = u8`.

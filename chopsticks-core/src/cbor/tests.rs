@@ -287,6 +287,12 @@ fn hostile_lengths_and_nesting_are_refused() {
     // An indefinite byte string whose chunk claims far more than the input holds.
     assert!(from_slice::<Vec<u8>>(&hex("5f5b52cf3bb3f0e56a50ff")).is_err());
     assert!(from_slice::<String>(&hex("7f7b52cf3bb3f0e56a50ff")).is_err());
+    // A byte string read as a tuple must not have bytes left over.
+    assert!(from_slice::<(u8, u8)>(&hex("43010203")).is_err());
+    assert_eq!(
+        from_slice::<(u8, u8)>(&hex("420102")).expect("pair"),
+        (1, 2)
+    );
     // Invalid UTF-8 and reserved initial bytes.
     assert!(from_slice::<String>(&hex("62c328")).is_err());
     assert!(from_slice::<u8>(&hex("1c")).is_err());

@@ -24,8 +24,8 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --all-features -- -D warnings
+cargo run --quiet --example quickstart
+cargo run --quiet --example custom_transport
 # The decoder fuzz targets (proptest) run this many cases each.
 export CHOPSTICKS_FUZZ_CASES="${CHOPSTICKS_FUZZ_CASES:-20000}"
 cargo test --workspace --all-features
-cargo run --quiet --example quickstart
-cargo run --quiet --example custom_transport

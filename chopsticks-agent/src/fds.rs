@@ -7,7 +7,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::AsyncRead;
 
 /// The controller's pipes, on descriptors nobody else knows about.
 pub(crate) struct ProtocolFds {
@@ -100,13 +100,15 @@ pub(crate) fn reader(fd: OwnedFd) -> io::Result<Box<dyn AsyncRead + Send + Unpin
 }
 
 /// Wraps the output descriptor for the runtime: a pipe or a socket.
-pub(crate) fn writer(fd: OwnedFd) -> io::Result<Box<dyn AsyncWrite + Send + Unpin>> {
+pub(crate) fn writer(fd: OwnedFd) -> io::Result<crate::output::Sink> {
     match file_type(&fd)? {
         libc::S_IFIFO => {
             enlarge_pipe(&fd);
-            Ok(Box::new(tokio::net::unix::pipe::Sender::from_owned_fd(fd)?))
+            Ok(crate::output::Sink::Pipe(
+                tokio::net::unix::pipe::Sender::from_owned_fd(fd)?,
+            ))
         }
-        libc::S_IFSOCK => Ok(Box::new(socket(fd)?)),
+        libc::S_IFSOCK => Ok(crate::output::Sink::Socket(socket(fd)?)),
         _ => Err(io::Error::other(
             "the agent's stdout must be a pipe or a socket",
         )),

@@ -21,6 +21,7 @@
 //! ```
 
 mod fds;
+mod output;
 mod pool;
 mod serve;
 

@@ -86,6 +86,11 @@ impl CallPool {
         true
     }
 
+    /// Whether no job is waiting for a worker.
+    pub(crate) fn queue_is_empty(&self) -> bool {
+        self.shared.lock().queue.is_empty()
+    }
+
     fn work(&self) {
         let mut state = self.shared.lock();
         loop {

@@ -27,6 +27,7 @@ use tokio_util::codec::FramedRead;
 
 use crate::AgentError;
 use crate::fds;
+use crate::output::{Output, OutputWriter};
 use crate::pool::CallPool;
 
 /// A call in progress, by id, so that a `Cancel` can reach it.
@@ -46,6 +47,8 @@ fn lock(running: &Running) -> std::sync::MutexGuard<'_, HashMap<u64, RunningCall
 /// What every call needs: where to send its reply and how to register for cancellation.
 struct Dispatch {
     outbox: Outbox,
+    /// The protocol output, for replies written straight from pool threads.
+    output: Arc<Output>,
     running: Running,
     pool: CallPool,
     /// The runtime that reads and writes the protocol.
@@ -150,10 +153,11 @@ async fn serve(
     calls: tokio::runtime::Handle,
 ) -> Result<i32, AgentError> {
     let input = fds::reader(descriptors.input).map_err(AgentError::Descriptors)?;
-    let mut output = fds::writer(descriptors.output).map_err(AgentError::Descriptors)?;
+    let output = Output::new(fds::writer(descriptors.output).map_err(AgentError::Descriptors)?);
     let (outbox, outbox_receiver) = Outbox::new();
+    let mut writer = OutputWriter(output.clone());
     tokio::spawn(async move {
-        let _ = write_frames(outbox_receiver, &mut output).await;
+        let _ = write_frames(outbox_receiver, &mut writer).await;
     });
     let (os, arch) = uname();
     let hello = Message::Hello(Hello {
@@ -177,6 +181,7 @@ async fn serve(
     });
     let dispatch = Dispatch {
         outbox: outbox.clone(),
+        output,
         running: Running::default(),
         pool: CallPool::default(),
         io: tokio::runtime::Handle::current(),
@@ -251,11 +256,13 @@ impl Dispatch {
             Ok(Resolved::Blocking(trampoline)) => {
                 let cancelled = Arc::new(AtomicBool::new(false));
                 lock(&self.running).insert(id, RunningCall::Blocking(cancelled.clone()));
-                let (outbox, running, io, calls) = (
+                let (outbox, output, running, io, calls, pool) = (
                     self.outbox.clone(),
+                    self.output.clone(),
                     self.running.clone(),
                     self.io.clone(),
                     self.calls.clone(),
+                    self.pool.clone(),
                 );
                 self.pool.submit(move || {
                     // Blocking functions may use tokio (`Handle::current()`, `block_on`).
@@ -275,7 +282,13 @@ impl Dispatch {
                             io.spawn(async move { send_outcome(&outbox, id, Ok(value)).await });
                         }
                         outcome => {
-                            let _ = outbox.send(reply(id, outcome));
+                            // The last reply of a burst goes straight to the pipe when the
+                            // writer is idle (one thread hand-off fewer); replies with more
+                            // calls queued behind them are batched by the writer.
+                            let frame = reply(id, outcome);
+                            if !(pool.queue_is_empty() && output.try_send_now(&frame, &outbox)) {
+                                let _ = outbox.send(frame);
+                            }
                         }
                     }
                 });

@@ -178,6 +178,19 @@ impl OutFrame {
         }
     }
 
+    /// A frame that writes nothing; queuing it wakes the writer, which then flushes.
+    pub fn empty() -> OutFrame {
+        OutFrame {
+            head: Bytes::new(),
+            body: Bytes::new(),
+        }
+    }
+
+    /// The frame's bytes when they are in one buffer (small frames), else `None`.
+    pub fn contiguous(&self) -> Option<&[u8]> {
+        self.body.is_empty().then_some(&self.head[..])
+    }
+
     /// The frame's bytes on the wire, concatenated (for tests and tools).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut bytes = Vec::with_capacity(self.head.len() + self.body.len());

@@ -7,8 +7,6 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use tokio::io::AsyncRead;
-
 /// The controller's pipes, on descriptors nobody else knows about.
 pub(crate) struct ProtocolFds {
     pub(crate) input: OwnedFd,
@@ -84,19 +82,6 @@ const PIPE_BUFFER: libc::c_int = 1 << 20;
 fn enlarge_pipe(fd: &OwnedFd) {
     // SAFETY: F_SETPIPE_SZ on an open pipe descriptor has no memory-safety preconditions.
     unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BUFFER) };
-}
-
-/// Wraps the input descriptor for the runtime: a pipe or a socket.
-pub(crate) fn reader(fd: OwnedFd) -> io::Result<Box<dyn AsyncRead + Send + Unpin>> {
-    match file_type(&fd)? {
-        libc::S_IFIFO => Ok(Box::new(tokio::net::unix::pipe::Receiver::from_owned_fd(
-            fd,
-        )?)),
-        libc::S_IFSOCK => Ok(Box::new(socket(fd)?)),
-        _ => Err(io::Error::other(
-            "the agent's stdin must be a pipe or a socket",
-        )),
-    }
 }
 
 /// Wraps the output descriptor for the runtime: a pipe or a socket.

@@ -23,7 +23,9 @@
 mod fds;
 mod output;
 mod pool;
+mod reader;
 mod serve;
+mod watchdog;
 
 use chopsticks_core::agent_env::{self, AGENT_DEPTH, AGENT_MARKER};
 

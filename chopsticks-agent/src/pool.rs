@@ -7,10 +7,17 @@
 //! so long calls still overlap (16 calls that sleep 400 ms finish together),
 //! while a burst of short calls is drained by one or two awake workers.
 //! Workers that sleep for [`IDLE_RETIRE`] without work exit.
+//!
+//! The pool also owns the *reader role* (leader/follower): one worker reads
+//! the protocol input. It may run the last call of what it read itself and
+//! then go on reading; if that call outlasts the watchdog's grace period, the
+//! role is made vacant and the next searching worker takes it.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
+
+use crate::watchdog::{IDLE_TICKS, Watchdog};
 
 /// How long an idle worker waits for work before it exits.
 const IDLE_RETIRE: Duration = Duration::from_secs(10);
@@ -18,6 +25,19 @@ const IDLE_RETIRE: Duration = Duration::from_secs(10);
 const MAX_WORKERS: usize = 512;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
+type Lead = Arc<dyn Fn() + Send + Sync + 'static>;
+
+/// Who reads the protocol input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum ReaderRole {
+    /// A worker reads, or nobody does yet (before `start_reading`, or after the input ended).
+    #[default]
+    Held,
+    /// The reading worker runs a call itself; the role may be handed on.
+    LeaderBusy,
+    /// The next searching worker must take the role.
+    Vacant,
+}
 
 #[derive(Default)]
 struct State {
@@ -30,6 +50,20 @@ struct State {
     permits: usize,
     /// Worker threads alive.
     workers: usize,
+    /// Who reads the protocol input.
+    reader: ReaderRole,
+    /// What a worker runs when it takes the reader role.
+    lead: Option<Lead>,
+    /// Watches the reader while it runs calls.
+    watchdog: Option<Arc<Watchdog>>,
+    /// Whether the watchdog ticks.
+    ticking: bool,
+    /// Calls the reader has started running itself.
+    reader_calls: u64,
+    /// `reader_calls` as of the previous tick.
+    reader_calls_seen: u64,
+    /// Ticks in a row without a call on the reader.
+    idle_ticks: u32,
 }
 
 #[derive(Default)]
@@ -86,6 +120,76 @@ impl CallPool {
         true
     }
 
+    /// Makes a worker run `lead` as the reader, now and whenever the role falls vacant.
+    /// The watchdog's ticks go to [`tick`](Self::tick).
+    pub(crate) fn start_reading(
+        &self,
+        lead: impl Fn() + Send + Sync + 'static,
+        watchdog: Arc<Watchdog>,
+    ) {
+        let mut state = self.shared.lock();
+        state.lead = Some(Arc::new(lead));
+        state.watchdog = Some(watchdog);
+        self.vacate(&mut state);
+    }
+
+    /// The reader is about to run a call itself.
+    pub(crate) fn leader_busy(&self) {
+        let mut state = self.shared.lock();
+        state.reader = ReaderRole::LeaderBusy;
+        state.reader_calls += 1;
+        if !state.ticking {
+            state.ticking = true;
+            state.idle_ticks = 0;
+            if let Some(watchdog) = &state.watchdog {
+                watchdog.start();
+            }
+        }
+    }
+
+    /// A watchdog tick: hands the reader role on if the reader has been
+    /// running the same call since the previous tick; stops the ticks when
+    /// calls have stopped.
+    pub(crate) fn tick(&self) {
+        let mut state = self.shared.lock();
+        let calls = state.reader_calls;
+        let same_call = calls == state.reader_calls_seen;
+        state.reader_calls_seen = calls;
+        if state.reader == ReaderRole::LeaderBusy {
+            state.idle_ticks = 0;
+            if same_call {
+                self.vacate(&mut state);
+            }
+            return;
+        }
+        state.idle_ticks = if same_call { state.idle_ticks + 1 } else { 0 };
+        if state.idle_ticks >= IDLE_TICKS && state.ticking {
+            state.ticking = false;
+            if let Some(watchdog) = &state.watchdog {
+                watchdog.stop();
+            }
+        }
+    }
+
+    /// The reader finished its call. Returns true if it still holds the role,
+    /// false if the role was handed on meanwhile.
+    pub(crate) fn leader_done(&self) -> bool {
+        let mut state = self.shared.lock();
+        if state.reader == ReaderRole::LeaderBusy {
+            state.reader = ReaderRole::Held;
+            return true;
+        }
+        false
+    }
+
+    fn vacate(&self, state: &mut State) {
+        state.reader = ReaderRole::Vacant;
+        if state.searching == 0 && !self.wake_one(state) && state.workers == 0 {
+            // Without any thread nobody could read: keep the role vacant for the next worker.
+            tracing_fallback("no thread could be started to read the protocol input");
+        }
+    }
+
     /// Whether no job is waiting for a worker.
     pub(crate) fn queue_is_empty(&self) -> bool {
         self.shared.lock().queue.is_empty()
@@ -94,6 +198,17 @@ impl CallPool {
     fn work(&self) {
         let mut state = self.shared.lock();
         loop {
+            if state.reader == ReaderRole::Vacant {
+                if let Some(lead) = state.lead.clone() {
+                    state.reader = ReaderRole::Held;
+                    state.searching -= 1;
+                    drop(state);
+                    lead();
+                    state = self.shared.lock();
+                    state.searching += 1;
+                    continue;
+                }
+            }
             if let Some(job) = state.queue.pop_front() {
                 state.searching -= 1;
                 if !state.queue.is_empty() && state.searching == 0 {
@@ -127,6 +242,10 @@ impl CallPool {
             }
         }
     }
+}
+
+fn tracing_fallback(message: &str) {
+    eprintln!("chopsticks agent: {message}");
 }
 
 impl Shared {

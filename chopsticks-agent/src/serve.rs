@@ -10,7 +10,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chopsticks_core::identity::{binary_id, uname};
@@ -19,16 +19,17 @@ use chopsticks_core::protocol::{
 };
 use chopsticks_core::remote::{CallOutcome, Resolved, resolve};
 use chopsticks_core::wire::{
-    Assemblies, Frame, FrameDecoder, INLINE_LIMIT, MAX_PAYLOAD_LEN, OutFrame, Outbox, write_frames,
+    Assemblies, Frame, INLINE_LIMIT, MAX_PAYLOAD_LEN, OutFrame, Outbox, write_frames,
 };
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use tokio::task::AbortHandle;
-use tokio_util::codec::FramedRead;
 
 use crate::AgentError;
 use crate::fds;
 use crate::output::{Output, OutputWriter};
 use crate::pool::CallPool;
+use crate::reader::Reader;
+use crate::watchdog::Watchdog;
 
 /// A call in progress, by id, so that a `Cancel` can reach it.
 enum RunningCall {
@@ -152,7 +153,7 @@ async fn serve(
     depth: u32,
     calls: tokio::runtime::Handle,
 ) -> Result<i32, AgentError> {
-    let input = fds::reader(descriptors.input).map_err(AgentError::Descriptors)?;
+    let reader = Reader::new(descriptors.input).map_err(AgentError::Descriptors)?;
     let output = Output::new(fds::writer(descriptors.output).map_err(AgentError::Descriptors)?);
     let (outbox, outbox_receiver) = Outbox::new();
     let mut writer = OutputWriter(output.clone());
@@ -170,35 +171,46 @@ async fn serve(
     });
     let _ = outbox.send(OutFrame::message(&hello));
 
-    let mut frames = FramedRead::new(input, FrameDecoder::default());
     // Pool threads give buffers back outside any runtime; release the spare from here.
-    tokio::spawn(async {
-        let mut tick = tokio::time::interval(chopsticks_core::buffer::SPARE_IDLE / 2);
-        loop {
-            tick.tick().await;
-            chopsticks_core::buffer::release_if_idle();
-        }
+    tokio::spawn(release_memory_when_idle());
+    let (inbound, mut forwarded) = tokio::sync::mpsc::unbounded_channel();
+    let agent = Arc::new(Agent {
+        dispatch: Dispatch {
+            outbox: outbox.clone(),
+            output,
+            running: Running::default(),
+            pool: CallPool::default(),
+            io: tokio::runtime::Handle::current(),
+            calls,
+        },
+        reader: Mutex::new(reader),
+        inbound,
     });
-    let dispatch = Dispatch {
-        outbox: outbox.clone(),
-        output,
-        running: Running::default(),
-        pool: CallPool::default(),
-        io: tokio::runtime::Handle::current(),
-        calls,
-    };
+    let watchdog = Arc::new(Watchdog::new().map_err(AgentError::Runtime)?);
+    let ticks = watchdog.clone();
+    let pool = agent.dispatch.pool.clone();
+    std::thread::Builder::new()
+        .name("chopsticks-watch".into())
+        .spawn(move || {
+            while ticks.wait().is_ok() {
+                pool.tick();
+            }
+        })
+        .map_err(AgentError::Runtime)?;
+    let leading = agent.clone();
+    agent
+        .dispatch
+        .pool
+        .start_reading(move || lead(&leading), watchdog);
+
+    let dispatch = &agent.dispatch;
     let mut assemblies = Assemblies::default();
     let mut awaiting_payload: HashMap<u64, (FunctionRef, CallMode)> = HashMap::new();
     loop {
-        let frame = match frames.next().await {
+        let frame = match forwarded.recv().await {
+            Some(Inbound::Frame(frame)) => frame,
+            Some(Inbound::End(code)) => return Ok(code),
             None => return Ok(0),
-            Some(Ok(frame)) => frame,
-            Some(Err(error)) => {
-                eprintln!(
-                    "chopsticks agent: the controller's input is unreadable ({error}); exiting"
-                );
-                return Ok(2);
-            }
         };
         let violation = match frame {
             Frame::Message(Message::Call {
@@ -250,48 +262,126 @@ async fn serve(
     }
 }
 
+/// Calls finished so far, to tell an idle agent from a busy one.
+static CALLS_FINISHED: AtomicU64 = AtomicU64::new(0);
+
+/// Once calls have stopped for [`SPARE_IDLE`](chopsticks_core::buffer::SPARE_IDLE),
+/// drops the spare buffer and hands freed heap memory back to the system, so
+/// an idle agent stays small whichever threads freed its payloads.
+async fn release_memory_when_idle() {
+    let idle = chopsticks_core::buffer::SPARE_IDLE;
+    let mut tick = tokio::time::interval(idle / 2);
+    let mut seen = 0;
+    let mut quiet_since = std::time::Instant::now();
+    let mut trimmed = true;
+    loop {
+        tick.tick().await;
+        let finished = CALLS_FINISHED.load(Ordering::Relaxed);
+        if finished != seen {
+            seen = finished;
+            quiet_since = std::time::Instant::now();
+            trimmed = false;
+            continue;
+        }
+        chopsticks_core::buffer::release_if_idle();
+        if !trimmed && quiet_since.elapsed() >= idle {
+            trimmed = true;
+            #[cfg(target_env = "gnu")]
+            // SAFETY: malloc_trim only returns free heap pages to the system.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+    }
+}
+
+/// What the reader hands to the serve loop on the I/O runtime.
+enum Inbound {
+    /// A frame the reader does not handle itself.
+    Frame(Frame),
+    /// The input ended (exit code 0) or broke (exit code 2).
+    End(i32),
+}
+
+/// Everything the reader, the pool and the serve loop share.
+struct Agent {
+    dispatch: Dispatch,
+    reader: Mutex<Reader>,
+    inbound: tokio::sync::mpsc::UnboundedSender<Inbound>,
+}
+
+/// The reader role: runs on a pool thread, reads frames and dispatches calls.
+///
+/// The last blocking call of what has been read runs right here, and its
+/// reply goes straight to the pipe, so a lone call costs no thread hand-off
+/// at all. The watchdog hands reading to another thread if the call runs
+/// across two of its ticks; the reader then returns to the pool.
+fn lead(agent: &Agent) {
+    let pool = &agent.dispatch.pool;
+    let mut reader = agent
+        .reader
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner());
+    loop {
+        let frame = match reader.next_frame() {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                let _ = agent.inbound.send(Inbound::End(0));
+                return;
+            }
+            Err(error) => {
+                eprintln!(
+                    "chopsticks agent: the controller's input is unreadable ({error}); exiting"
+                );
+                let _ = agent.inbound.send(Inbound::End(2));
+                return;
+            }
+        };
+        match frame {
+            Frame::Message(Message::Call {
+                id,
+                function,
+                mode: CallMode::Blocking,
+                args: Payload::Inline(args),
+            }) => {
+                let Some(job) = agent.dispatch.prepare_blocking(id, &function, args) else {
+                    continue;
+                };
+                if reader.more_buffered() {
+                    pool.submit(job);
+                    continue;
+                }
+                drop(reader);
+                pool.leader_busy();
+                job();
+                if !pool.leader_done() {
+                    return;
+                }
+                reader = agent
+                    .reader
+                    .lock()
+                    .unwrap_or_else(|poison| poison.into_inner());
+            }
+            Frame::Message(Message::Call {
+                id,
+                function,
+                mode,
+                args: Payload::Inline(args),
+            }) => agent.dispatch.start(id, &function, mode, args),
+            other => {
+                let _ = agent.inbound.send(Inbound::Frame(other));
+            }
+        }
+    }
+}
+
 impl Dispatch {
     fn start(&self, id: u64, function: &FunctionRef, mode: CallMode, args: Vec<u8>) {
         match resolve(function, mode) {
-            Ok(Resolved::Blocking(trampoline)) => {
-                let cancelled = Arc::new(AtomicBool::new(false));
-                lock(&self.running).insert(id, RunningCall::Blocking(cancelled.clone()));
-                let (outbox, output, running, io, calls, pool) = (
-                    self.outbox.clone(),
-                    self.output.clone(),
-                    self.running.clone(),
-                    self.io.clone(),
-                    self.calls.clone(),
-                    self.pool.clone(),
-                );
-                self.pool.submit(move || {
-                    // Blocking functions may use tokio (`Handle::current()`, `block_on`).
-                    let _runtime = calls.enter();
-                    let outcome = in_call(|| {
-                        std::panic::catch_unwind(AssertUnwindSafe(|| trampoline.run(&args)))
-                    })
-                    .unwrap_or_else(|_| Err(panic_failure()));
-                    // The next large payload reuses these pages instead of fresh ones.
-                    chopsticks_core::buffer::give(args);
-                    lock(&running).remove(&id);
-                    if cancelled.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    match outcome {
-                        Ok(value) if value.len() > INLINE_LIMIT => {
-                            io.spawn(async move { send_outcome(&outbox, id, Ok(value)).await });
-                        }
-                        outcome => {
-                            // The last reply of a burst goes straight to the pipe when the
-                            // writer is idle (one thread hand-off fewer); replies with more
-                            // calls queued behind them are batched by the writer.
-                            let frame = reply(id, outcome);
-                            if !(pool.queue_is_empty() && output.try_send_now(&frame, &outbox)) {
-                                let _ = outbox.send(frame);
-                            }
-                        }
-                    }
-                });
+            Ok(Resolved::Blocking(_)) => {
+                if let Some(job) = self.prepare_blocking(id, function, args) {
+                    self.pool.submit(job);
+                }
             }
             Ok(Resolved::Async(trampoline)) => {
                 let (outbox, running) = (self.outbox.clone(), self.running.clone());
@@ -301,6 +391,7 @@ impl Dispatch {
                         .await
                         .unwrap_or_else(|_| Err(panic_failure()));
                     lock(&running).remove(&id);
+                    CALLS_FINISHED.fetch_add(1, Ordering::Relaxed);
                     send_outcome(&outbox, id, outcome).await;
                 });
                 lock(&self.running).insert(id, RunningCall::Task(task.abort_handle()));
@@ -313,6 +404,64 @@ impl Dispatch {
                 let _ = self.outbox.send(reply(id, Err(failure)));
             }
         }
+    }
+}
+
+impl Dispatch {
+    /// Resolves a blocking call and registers it for cancellation; returns the
+    /// job that runs it, or `None` after replying with a failure.
+    fn prepare_blocking(
+        &self,
+        id: u64,
+        function: &FunctionRef,
+        args: Vec<u8>,
+    ) -> Option<Box<dyn FnOnce() + Send>> {
+        let trampoline = match resolve(function, CallMode::Blocking) {
+            Ok(Resolved::Blocking(trampoline)) => trampoline,
+            Ok(Resolved::Async(_)) => return None,
+            Err(failure) => {
+                let _ = self.outbox.send(reply(id, Err(failure)));
+                return None;
+            }
+        };
+        let cancelled = Arc::new(AtomicBool::new(false));
+        lock(&self.running).insert(id, RunningCall::Blocking(cancelled.clone()));
+        let (outbox, output, running, io, calls, pool) = (
+            self.outbox.clone(),
+            self.output.clone(),
+            self.running.clone(),
+            self.io.clone(),
+            self.calls.clone(),
+            self.pool.clone(),
+        );
+        Some(Box::new(move || {
+            // Blocking functions may use tokio (`Handle::current()`, `block_on`).
+            let _runtime = calls.enter();
+            let outcome =
+                in_call(|| std::panic::catch_unwind(AssertUnwindSafe(|| trampoline.run(&args))))
+                    .unwrap_or_else(|_| Err(panic_failure()));
+            // The next large payload reuses these pages instead of fresh ones.
+            chopsticks_core::buffer::give(args);
+            lock(&running).remove(&id);
+            CALLS_FINISHED.fetch_add(1, Ordering::Relaxed);
+            if cancelled.load(Ordering::Relaxed) {
+                return;
+            }
+            match outcome {
+                Ok(value) if value.len() > INLINE_LIMIT => {
+                    io.spawn(async move { send_outcome(&outbox, id, Ok(value)).await });
+                }
+                outcome => {
+                    // The last reply of a burst goes straight to the pipe when the
+                    // writer is idle (one thread hand-off fewer); replies with more
+                    // calls queued behind them are batched by the writer.
+                    let frame = reply(id, outcome);
+                    if !(pool.queue_is_empty() && output.try_send_now(&frame, &outbox)) {
+                        let _ = outbox.send(frame);
+                    }
+                }
+            }
+        }))
     }
 }
 

@@ -248,3 +248,29 @@ async fn a_blocking_function_can_use_the_agent_runtime() {
         .expect("nested");
     assert_ne!(inner, outer);
 }
+
+fn sleep_ms(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_call_does_not_stop_the_agent_from_reading() {
+    let tun = Tunnel::new(Local::new());
+    tun.connect().await.expect("connect");
+    // A lone call runs on the agent's reading thread; the watchdog must hand reading on.
+    let long_tun = tun.clone();
+    let long = tokio::spawn(async move { long_tun.call(sleep_ms, (1000,)).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..5 {
+        let started = Instant::now();
+        assert_eq!(tun.call(sleep_ms, (0,)).await.expect("ping"), 0);
+        assert!(
+            started.elapsed() < Duration::from_millis(300),
+            "a ping took {:?}",
+            started.elapsed()
+        );
+    }
+    assert!(!long.is_finished(), "the long call should still be running");
+    assert_eq!(long.await.expect("join").expect("long call"), 1000);
+}

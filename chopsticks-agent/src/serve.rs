@@ -173,7 +173,7 @@ async fn serve(
 
     // Pool threads give buffers back outside any runtime; release the spare from here.
     tokio::spawn(release_memory_when_idle());
-    let (inbound, mut forwarded) = tokio::sync::mpsc::unbounded_channel();
+    let (exit, mut forwarded) = tokio::sync::mpsc::unbounded_channel();
     let agent = Arc::new(Agent {
         dispatch: Dispatch {
             outbox: outbox.clone(),
@@ -183,8 +183,12 @@ async fn serve(
             io: tokio::runtime::Handle::current(),
             calls,
         },
-        reader: Mutex::new(reader),
-        inbound,
+        reader: Mutex::new(ReadState {
+            reader,
+            assemblies: Assemblies::default(),
+            awaiting_payload: HashMap::new(),
+        }),
+        exit,
     });
     let watchdog = Arc::new(Watchdog::new().map_err(AgentError::Runtime)?);
     let ticks = watchdog.clone();
@@ -203,63 +207,8 @@ async fn serve(
         .pool
         .start_reading(move || lead(&leading), watchdog);
 
-    let dispatch = &agent.dispatch;
-    let mut assemblies = Assemblies::default();
-    let mut awaiting_payload: HashMap<u64, (FunctionRef, CallMode)> = HashMap::new();
-    loop {
-        let frame = match forwarded.recv().await {
-            Some(Inbound::Frame(frame)) => frame,
-            Some(Inbound::End(code)) => return Ok(code),
-            None => return Ok(0),
-        };
-        let violation = match frame {
-            Frame::Message(Message::Call {
-                id,
-                function,
-                mode,
-                args,
-            }) => match args {
-                Payload::Inline(args) => {
-                    dispatch.start(id, &function, mode, args);
-                    None
-                }
-                Payload::Streamed { len } => {
-                    awaiting_payload.insert(id, (function, mode));
-                    assemblies.start(id, len).err()
-                }
-            },
-            Frame::Chunk { id, data } => match assemblies.add(id, &data) {
-                Ok(Some(args)) => {
-                    if let Some((function, mode)) = awaiting_payload.remove(&id) {
-                        dispatch.start(id, &function, mode, args);
-                    }
-                    None
-                }
-                Ok(None) => None,
-                Err(message) => Some(message),
-            },
-            Frame::Message(Message::Cancel { id }) => {
-                assemblies.cancel(id);
-                awaiting_payload.remove(&id);
-                match lock(&dispatch.running).remove(&id) {
-                    Some(RunningCall::Task(handle)) => handle.abort(),
-                    Some(RunningCall::Blocking(cancelled)) => {
-                        cancelled.store(true, Ordering::Relaxed)
-                    }
-                    None => {}
-                }
-                None
-            }
-            Frame::Message(Message::Shutdown) => return Ok(0),
-            Frame::Message(other) => Some(format!(
-                "the controller sent {other:?}, which only an agent may send"
-            )),
-        };
-        if let Some(message) = violation {
-            eprintln!("chopsticks agent: protocol violation: {message}; exiting");
-            return Ok(2);
-        }
-    }
+    // The reader role does everything else; this task only learns when to exit.
+    Ok(forwarded.recv().await.unwrap_or(0))
 }
 
 /// Calls finished so far, to tell an idle agent from a busy one.
@@ -295,19 +244,19 @@ async fn release_memory_when_idle() {
     }
 }
 
-/// What the reader hands to the serve loop on the I/O runtime.
-enum Inbound {
-    /// A frame the reader does not handle itself.
-    Frame(Frame),
-    /// The input ended (exit code 0) or broke (exit code 2).
-    End(i32),
-}
-
 /// Everything the reader, the pool and the serve loop share.
 struct Agent {
     dispatch: Dispatch,
-    reader: Mutex<Reader>,
-    inbound: tokio::sync::mpsc::UnboundedSender<Inbound>,
+    reader: Mutex<ReadState>,
+    /// The exit code, once the input has ended, broken or asked for shutdown.
+    exit: tokio::sync::mpsc::UnboundedSender<i32>,
+}
+
+/// What only the reader touches: the input and the payloads being reassembled.
+struct ReadState {
+    reader: Reader,
+    assemblies: Assemblies,
+    awaiting_payload: HashMap<u64, (FunctionRef, CallMode)>,
 }
 
 /// The reader role: runs on a pool thread, reads frames and dispatches calls.
@@ -315,29 +264,27 @@ struct Agent {
 /// The last blocking call of what has been read runs right here, and its
 /// reply goes straight to the pipe, so a lone call costs no thread hand-off
 /// at all. The watchdog hands reading to another thread if the call runs
-/// across two of its ticks; the reader then returns to the pool.
+/// across two of its ticks; the reader then returns to the pool. Streamed
+/// payloads are reassembled here too, and cancels handled, so bulk data
+/// never crosses threads chunk by chunk.
 fn lead(agent: &Agent) {
     let pool = &agent.dispatch.pool;
-    let mut reader = agent
+    let mut state = agent
         .reader
         .lock()
         .unwrap_or_else(|poison| poison.into_inner());
     loop {
-        let frame = match reader.next_frame() {
+        let frame = match state.reader.next_frame() {
             Ok(Some(frame)) => frame,
-            Ok(None) => {
-                let _ = agent.inbound.send(Inbound::End(0));
-                return;
-            }
+            Ok(None) => return finish(agent, 0),
             Err(error) => {
                 eprintln!(
                     "chopsticks agent: the controller's input is unreadable ({error}); exiting"
                 );
-                let _ = agent.inbound.send(Inbound::End(2));
-                return;
+                return finish(agent, 2);
             }
         };
-        match frame {
+        let violation = match frame {
             Frame::Message(Message::Call {
                 id,
                 function,
@@ -347,32 +294,77 @@ fn lead(agent: &Agent) {
                 let Some(job) = agent.dispatch.prepare_blocking(id, &function, args) else {
                     continue;
                 };
-                if reader.more_buffered() {
+                if state.reader.more_buffered() {
                     pool.submit(job);
                     continue;
                 }
-                drop(reader);
+                drop(state);
                 pool.leader_busy();
                 job();
                 if !pool.leader_done() {
                     return;
                 }
-                reader = agent
+                state = agent
                     .reader
                     .lock()
                     .unwrap_or_else(|poison| poison.into_inner());
+                None
             }
             Frame::Message(Message::Call {
                 id,
                 function,
                 mode,
                 args: Payload::Inline(args),
-            }) => agent.dispatch.start(id, &function, mode, args),
-            other => {
-                let _ = agent.inbound.send(Inbound::Frame(other));
+            }) => {
+                agent.dispatch.start(id, &function, mode, args);
+                None
             }
+            Frame::Message(Message::Call {
+                id,
+                function,
+                mode,
+                args: Payload::Streamed { len },
+            }) => {
+                state.awaiting_payload.insert(id, (function, mode));
+                state.assemblies.start(id, len).err()
+            }
+            Frame::Chunk { id, data } => match state.assemblies.add(id, &data) {
+                Ok(Some(args)) => {
+                    if let Some((function, mode)) = state.awaiting_payload.remove(&id) {
+                        agent.dispatch.start(id, &function, mode, args);
+                    }
+                    None
+                }
+                Ok(None) => None,
+                Err(message) => Some(message),
+            },
+            Frame::Message(Message::Cancel { id }) => {
+                state.assemblies.cancel(id);
+                state.awaiting_payload.remove(&id);
+                match lock(&agent.dispatch.running).remove(&id) {
+                    Some(RunningCall::Task(handle)) => handle.abort(),
+                    Some(RunningCall::Blocking(cancelled)) => {
+                        cancelled.store(true, Ordering::Relaxed)
+                    }
+                    None => {}
+                }
+                None
+            }
+            Frame::Message(Message::Shutdown) => return finish(agent, 0),
+            Frame::Message(other) => Some(format!(
+                "the controller sent {other:?}, which only an agent may send"
+            )),
+        };
+        if let Some(message) = violation {
+            eprintln!("chopsticks agent: protocol violation: {message}; exiting");
+            return finish(agent, 2);
         }
     }
+}
+
+/// Ends the agent with `code`. The reader role stays taken, so nothing reads any more.
+fn finish(agent: &Agent, code: i32) {
+    let _ = agent.exit.send(code);
 }
 
 impl Dispatch {

@@ -4,13 +4,14 @@
 //! - `pipelined`: calls per second with 1, 16, 64 and 256 calls in flight on one tunnel
 //! - `connect`: connect + first call with a warm cache, against spawning the echo child + one ping
 //! - `payload`: 64 MiB arguments and results, against 64 MiB echoed through a raw pipe
+//! - `group`: connect + one call on 10, 20 and 100 local tunnels at once
 //!
 //! Run pinned (`taskset -c 0 cargo bench --bench calls`) and unpinned; see BENCHMARKS.md.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use chopsticks::{Local, Tunnel};
+use chopsticks::{Group, Local, Tunnel};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
 use serde_bytes::ByteBuf;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -227,6 +228,30 @@ fn payload(c: &mut Criterion) {
     group.finish();
 }
 
+fn group(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("group");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10));
+    for hosts in [10usize, 20, 100] {
+        group.bench_with_input(
+            BenchmarkId::new("connect_and_call", hosts),
+            &hosts,
+            |b, &n| {
+                b.iter(|| {
+                    rt.block_on(async {
+                        let tunnels = (0..n).map(|i| Tunnel::new(Local::named(format!("h{i}"))));
+                        let fleet = Group::new(tunnels).expect("unique hosts");
+                        fleet.call(noop, ()).await.into_result().expect("calls");
+                    })
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
 fn main() {
     if std::env::var_os(ECHO_MARKER).is_some() {
         run_echo_child();
@@ -237,6 +262,7 @@ fn main() {
     pipelined(&mut criterion);
     connect(&mut criterion);
     payload(&mut criterion);
+    group(&mut criterion);
     criterion.final_summary();
     eprintln!("bench run took {:?}", started.elapsed());
 }

@@ -33,8 +33,8 @@
 //! - `full`: every transport.
 
 pub use chopsticks_core::{
-    AgentCommand, AgentLaunch, AgentProcess, BoxError, Call, Error, ExitReport, Phase, Pipes,
-    Result, StderrSink, Transport, Tunnel, TunnelBuilder, async_trait, shell_quote,
+    AgentCommand, AgentLaunch, AgentProcess, BoxError, Call, Error, ExitReport, Group, GroupResult,
+    Phase, Pipes, Result, StderrSink, Transport, Tunnel, TunnelBuilder, async_trait, shell_quote,
 };
 pub use chopsticks_core::{agent_env, buffer, identity, protocol, remote, stderr, wire};
 

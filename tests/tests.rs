@@ -10,6 +10,7 @@
 //! - `sudo`: the `Sudo` transport with a throwaway user
 //! - `custom_transport`: a transport written outside core (`examples/custom_transport.rs`)
 //! - `memory`: resident memory of idle agents
+//! - `group`: fan-out over several agents, per-host failures, set operations
 
 mod support;
 
@@ -17,6 +18,7 @@ mod bootstrap;
 mod calls;
 mod custom_transport;
 mod failures;
+mod group;
 mod hygiene;
 mod lifecycle;
 mod memory;

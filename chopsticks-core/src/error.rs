@@ -123,6 +123,20 @@ pub enum Error {
         /// The bound that was exceeded.
         after: Duration,
     },
+    /// A group could not be formed or used as asked.
+    #[error("group error at {host}: {message}")]
+    Group {
+        /// The host the problem is about.
+        host: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Several hosts of a group failed; each error names its host.
+    #[error("{}", hosts_sentence(failures))]
+    Hosts {
+        /// One error per failed host, in host order.
+        failures: Vec<Error>,
+    },
     /// An I/O error on this side.
     #[error("I/O error on {host} during {phase}: {source}")]
     Io {
@@ -134,6 +148,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+fn hosts_sentence(failures: &[Error]) -> String {
+    let mut text = format!("{} host(s) of the group failed:", failures.len());
+    for failure in failures {
+        text.push_str("\n  ");
+        text.push_str(&failure.to_string());
+    }
+    text
 }
 
 fn disconnected_sentence(host: &str, reason: &str, stderr_tail: &[String]) -> String {
@@ -160,7 +183,9 @@ impl Error {
             | Error::Remote { host, .. }
             | Error::Value { host, .. }
             | Error::Timeout { host, .. }
+            | Error::Group { host, .. }
             | Error::Io { host, .. } => host,
+            Error::Hosts { failures } => failures.first().map(Error::host).unwrap_or(""),
         }
     }
 

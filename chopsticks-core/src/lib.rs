@@ -51,6 +51,7 @@ pub mod buffer;
 pub mod cbor;
 mod connection;
 mod error;
+mod group;
 pub mod identity;
 pub mod protocol;
 pub mod remote;
@@ -60,6 +61,7 @@ mod tunnel;
 pub mod wire;
 
 pub use error::{BoxError, Error, Phase, Result};
+pub use group::{Group, GroupResult};
 pub use stderr::StderrSink;
 pub use transport::{
     AgentCommand, AgentLaunch, AgentProcess, ExitReport, Pipes, Transport, shell_quote,

@@ -253,7 +253,7 @@ impl<R> std::fmt::Debug for Call<'_, R> {
 }
 
 impl<'t, R> Call<'t, R> {
-    fn new(
+    pub(crate) fn new(
         tunnel: &'t Tunnel,
         function: FunctionRef,
         mode: CallMode,

@@ -1,0 +1,308 @@
+//! [`Group`]: one call on many tunnels at once, and [`GroupResult`], what each host returned.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+use crate::protocol::{CallMode, FunctionRef, encode_value};
+use crate::remote::{AsyncRemoteFn, RemoteFn, async_function_ref, function_ref};
+use crate::tunnel::{Call, Tunnel};
+
+/// Tunnels keyed by host name. Calls run on every host concurrently, at most
+/// [`max_parallel`](Self::max_parallel) at a time; one slow or dead host
+/// never delays the others' results beyond its own timeout.
+///
+/// Groups combine by host with `|` (union), `&` (intersection), `-`
+/// (difference) and `^` (symmetric difference). A host's tunnel comes from the
+/// left operand when both have it.
+#[derive(Clone, Debug, Default)]
+pub struct Group {
+    tunnels: BTreeMap<String, Tunnel>,
+    max_parallel: Option<usize>,
+    timeout: Option<Duration>,
+}
+
+/// What every host of a [`Group`] returned, keyed by host.
+#[derive(Debug)]
+pub struct GroupResult<R> {
+    results: BTreeMap<String, Result<R>>,
+}
+
+impl Group {
+    /// A group of `tunnels`. Host names are the keys, so two tunnels with the
+    /// same host are refused with [`Error::Group`].
+    pub fn new(tunnels: impl IntoIterator<Item = Tunnel>) -> Result<Group> {
+        let mut group = Group::default();
+        for tunnel in tunnels {
+            let host = tunnel.host().to_string();
+            if group.tunnels.insert(host.clone(), tunnel).is_some() {
+                return Err(Error::Group {
+                    host,
+                    message: "two tunnels of the group have this host name; host names are the group's keys".into(),
+                });
+            }
+        }
+        Ok(group)
+    }
+
+    /// Runs at most `limit` hosts at a time (default: all at once).
+    pub fn max_parallel(mut self, limit: usize) -> Group {
+        self.max_parallel = Some(limit.max(1));
+        self
+    }
+
+    /// Bounds every call on every host, overriding the tunnels' own default.
+    pub fn timeout(mut self, timeout: Duration) -> Group {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// How many hosts the group has.
+    pub fn len(&self) -> usize {
+        self.tunnels.len()
+    }
+
+    /// Whether the group has no hosts.
+    pub fn is_empty(&self) -> bool {
+        self.tunnels.is_empty()
+    }
+
+    /// The host names, in order.
+    pub fn hosts(&self) -> impl Iterator<Item = &str> {
+        self.tunnels.keys().map(String::as_str)
+    }
+
+    /// The tunnel for `host`.
+    pub fn get(&self, host: &str) -> Option<&Tunnel> {
+        self.tunnels.get(host)
+    }
+
+    /// The tunnels, in host order.
+    pub fn tunnels(&self) -> impl Iterator<Item = &Tunnel> {
+        self.tunnels.values()
+    }
+
+    /// Starts every agent now.
+    pub async fn connect(&self) -> GroupResult<()> {
+        self.each(|tunnel| Box::pin(async move { tunnel.connect().await }))
+            .await
+    }
+
+    /// Stops every agent.
+    pub async fn close(&self) -> GroupResult<()> {
+        self.each(|tunnel| Box::pin(async move { tunnel.close().await }))
+            .await
+    }
+
+    /// Calls the blocking function `function` with `args` on every host.
+    /// The arguments are encoded once.
+    pub async fn call<F, Args>(&self, function: F, args: Args) -> GroupResult<F::Output>
+    where
+        F: RemoteFn<Args>,
+        Args: Serialize + DeserializeOwned,
+        F::Output: Serialize + DeserializeOwned + Send,
+    {
+        self.call_all(
+            function_ref(function),
+            CallMode::Blocking,
+            encode_value(&args),
+        )
+        .await
+    }
+
+    /// Calls the `async` function `function` with `args` on every host.
+    pub async fn call_async<F, Args>(&self, function: F, args: Args) -> GroupResult<F::Output>
+    where
+        F: AsyncRemoteFn<Args>,
+        Args: Serialize + DeserializeOwned + Send + 'static,
+        F::Output: Serialize + DeserializeOwned + Send + 'static,
+    {
+        self.call_all(
+            async_function_ref(function),
+            CallMode::Async,
+            encode_value(&args),
+        )
+        .await
+    }
+
+    /// The sub-group of hosts on which `function(args)` returned true.
+    /// Hosts where the call failed are left out.
+    pub async fn filter<F, Args>(&self, function: F, args: Args) -> Group
+    where
+        F: RemoteFn<Args, Output = bool>,
+        Args: Serialize + DeserializeOwned,
+    {
+        let verdicts = self.call(function, args).await;
+        self.keep(|host| matches!(verdicts.get(host), Some(Ok(true))))
+    }
+
+    async fn call_all<R>(
+        &self,
+        function: FunctionRef,
+        mode: CallMode,
+        args: std::result::Result<Vec<u8>, String>,
+    ) -> GroupResult<R>
+    where
+        R: DeserializeOwned + Send,
+    {
+        let timeout = self.timeout;
+        self.each(|tunnel| {
+            let call = Call::new(tunnel, function.clone(), mode, args.clone());
+            let call = match timeout {
+                Some(timeout) => call.timeout(timeout),
+                None => call,
+            };
+            Box::pin(call)
+        })
+        .await
+    }
+
+    async fn each<'g, R>(
+        &'g self,
+        start: impl Fn(
+            &'g Tunnel,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<R>> + Send + 'g>>,
+    ) -> GroupResult<R> {
+        let limit = self.max_parallel.unwrap_or(self.tunnels.len()).max(1);
+        let results = futures_util::stream::iter(self.tunnels.iter())
+            .map(|(host, tunnel)| {
+                let running = start(tunnel);
+                async move { (host.clone(), running.await) }
+            })
+            .buffer_unordered(limit)
+            .collect::<BTreeMap<_, _>>()
+            .await;
+        GroupResult { results }
+    }
+
+    fn keep(&self, wanted: impl Fn(&str) -> bool) -> Group {
+        Group {
+            tunnels: self
+                .tunnels
+                .iter()
+                .filter(|(host, _)| wanted(host))
+                .map(|(host, tunnel)| (host.clone(), tunnel.clone()))
+                .collect(),
+            max_parallel: self.max_parallel,
+            timeout: self.timeout,
+        }
+    }
+
+    /// Hosts in either group.
+    pub fn union(&self, other: &Group) -> Group {
+        let mut union = self.clone();
+        for (host, tunnel) in &other.tunnels {
+            union
+                .tunnels
+                .entry(host.clone())
+                .or_insert_with(|| tunnel.clone());
+        }
+        union
+    }
+
+    /// Hosts in both groups.
+    pub fn intersection(&self, other: &Group) -> Group {
+        self.keep(|host| other.tunnels.contains_key(host))
+    }
+
+    /// Hosts in this group but not in `other`.
+    pub fn difference(&self, other: &Group) -> Group {
+        self.keep(|host| !other.tunnels.contains_key(host))
+    }
+
+    /// Hosts in exactly one of the groups.
+    pub fn symmetric_difference(&self, other: &Group) -> Group {
+        self.difference(other).union(&other.difference(self))
+    }
+}
+
+impl From<Tunnel> for Group {
+    fn from(tunnel: Tunnel) -> Group {
+        let mut group = Group::default();
+        group.tunnels.insert(tunnel.host().to_string(), tunnel);
+        group
+    }
+}
+
+macro_rules! set_operator {
+    ($trait:ident, $method:ident, $set:ident) => {
+        impl std::ops::$trait<&Group> for &Group {
+            type Output = Group;
+            fn $method(self, other: &Group) -> Group {
+                self.$set(other)
+            }
+        }
+
+        impl std::ops::$trait<Group> for Group {
+            type Output = Group;
+            fn $method(self, other: Group) -> Group {
+                self.$set(&other)
+            }
+        }
+    };
+}
+
+set_operator!(BitOr, bitor, union);
+set_operator!(BitAnd, bitand, intersection);
+set_operator!(Sub, sub, difference);
+set_operator!(BitXor, bitxor, symmetric_difference);
+
+impl<R> GroupResult<R> {
+    /// How many hosts answered, successfully or not.
+    pub fn len(&self) -> usize {
+        self.results.len()
+    }
+
+    /// Whether the group was empty.
+    pub fn is_empty(&self) -> bool {
+        self.results.is_empty()
+    }
+
+    /// What `host` returned.
+    pub fn get(&self, host: &str) -> Option<&Result<R>> {
+        self.results.get(host)
+    }
+
+    /// `(host, value)` for every host whose call succeeded, in host order.
+    pub fn successful(&self) -> impl Iterator<Item = (&str, &R)> {
+        self.results
+            .iter()
+            .filter_map(|(host, result)| result.as_ref().ok().map(|value| (host.as_str(), value)))
+    }
+
+    /// `(host, error)` for every host whose call failed, in host order.
+    pub fn failures(&self) -> impl Iterator<Item = (&str, &Error)> {
+        self.results
+            .iter()
+            .filter_map(|(host, result)| result.as_ref().err().map(|error| (host.as_str(), error)))
+    }
+
+    /// Every host's result.
+    pub fn into_inner(self) -> BTreeMap<String, Result<R>> {
+        self.results
+    }
+
+    /// Every host's value, or one [`Error::Hosts`] listing every failed host.
+    pub fn into_result(self) -> Result<BTreeMap<String, R>> {
+        let mut values = BTreeMap::new();
+        let mut failures = Vec::new();
+        for (host, result) in self.results {
+            match result {
+                Ok(value) => {
+                    values.insert(host, value);
+                }
+                Err(error) => failures.push(error),
+            }
+        }
+        if failures.is_empty() {
+            Ok(values)
+        } else {
+            Err(Error::Hosts { failures })
+        }
+    }
+}

@@ -185,8 +185,8 @@ impl CallPool {
     fn vacate(&self, state: &mut State) {
         state.reader = ReaderRole::Vacant;
         if state.searching == 0 && !self.wake_one(state) && state.workers == 0 {
-            // Without any thread nobody could read: keep the role vacant for the next worker.
-            tracing_fallback("no thread could be started to read the protocol input");
+            // No thread could be started: the role stays vacant for the next worker.
+            eprintln!("chopsticks agent: no thread could be started to read the protocol input");
         }
     }
 
@@ -242,10 +242,6 @@ impl CallPool {
             }
         }
     }
-}
-
-fn tracing_fallback(message: &str) {
-    eprintln!("chopsticks agent: {message}");
 }
 
 impl Shared {

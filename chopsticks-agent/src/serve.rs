@@ -1,11 +1,14 @@
-//! The serve loop: say hello, then run calls until the controller goes away.
+//! Serving: say hello, then read and run calls until the controller goes away.
 //!
-//! Blocking functions run on the runtime's blocking pool and `async`
-//! functions as tasks, so calls overlap. Each call is one task whose abort
-//! handle is kept by id, so a `Cancel` aborts an async function and discards
-//! the result of a blocking one. A panic becomes a `Fail` reply and the agent
-//! keeps serving. The agent exits when its input ends, on `Shutdown`, or on a
-//! protocol violation, without waiting for blocking calls still running.
+//! One `CallPool` thread at a time holds the reader role ([`lead`]): it reads
+//! frames, reassembles streamed payloads, handles cancels, and dispatches
+//! calls. Blocking functions run on the pool (the last one read runs on the
+//! reader itself), `async` functions as tasks on their own runtime, so calls
+//! overlap. Running calls are kept by id, so a `Cancel` aborts an async
+//! function and discards the result of a blocking one. A panic becomes a
+//! `Fail` reply and the agent keeps serving. The agent exits when its input
+//! ends, on `Shutdown`, or on a protocol violation, without waiting for
+//! blocking calls still running.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -173,7 +176,7 @@ async fn serve(
 
     // Pool threads give buffers back outside any runtime; release the spare from here.
     tokio::spawn(release_memory_when_idle());
-    let (exit, mut forwarded) = tokio::sync::mpsc::unbounded_channel();
+    let (exit, mut exit_code) = tokio::sync::mpsc::unbounded_channel();
     let agent = Arc::new(Agent {
         dispatch: Dispatch {
             outbox: outbox.clone(),
@@ -208,7 +211,7 @@ async fn serve(
         .start_reading(move || lead(&leading), watchdog);
 
     // The reader role does everything else; this task only learns when to exit.
-    Ok(forwarded.recv().await.unwrap_or(0))
+    Ok(exit_code.recv().await.unwrap_or(0))
 }
 
 /// Calls finished so far, to tell an idle agent from a busy one.

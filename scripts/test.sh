@@ -4,8 +4,11 @@
 #   scripts/test.sh
 #
 # Needs: cargo (stable), root or sudo for apt-get when a prerequisite is missing.
-# The sudo tests create a throwaway user, so they need root; under CI=true a
-# missing prerequisite fails the run instead of skipping.
+# The sudo tests create a throwaway user and the full-disk tests mount a
+# tmpfs, so they need root; the ssh tests start a real sshd (openssh-server);
+# the libssh2 backend builds against OpenSSL; the docker tests need a running
+# Docker Engine (installed and started here if missing). Under CI=true a missing
+# prerequisite fails the run instead of skipping.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,12 +17,35 @@ command -v sudo >/dev/null 2>&1 || missing+=(sudo)
 command -v setsid >/dev/null 2>&1 || missing+=(util-linux)
 command -v useradd >/dev/null 2>&1 || missing+=(passwd)
 command -v sha256sum >/dev/null 2>&1 || missing+=(coreutils)
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || missing+=(openssh-client)
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+[ -e /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
+command -v cc >/dev/null 2>&1 || missing+=(gcc)
 if ((${#missing[@]})); then
   echo "installing test prerequisites: ${missing[*]}"
   as_root=()
   [ "$(id -u)" = 0 ] || as_root=(sudo)
   "${as_root[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# The docker tests need a running Engine; start one if this machine has none.
+if ! docker info >/dev/null 2>&1; then
+  as_root=()
+  [ "$(id -u)" = 0 ] || as_root=(sudo)
+  if ! command -v dockerd >/dev/null 2>&1; then
+    echo "installing docker.io for the docker tests"
+    "${as_root[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -qq docker.io >/dev/null
+  fi
+  echo "starting dockerd (log: /tmp/chopsticks-dockerd.log)"
+  "${as_root[@]}" sh -c 'nohup dockerd >/tmp/chopsticks-dockerd.log 2>&1 &'
+  for _ in $(seq 60); do
+    docker info >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  docker info >/dev/null 2>&1 || { echo "dockerd did not start; see /tmp/chopsticks-dockerd.log"; exit 1; }
 fi
 
 cargo fmt --all -- --check

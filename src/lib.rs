@@ -27,23 +27,61 @@
 //! # }).unwrap();
 //! ```
 //!
+//! Files move with [`Tunnel::put`] and [`Tunnel::fetch`]: streamed in
+//! chunks beside the calls, checked with BLAKE3, and renamed into place only
+//! when complete, so a target is never left half written.
+//!
+//! ```
+//! use chopsticks::{Local, Tunnel};
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let dir = std::env::temp_dir().join(format!("chopsticks-facade-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir)?;
+//! std::fs::write(dir.join("app.conf"), "listen = 8080\n")?;
+//! let tun = Tunnel::new(Local::new());
+//! let sent = tun.put(dir.join("app.conf"), dir.join("remote/app.conf"))
+//!     .mode(0o640)
+//!     .create_dirs(true)
+//!     .await?;
+//! assert_eq!(sent.size, 14);
+//! let back = tun.fetch(dir.join("remote/app.conf"), dir.join("copy.conf")).await?;
+//! assert_eq!(back.checksum, sent.checksum);
+//! # std::fs::remove_dir_all(&dir)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+//!
 //! # Features
 //!
 //! - `local` (default): [`Local`] and [`Sudo`].
-//! - `full`: every transport.
+//! - `ssh`: `Ssh`, through the system's OpenSSH client, and `Group::ssh` (`SshGroup`).
+//! - `libssh2`: `NativeSsh`, libssh2 in-process (needs a C compiler and OpenSSL headers).
+//! - `docker`: `Docker`, containers through the Engine API, even `FROM scratch` images.
+//! - `progress`: terminal progress bars, `progress::Bars`.
+//! - `full`: every transport and `progress`.
 
 pub use chopsticks_core::{
-    AgentCommand, AgentLaunch, AgentProcess, BoxError, Call, Error, ExitReport, Group, GroupResult,
-    Phase, Pipes, Result, StderrSink, Transport, Tunnel, TunnelBuilder, async_trait, shell_quote,
+    AgentCommand, AgentLaunch, AgentProcess, BoxError, Call, Direction, Error, ExitReport, Fetch,
+    Group, GroupFetch, GroupPut, GroupResult, Phase, Pipes, Put, Result, StderrSink, Transfer,
+    Transport, Tunnel, TunnelBuilder, async_trait, shell_quote,
 };
-pub use chopsticks_core::{agent_env, buffer, identity, protocol, remote, stderr, wire};
+pub use chopsticks_core::{
+    agent_env, buffer, files, identity, progress, protocol, remote, stderr, wire,
+};
 
+#[cfg(feature = "docker")]
+pub use chopsticks_docker::{Docker, DockerError};
 #[cfg(feature = "local")]
 pub use chopsticks_local::{Local, LocalError, Sudo};
+#[cfg(feature = "libssh2")]
+pub use chopsticks_ssh::NativeSsh;
+#[cfg(feature = "ssh")]
+pub use chopsticks_ssh::{Ssh, SshError, SshGroup};
 
 // Naming the agent crate keeps its constructor in every program that uses chopsticks.
 use chopsticks_agent as _;
 
-#[cfg(doctest)]
+// The README shows every transport, so it is tested with all of them (`--all-features`).
+#[cfg(all(doctest, feature = "full"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

@@ -149,7 +149,7 @@ async fn a_target_of_another_architecture_gets_a_clear_error() {
     let uname = bin.join("uname");
     std::fs::write(
         &uname,
-        "#!/bin/sh\ncase $1 in -s) echo Linux;; -m) echo riscv64;; esac\n",
+        "#!/bin/sh\ncase $1 in -s) echo Linux;; -m) echo riscv64;; -sm) echo Linux riscv64;; esac\n",
     )
     .expect("write");
     std::fs::set_permissions(&uname, std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -173,4 +173,58 @@ async fn a_target_of_another_architecture_gets_a_clear_error() {
         "{text}"
     );
     assert!(text.contains("build the program"), "{text}");
+}
+
+/// A bootstrapped tunnel named `name` whose PATH holds only `tools` (links to
+/// the real ones), with its cache under `root`.
+fn with_only_tools(root: &Path, name: &str, tools: &[&str]) -> Tunnel {
+    let bin = root.join("restricted-bin");
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    for tool in tools {
+        let real = ["/usr/bin", "/bin"]
+            .iter()
+            .map(|dir| Path::new(dir).join(tool))
+            .find(|path| path.exists())
+            .unwrap_or_else(|| panic!("{tool} is not installed"));
+        std::os::unix::fs::symlink(real, bin.join(tool)).expect("symlink");
+    }
+    Tunnel::builder(
+        Local::named(name)
+            .shell_bootstrap(true)
+            .env("PATH", bin.display().to_string())
+            .env("XDG_CACHE_HOME", root.join("cache").display().to_string()),
+    )
+    .stderr(chopsticks::stderr::discard())
+    .build()
+}
+
+const BOOTSTRAP_TOOLS: [&str; 10] = [
+    "sh", "uname", "ls", "head", "mktemp", "id", "mkdir", "rm", "chmod", "mv",
+];
+
+#[tokio::test]
+async fn without_openssl_the_bootstrap_verifies_with_sha256sum() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut tools = BOOTSTRAP_TOOLS.to_vec();
+    tools.push("sha256sum");
+    let tun = with_only_tools(root.path(), "no-openssl", &tools);
+    let first = tun
+        .call(pid, ())
+        .await
+        .expect("upload, verified by sha256sum");
+    tun.close().await.expect("close");
+    let second = tun
+        .call(pid, ())
+        .await
+        .expect("cached, verified by sha256sum");
+    assert_ne!(first, second);
+}
+
+#[tokio::test]
+async fn without_any_sha256_tool_the_bootstrap_refuses() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let tun = with_only_tools(root.path(), "no-digest", &BOOTSTRAP_TOOLS);
+    let error = tun.connect().await.expect_err("nothing to verify with");
+    assert!(matches!(error, Error::Bootstrap { .. }), "{error:?}");
+    assert!(error.to_string().contains("sha256sum"), "{error}");
 }

@@ -161,3 +161,86 @@ async fn set_operations_work_by_host() {
     let single: Group = Tunnel::new(Local::named("solo")).into();
     assert_eq!(hosts(&(a | single)), ["h1", "h2", "h3", "solo"]);
 }
+
+#[tokio::test]
+async fn put_and_fetch_on_every_host_with_a_host_template() {
+    let dir = crate::files::Scratch::new("group");
+    let data = crate::files::patterned(&dir.path("source"), 700_000);
+    let web = local_group(&["web1", "web2", "web3"]);
+    let sent = web
+        .put(dir.path("source"), dir.path("remote/app.bin"))
+        .create_dirs(true)
+        .mode(0o600)
+        .await
+        .into_result()
+        .expect("put everywhere");
+    assert_eq!(sent.len(), 3);
+    let checksum = blake3::hash(&data).to_hex().to_string();
+    assert!(sent.values().all(|transfer| transfer.checksum == checksum));
+
+    let template = format!("{}/{{host}}.bin", dir.path("fetched").display());
+    let fetched = web
+        .fetch(dir.path("remote/app.bin"), &template)
+        .expect("distinct paths")
+        .create_dirs(true)
+        .await
+        .into_result()
+        .expect("fetch everywhere");
+    for host in ["web1", "web2", "web3"] {
+        let local = dir.path(&format!("fetched/{host}.bin"));
+        assert_eq!(fetched[host].local_path, local);
+        assert_eq!(std::fs::read(&local).expect("read"), data);
+    }
+}
+
+#[tokio::test]
+async fn a_fetch_template_that_collides_is_refused_before_any_transfer() {
+    let dir = crate::files::Scratch::new("group-collide");
+    crate::files::patterned(&dir.path("source"), 10);
+    let web = local_group(&["web1", "web2"]);
+    let error = web
+        .fetch(
+            dir.path("source"),
+            dir.path("same.log").display().to_string(),
+        )
+        .err()
+        .expect("colliding paths");
+    assert!(matches!(error, Error::Group { .. }), "{error:?}");
+    assert!(error.to_string().contains("{host}"), "{error}");
+    assert!(web.tunnels().all(|tunnel| !tunnel.is_connected()));
+    assert_eq!(dir.entries(), ["source"]);
+}
+
+#[tokio::test]
+async fn group_transfers_report_failures_per_host() {
+    let dir = crate::files::Scratch::new("group-fail");
+    crate::files::patterned(&dir.path("source"), 10);
+    let group = local_group(&["good"])
+        | Group::from(Tunnel::new(FakeAgent {
+            script: "exit 3".into(),
+        }));
+    let result = group.put(dir.path("source"), dir.path("copy")).await;
+    assert_eq!(result.successful().count(), 1);
+    let failures: Vec<_> = result.failures().map(|(host, _)| host).collect();
+    assert_eq!(failures, ["fake"]);
+}
+
+#[cfg(feature = "progress")]
+#[tokio::test]
+async fn progress_bars_count_every_host() {
+    let dir = crate::files::Scratch::new("group-bars");
+    crate::files::patterned(&dir.path("source"), 3 * 1024 * 1024);
+    let bars = std::sync::Arc::new(chopsticks::progress::Bars::hidden());
+    let shared = bars.clone();
+    let web = local_group(&["web1", "web2"]).progress(
+        move |event: &chopsticks::progress::ProgressEvent<'_>| {
+            chopsticks::progress::Progress::report(&*shared, event)
+        },
+    );
+    let result = web.put(dir.path("source"), dir.path("copy")).await;
+    assert_eq!(result.successful().count(), 2);
+    assert_eq!(bars.finished(), (2, 0));
+    let calls = web.call(pid, ()).await;
+    assert_eq!(calls.successful().count(), 2);
+    assert_eq!(bars.finished(), (4, 0));
+}

@@ -2,9 +2,9 @@
 
 use chopsticks::{Error, Sudo, Tunnel};
 
-use crate::support::{in_ci, is_root};
+use crate::support::is_root;
 
-const USER: &str = "chopsticks-test";
+pub(crate) const USER: &str = "chopsticks-test";
 
 /// Creates the test user when possible; says why not otherwise.
 fn prepare_user() -> Result<u32, String> {
@@ -42,15 +42,8 @@ fn prepare_user() -> Result<u32, String> {
         .map_err(|e| format!("id -u {USER}: {e}"))
 }
 
-fn required() -> Option<u32> {
-    match prepare_user() {
-        Ok(uid) => Some(uid),
-        Err(reason) if in_ci() => panic!("prerequisite missing under CI=true: {reason}"),
-        Err(reason) => {
-            eprintln!("skipping the sudo test: {reason}");
-            None
-        }
-    }
+pub(crate) fn required() -> Option<u32> {
+    chopsticks_testkit::require(prepare_user(), "the sudo test")
 }
 
 fn whoami() -> (u32, String) {

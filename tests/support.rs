@@ -66,13 +66,161 @@ impl Transport for FakeAgent {
     }
 }
 
-/// Whether this run must treat a missing prerequisite as a failure.
-pub fn in_ci() -> bool {
-    std::env::var_os("CI").is_some_and(|value| value == "true" || value == "1")
+fn sleep_secs(secs: u64) -> u64 {
+    std::thread::sleep(Duration::from_secs(secs));
+    secs
+}
+
+/// Connects `tunnel`, starts a 30 s call on it, runs `kill` while the call is
+/// under way, and returns the call's error and how long after `kill` it came.
+/// Panics if the call hangs for 10 s.
+pub async fn pending_call_error_after(
+    tunnel: &chopsticks::Tunnel,
+    kill: impl FnOnce(),
+) -> (chopsticks::Error, Duration) {
+    tunnel.connect().await.expect("connect");
+    let pending = tokio::spawn({
+        let tunnel = tunnel.clone();
+        async move { tunnel.call(sleep_secs, (30,)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed_at = Instant::now();
+    kill();
+    let result = tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("the pending call must not hang")
+        .expect("join");
+    (result.expect_err("the target died"), killed_at.elapsed())
 }
 
 /// Whether the tests run as root (needed to create users).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// The local transport with one byte flipped on the way, like a faulty link.
+pub struct Corrupting {
+    local: chopsticks::Local,
+    stdin_at: Option<u64>,
+    stdout_at: Option<u64>,
+}
+
+impl Corrupting {
+    /// Flips the byte at `offset` of what the controller writes.
+    pub fn stdin_at(offset: u64) -> Corrupting {
+        Corrupting {
+            local: chopsticks::Local::new(),
+            stdin_at: Some(offset),
+            stdout_at: None,
+        }
+    }
+
+    /// Flips the byte at `offset` of what the agent writes.
+    pub fn stdout_at(offset: u64) -> Corrupting {
+        Corrupting {
+            local: chopsticks::Local::new(),
+            stdin_at: None,
+            stdout_at: Some(offset),
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for Corrupting {
+    fn host(&self) -> &str {
+        "corrupting"
+    }
+
+    fn launch(&self) -> AgentLaunch {
+        self.local.launch()
+    }
+
+    async fn spawn(&self, command: &AgentCommand) -> Result<Pipes, BoxError> {
+        let mut pipes = self.local.spawn(command).await?;
+        if let Some(offset) = self.stdin_at {
+            pipes.stdin = Box::new(FlipWrite {
+                inner: pipes.stdin,
+                position: 0,
+                offset,
+            });
+        }
+        if let Some(offset) = self.stdout_at {
+            pipes.stdout = Box::new(FlipRead {
+                inner: pipes.stdout,
+                position: 0,
+                offset,
+            });
+        }
+        Ok(pipes)
+    }
+}
+
+struct FlipWrite<W> {
+    inner: W,
+    position: u64,
+    offset: u64,
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FlipWrite<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bytes: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let start = this.position;
+        let result = if (start..start + bytes.len() as u64).contains(&this.offset) {
+            let mut copy = bytes.to_vec();
+            copy[(this.offset - start) as usize] ^= 0x20;
+            std::pin::Pin::new(&mut this.inner).poll_write(cx, &copy)
+        } else {
+            std::pin::Pin::new(&mut this.inner).poll_write(cx, bytes)
+        };
+        if let std::task::Poll::Ready(Ok(written)) = &result {
+            this.position += *written as u64;
+        }
+        result
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+struct FlipRead<R> {
+    inner: R,
+    position: u64,
+    offset: u64,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FlipRead<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buffer: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let before = buffer.filled().len();
+        let result = std::pin::Pin::new(&mut this.inner).poll_read(cx, buffer);
+        if let std::task::Poll::Ready(Ok(())) = &result {
+            let filled = buffer.filled_mut();
+            let read = (filled.len() - before) as u64;
+            if (this.position..this.position + read).contains(&this.offset) {
+                filled[before + (this.offset - this.position) as usize] ^= 0x20;
+            }
+            this.position += read;
+        }
+        result
+    }
 }

@@ -10,17 +10,29 @@
 //! - `sudo`: the `Sudo` transport with a throwaway user
 //! - `custom_transport`: a transport written outside core (`examples/custom_transport.rs`)
 //! - `memory`: resident memory of idle agents
-//! - `group`: fan-out over several agents, per-host failures, set operations
+//! - `group`: fan-out over several agents, per-host failures, set operations, group transfers
+//! - `ssh`: the OpenSSH transport against a real sshd (chopsticks-testkit)
+//! - `ssh_native`: the libssh2 transport against a real sshd
+//! - `docker`: the Docker transport against the real Engine, with images built here
+//! - `files`: put and fetch: round trips, modes, atomic replacement, corruption, full disk,
+//!   killed agents, permissions, constant memory
 
 mod support;
 
 mod bootstrap;
 mod calls;
 mod custom_transport;
+#[cfg(feature = "docker")]
+mod docker;
 mod failures;
+mod files;
 mod group;
 mod hygiene;
 mod lifecycle;
 mod memory;
 mod protocol;
+#[cfg(feature = "ssh")]
+mod ssh;
+#[cfg(feature = "libssh2")]
+mod ssh_native;
 mod sudo;

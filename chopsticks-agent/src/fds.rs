@@ -34,6 +34,10 @@ pub(crate) fn take_protocol_fds() -> io::Result<ProtocolFds> {
     // SAFETY: setting a signal disposition to SIG_IGN has no memory-safety preconditions.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     let input = dup_private(0)?;
+    if file_type(&input)? == libc::S_IFIFO {
+        // Lets the controller keep writing bulk data while a chunk is being stored.
+        enlarge_pipe(&input);
+    }
     let output = dup_private(1)?;
     // SAFETY: the path is a valid NUL-terminated string.
     let null = check(unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })?;

@@ -21,6 +21,7 @@
 //! ```
 
 mod fds;
+mod files;
 mod output;
 mod pool;
 mod reader;

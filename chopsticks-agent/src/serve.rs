@@ -29,6 +29,7 @@ use tokio::task::AbortHandle;
 
 use crate::AgentError;
 use crate::fds;
+use crate::files::{IncomingPut, PutRequest};
 use crate::output::{Output, OutputWriter};
 use crate::pool::CallPool;
 use crate::reader::Reader;
@@ -190,6 +191,7 @@ async fn serve(
             reader,
             assemblies: Assemblies::default(),
             awaiting_payload: HashMap::new(),
+            puts: HashMap::new(),
         }),
         exit,
     });
@@ -260,6 +262,8 @@ struct ReadState {
     reader: Reader,
     assemblies: Assemblies,
     awaiting_payload: HashMap<u64, (FunctionRef, CallMode)>,
+    /// Puts whose data is arriving, by id.
+    puts: HashMap<u64, IncomingPut>,
 }
 
 /// The reader role: runs on a pool thread, reads frames and dispatches calls.
@@ -279,12 +283,12 @@ fn lead(agent: &Agent) {
     loop {
         let frame = match state.reader.next_frame() {
             Ok(Some(frame)) => frame,
-            Ok(None) => return finish(agent, 0),
+            Ok(None) => return finish(agent, &mut state, 0),
             Err(error) => {
                 eprintln!(
                     "chopsticks agent: the controller's input is unreadable ({error}); exiting"
                 );
-                return finish(agent, 2);
+                return finish(agent, &mut state, 2);
             }
         };
         let violation = match frame {
@@ -331,18 +335,83 @@ fn lead(agent: &Agent) {
                 state.awaiting_payload.insert(id, (function, mode));
                 state.assemblies.start(id, len).err()
             }
-            Frame::Chunk { id, data } => match state.assemblies.add(id, &data) {
-                Ok(Some(args)) => {
-                    if let Some((function, mode)) = state.awaiting_payload.remove(&id) {
-                        agent.dispatch.start(id, &function, mode, args);
+            Frame::Message(Message::Put {
+                id,
+                path,
+                size,
+                mode,
+                apply_umask,
+                create_dirs,
+                mtime,
+            }) => {
+                let request = PutRequest {
+                    path,
+                    size,
+                    mode,
+                    apply_umask,
+                    create_dirs,
+                    mtime,
+                };
+                match IncomingPut::start(request) {
+                    Ok((put, writer)) => {
+                        state.puts.insert(id, put);
+                        let outbox = agent.dispatch.outbox.clone();
+                        pool.submit(move || {
+                            let outcome = writer();
+                            CALLS_FINISHED.fetch_add(1, Ordering::Relaxed);
+                            if let Some(outcome) = outcome {
+                                let _ = outbox.send(reply(id, outcome));
+                            }
+                        });
+                    }
+                    Err(failure) => {
+                        let _ = agent.dispatch.outbox.send(reply(id, Err(failure)));
+                    }
+                }
+                None
+            }
+            Frame::Message(Message::PutEnd { id, checksum }) => {
+                if let Some(put) = state.puts.remove(&id) {
+                    put.end(checksum);
+                }
+                None
+            }
+            Frame::Message(Message::Fetch { id, path }) => {
+                let cancelled = Arc::new(AtomicBool::new(false));
+                lock(&agent.dispatch.running).insert(id, RunningCall::Blocking(cancelled.clone()));
+                let (outbox, running) = (
+                    agent.dispatch.outbox.clone(),
+                    agent.dispatch.running.clone(),
+                );
+                pool.submit(Box::new(move || {
+                    crate::files::send_file(id, path, &outbox, &cancelled, reply);
+                    lock(&running).remove(&id);
+                    CALLS_FINISHED.fetch_add(1, Ordering::Relaxed);
+                }));
+                None
+            }
+            Frame::Chunk { id, data } => match state.puts.get(&id) {
+                Some(put) => {
+                    if !put.write(data) {
+                        // The writer failed and replied; later chunks are ignored.
+                        state.puts.remove(&id);
                     }
                     None
                 }
-                Ok(None) => None,
-                Err(message) => Some(message),
+                None => match state.assemblies.add(id, &data) {
+                    Ok(Some(args)) => {
+                        if let Some((function, mode)) = state.awaiting_payload.remove(&id) {
+                            agent.dispatch.start(id, &function, mode, args);
+                        }
+                        None
+                    }
+                    Ok(None) => None,
+                    Err(message) => Some(message),
+                },
             },
             Frame::Message(Message::Cancel { id }) => {
                 state.assemblies.cancel(id);
+                state.puts.remove(&id);
                 state.awaiting_payload.remove(&id);
                 match lock(&agent.dispatch.running).remove(&id) {
                     Some(RunningCall::Task(handle)) => handle.abort(),
@@ -353,20 +422,22 @@ fn lead(agent: &Agent) {
                 }
                 None
             }
-            Frame::Message(Message::Shutdown) => return finish(agent, 0),
+            Frame::Message(Message::Shutdown) => return finish(agent, &mut state, 0),
             Frame::Message(other) => Some(format!(
                 "the controller sent {other:?}, which only an agent may send"
             )),
         };
         if let Some(message) = violation {
             eprintln!("chopsticks agent: protocol violation: {message}; exiting");
-            return finish(agent, 2);
+            return finish(agent, &mut state, 2);
         }
     }
 }
 
-/// Ends the agent with `code`. The reader role stays taken, so nothing reads any more.
-fn finish(agent: &Agent, code: i32) {
+/// Ends the agent with `code`, dropping unfinished puts (and their staged
+/// data) first. The reader role stays taken, so nothing reads any more.
+fn finish(agent: &Agent, state: &mut ReadState, code: i32) {
+    state.puts.clear();
     let _ = agent.exit.send(code);
 }
 

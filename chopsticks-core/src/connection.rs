@@ -32,11 +32,15 @@ const EXPLAIN_WAIT: Duration = Duration::from_millis(300);
 type Frames = FramedRead<Box<dyn AsyncRead + Send + Unpin>, FrameDecoder>;
 
 /// What a waiting call receives.
-enum Reply {
+pub(crate) enum Reply {
     Value(Vec<u8>),
     Failed(Failure),
-    Closed(Arc<Closure>),
+    Closed(ClosureRef),
 }
+
+/// Why a connection ended, shared by every request it failed.
+#[derive(Debug, Clone)]
+pub(crate) struct ClosureRef(Arc<Closure>);
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -63,9 +67,23 @@ impl Closure {
     }
 }
 
+/// What the reader forwards to a fetch before its final reply.
+#[derive(Debug)]
+pub(crate) enum StreamEvent {
+    /// The agent opened the file; this many bytes follow.
+    Head(u64),
+    /// The next piece of the file.
+    Data(bytes::Bytes),
+}
+
+/// How many events may wait for a fetch's writer before the reader waits too.
+const STREAM_QUEUE_LEN: usize = 16;
+
 #[derive(Default)]
 struct Pending {
     waiters: HashMap<u64, oneshot::Sender<Reply>>,
+    /// Fetches, by id: where their head and chunks go. Dropped at their final reply.
+    streams: HashMap<u64, tokio::sync::mpsc::Sender<StreamEvent>>,
     closed: Option<Arc<Closure>>,
 }
 
@@ -85,9 +103,24 @@ impl Shared {
     }
 
     fn deliver(&self, id: u64, reply: Reply) {
-        if let Some(waiter) = self.lock().waiters.remove(&id) {
+        let waiter = {
+            let mut pending = self.lock();
+            if !pending.streams.is_empty() {
+                pending.streams.remove(&id);
+            }
+            pending.waiters.remove(&id)
+        };
+        if let Some(waiter) = waiter {
             let _ = waiter.send(reply);
         }
+    }
+
+    fn stream(&self, id: u64) -> Option<tokio::sync::mpsc::Sender<StreamEvent>> {
+        let pending = self.lock();
+        if pending.streams.is_empty() {
+            return None;
+        }
+        pending.streams.get(&id).cloned()
     }
 
     fn is_waiting(&self, id: u64) -> bool {
@@ -103,10 +136,11 @@ impl Shared {
                 return;
             }
             pending.closed = Some(closure.clone());
+            pending.streams.clear();
             std::mem::take(&mut pending.waiters)
         };
         for (_, waiter) in waiters {
-            let _ = waiter.send(Reply::Closed(closure.clone()));
+            let _ = waiter.send(Reply::Closed(ClosureRef(closure.clone())));
         }
     }
 
@@ -187,15 +221,7 @@ impl Connection {
                 ),
             });
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (sender, receiver) = oneshot::channel();
-        {
-            let mut pending = self.shared.lock();
-            if let Some(closure) = &pending.closed {
-                return Err(closure.to_error(&self.shared.host));
-            }
-            pending.waiters.insert(id, sender);
-        }
+        let (id, receiver) = self.register()?;
         let mut guard = CallGuard {
             connection: self,
             id,
@@ -222,12 +248,70 @@ impl Connection {
                 message: failure.describe(),
                 backtrace: failure.backtrace,
             }),
-            Ok(Reply::Closed(closure)) => Err(closure.to_error(&self.shared.host)),
-            Err(_) => Err(Error::Disconnected {
-                host: self.shared.host.to_string(),
-                reason: "the connection was dropped".into(),
-                stderr_tail: Vec::new(),
-            }),
+            Ok(Reply::Closed(closure)) => Err(self.closed_error(&closure)),
+            Err(_) => Err(self.dropped_error()),
+        }
+    }
+
+    /// A new request id with a waiter for its reply; fails if the connection is closed.
+    pub(crate) fn register(&self) -> Result<(u64, oneshot::Receiver<Reply>)> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        let mut pending = self.shared.lock();
+        if let Some(closure) = &pending.closed {
+            return Err(closure.to_error(&self.shared.host));
+        }
+        pending.waiters.insert(id, sender);
+        Ok((id, receiver))
+    }
+
+    /// Routes the head and chunks of fetch `id` to the returned receiver,
+    /// until its final reply arrives or the connection closes.
+    pub(crate) fn register_stream(&self, id: u64) -> tokio::sync::mpsc::Receiver<StreamEvent> {
+        let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_QUEUE_LEN);
+        let mut pending = self.shared.lock();
+        if pending.closed.is_none() {
+            pending.streams.insert(id, sender);
+        }
+        receiver
+    }
+
+    /// Forgets request `id` (waiter and stream) and tells the agent to drop it,
+    /// behind any bulk data already queued. Returns whether it was still pending.
+    pub(crate) fn withdraw(&self, id: u64) -> bool {
+        let was_waiting = {
+            let mut pending = self.shared.lock();
+            pending.streams.remove(&id);
+            pending.waiters.remove(&id).is_some()
+        };
+        if was_waiting {
+            let cancel = OutFrame::message(&Message::Cancel { id });
+            let outbox = self.outbox.clone();
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = outbox.send_bulk(cancel).await;
+                });
+            }
+        }
+        was_waiting
+    }
+
+    /// The queue frames leave through.
+    pub(crate) fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// The error a reply turns into, for request kinds other than calls.
+    pub(crate) fn closed_error(&self, closure: &ClosureRef) -> Error {
+        closure.0.to_error(&self.shared.host)
+    }
+
+    /// The error for a reply that will never come because the connection was dropped.
+    pub(crate) fn dropped_error(&self) -> Error {
+        Error::Disconnected {
+            host: self.shared.host.to_string(),
+            reason: "the connection was dropped".into(),
+            stderr_tail: Vec::new(),
         }
     }
 
@@ -255,21 +339,16 @@ impl Drop for CallGuard<'_> {
             return;
         }
         let connection = self.connection;
-        let was_waiting = connection.shared.lock().waiters.remove(&self.id).is_some();
-        if !was_waiting {
-            return;
-        }
-        let cancel = OutFrame::message(&Message::Cancel { id: self.id });
         if self.streamed {
             // Behind the chunks already queued, so the agent can drop a partial payload.
-            let outbox = connection.outbox.clone();
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    let _ = outbox.send_bulk(cancel).await;
-                });
-            }
-        } else {
-            let _ = connection.outbox.send(cancel);
+            connection.withdraw(self.id);
+            return;
+        }
+        let was_waiting = connection.shared.lock().waiters.remove(&self.id).is_some();
+        if was_waiting {
+            let _ = connection
+                .outbox
+                .send(OutFrame::message(&Message::Cancel { id: self.id }));
         }
     }
 }
@@ -382,7 +461,7 @@ pub(crate) async fn connect(
                     ),
                 });
             }
-            Outcome::Ended => return Err(ended_early(&shared).await),
+            Outcome::Ended => return Err(ended_early(transport, &shared).await),
         }
     }
 
@@ -404,15 +483,15 @@ pub(crate) async fn connect(
             });
         }
         Some(Err(error)) => {
-            let Error::Bootstrap { host, message } = ended_early(&shared).await else {
-                unreachable!("ended_early returns Bootstrap")
-            };
-            return Err(Error::Bootstrap {
-                host,
-                message: format!("{message} (reading its output failed: {error})"),
+            return Err(match ended_early(transport, &shared).await {
+                Error::Bootstrap { host, message } => Error::Bootstrap {
+                    host,
+                    message: format!("{message} (reading its output failed: {error})"),
+                },
+                diagnosed => diagnosed,
             });
         }
-        None => return Err(ended_early(&shared).await),
+        None => return Err(ended_early(transport, &shared).await),
     };
     check_hello(&host, &hello)?;
 
@@ -471,8 +550,15 @@ fn check_hello(host: &str, hello: &Hello) -> Result<()> {
 }
 
 /// The error for a process that ended before its agent said hello.
-async fn ended_early(shared: &Shared) -> Error {
+async fn ended_early(transport: &dyn Transport, shared: &Shared) -> Error {
     shared.tail.wait_closed(EXPLAIN_WAIT).await;
+    if let Some(diagnosis) = transport.diagnose(&shared.tail.snapshot()) {
+        return Error::Spawn {
+            host: shared.host.to_string(),
+            message: diagnosis.to_string(),
+            source: Some(diagnosis),
+        };
+    }
     let mut exit = shared.exit.clone();
     let status = tokio::time::timeout(Duration::from_secs(1), exit.wait_for(Option::is_some))
         .await
@@ -518,11 +604,24 @@ async fn read_replies(mut frames: Frames, shared: Arc<Shared>) {
                 shared.deliver(id, Reply::Failed(failure));
                 Ok(())
             }
-            Frame::Chunk { id, data } => assemblies.add(id, &data).map(|complete| {
-                if let Some(value) = complete {
-                    shared.deliver(id, Reply::Value(value));
+            Frame::Message(Message::FetchHead { id, size }) => {
+                if let Some(stream) = shared.stream(id) {
+                    let _ = stream.send(StreamEvent::Head(size)).await;
                 }
-            }),
+                Ok(())
+            }
+            Frame::Chunk { id, data } => match shared.stream(id) {
+                // A writer that stopped early drops its receiver; the rest is discarded.
+                Some(stream) => {
+                    let _ = stream.send(StreamEvent::Data(data)).await;
+                    Ok(())
+                }
+                None => assemblies.add(id, &data).map(|complete| {
+                    if let Some(value) = complete {
+                        shared.deliver(id, Reply::Value(value));
+                    }
+                }),
+            },
             Frame::Message(other) => Err(format!(
                 "the agent sent {other:?}, which only a controller may send"
             )),

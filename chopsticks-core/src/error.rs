@@ -23,6 +23,8 @@ pub enum Phase {
     Call,
     /// Closing the tunnel.
     Close,
+    /// A put or fetch.
+    Transfer,
 }
 
 impl fmt::Display for Phase {
@@ -33,6 +35,7 @@ impl fmt::Display for Phase {
             Phase::Handshake => "handshake",
             Phase::Call => "call",
             Phase::Close => "close",
+            Phase::Transfer => "transfer",
         })
     }
 }
@@ -137,6 +140,23 @@ pub enum Error {
         /// One error per failed host, in host order.
         failures: Vec<Error>,
     },
+    /// A put or fetch failed. The target is as it was before and no
+    /// temporary file is left behind.
+    #[error("{} failed: {message}", transfer_route(*direction, host, local_path, remote_path))]
+    Transfer {
+        /// The host the tunnel points at.
+        host: String,
+        /// Put or fetch.
+        direction: Direction,
+        /// The path on this machine.
+        local_path: std::path::PathBuf,
+        /// The path on the host.
+        remote_path: std::path::PathBuf,
+        /// What kind of failure, as `std::io` classifies it (`InvalidData` for a checksum mismatch).
+        kind: std::io::ErrorKind,
+        /// What went wrong, naming the side and path.
+        message: String,
+    },
     /// An I/O error on this side.
     #[error("I/O error on {host} during {phase}: {source}")]
     Io {
@@ -148,6 +168,36 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Which way a file moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// From this machine to the host.
+    Put,
+    /// From the host to this machine.
+    Fetch,
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::Put => "put",
+            Direction::Fetch => "fetch",
+        })
+    }
+}
+
+fn transfer_route(
+    direction: Direction,
+    host: &str,
+    local: &std::path::Path,
+    remote: &std::path::Path,
+) -> String {
+    match direction {
+        Direction::Put => format!("put {} → {host}:{}", local.display(), remote.display()),
+        Direction::Fetch => format!("fetch {host}:{} → {}", remote.display(), local.display()),
+    }
 }
 
 fn hosts_sentence(failures: &[Error]) -> String {
@@ -184,6 +234,7 @@ impl Error {
             | Error::Value { host, .. }
             | Error::Timeout { host, .. }
             | Error::Group { host, .. }
+            | Error::Transfer { host, .. }
             | Error::Io { host, .. } => host,
             Error::Hosts { failures } => failures.first().map(Error::host).unwrap_or(""),
         }

@@ -7,9 +7,13 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use std::sync::Arc;
+
 use crate::error::{Error, Result};
+use crate::progress::{Progress, ProgressEvent, SharedProgress};
 use crate::protocol::{CallMode, FunctionRef, encode_value};
 use crate::remote::{AsyncRemoteFn, RemoteFn, async_function_ref, function_ref};
+use crate::transfer::TransferOptions;
 use crate::tunnel::{Call, Tunnel};
 
 /// Tunnels keyed by host name. Calls run on every host concurrently, at most
@@ -19,11 +23,23 @@ use crate::tunnel::{Call, Tunnel};
 /// Groups combine by host with `|` (union), `&` (intersection), `-`
 /// (difference) and `^` (symmetric difference). A host's tunnel comes from the
 /// left operand when both have it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Group {
     tunnels: BTreeMap<String, Tunnel>,
     max_parallel: Option<usize>,
     timeout: Option<Duration>,
+    progress: Option<SharedProgress>,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group")
+            .field("hosts", &self.tunnels.keys().collect::<Vec<_>>())
+            .field("max_parallel", &self.max_parallel)
+            .field("timeout", &self.timeout)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
 }
 
 /// What every host of a [`Group`] returned, keyed by host.
@@ -61,6 +77,21 @@ impl Group {
         self
     }
 
+    /// Reports each host's start and end of every operation, and the bytes
+    /// of transfers, to `progress` (see [`progress`](crate::progress)).
+    pub fn progress(mut self, progress: impl Progress + 'static) -> Group {
+        self.progress = Some(Arc::new(progress));
+        self
+    }
+
+    /// The options a transfer on this group starts with.
+    pub(crate) fn transfer_options(&self) -> TransferOptions {
+        TransferOptions {
+            progress: self.progress.clone(),
+            ..TransferOptions::default()
+        }
+    }
+
     /// How many hosts the group has.
     pub fn len(&self) -> usize {
         self.tunnels.len()
@@ -88,14 +119,18 @@ impl Group {
 
     /// Starts every agent now.
     pub async fn connect(&self) -> GroupResult<()> {
-        self.each(|tunnel| Box::pin(async move { tunnel.connect().await }))
-            .await
+        self.each(Some("connect"), |tunnel| {
+            Box::pin(async move { tunnel.connect().await })
+        })
+        .await
     }
 
     /// Stops every agent.
     pub async fn close(&self) -> GroupResult<()> {
-        self.each(|tunnel| Box::pin(async move { tunnel.close().await }))
-            .await
+        self.each(Some("close"), |tunnel| {
+            Box::pin(async move { tunnel.close().await })
+        })
+        .await
     }
 
     /// Calls the blocking function `function` with `args` on every host.
@@ -150,7 +185,8 @@ impl Group {
         R: DeserializeOwned + Send,
     {
         let timeout = self.timeout;
-        self.each(|tunnel| {
+        let task = format!("call {}", function.name());
+        self.each(Some(&task), |tunnel| {
             let call = Call::new(tunnel, function.clone(), mode, args.clone());
             let call = match timeout {
                 Some(timeout) => call.timeout(timeout),
@@ -161,19 +197,43 @@ impl Group {
         .await
     }
 
-    async fn each<'g, R>(
+    /// Runs `start` on every host, at most `max_parallel` at a time. With a
+    /// `task` name, each host's start and end are reported to the group's progress.
+    pub(crate) async fn each<'g, R>(
         &'g self,
+        task: Option<&str>,
         start: impl Fn(
             &'g Tunnel,
         )
             -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<R>> + Send + 'g>>,
     ) -> GroupResult<R> {
         let limit = self.max_parallel.unwrap_or(self.tunnels.len()).max(1);
-        let results = futures_util::stream::iter(self.tunnels.iter())
-            .map(|(host, tunnel)| {
-                let running = start(tunnel);
-                async move { (host.clone(), running.await) }
-            })
+        let progress = task.and_then(|task| self.progress.clone().map(|progress| (progress, task)));
+        let progress = &progress;
+        // Built eagerly (futures are lazy) so the stream holds no closure,
+        // which keeps the returned future `Send` for any caller.
+        let mut runs = Vec::with_capacity(self.tunnels.len());
+        for (host, tunnel) in &self.tunnels {
+            let running = start(tunnel);
+            runs.push(async move {
+                if let Some((progress, task)) = progress {
+                    progress.report(&ProgressEvent::Started {
+                        host,
+                        task,
+                        total: None,
+                    });
+                }
+                let result = running.await;
+                if let Some((progress, _)) = progress {
+                    progress.report(&ProgressEvent::Finished {
+                        host,
+                        ok: result.is_ok(),
+                    });
+                }
+                (host.clone(), result)
+            });
+        }
+        let results = futures_util::stream::iter(runs)
             .buffer_unordered(limit)
             .collect::<BTreeMap<_, _>>()
             .await;
@@ -190,6 +250,7 @@ impl Group {
                 .collect(),
             max_parallel: self.max_parallel,
             timeout: self.timeout,
+            progress: self.progress.clone(),
         }
     }
 

@@ -51,18 +51,22 @@ pub mod buffer;
 pub mod cbor;
 mod connection;
 mod error;
+pub mod files;
 mod group;
 pub mod identity;
+pub mod progress;
 pub mod protocol;
 pub mod remote;
 pub mod stderr;
+mod transfer;
 mod transport;
 mod tunnel;
 pub mod wire;
 
-pub use error::{BoxError, Error, Phase, Result};
+pub use error::{BoxError, Direction, Error, Phase, Result};
 pub use group::{Group, GroupResult};
 pub use stderr::StderrSink;
+pub use transfer::{Fetch, GroupFetch, GroupPut, Put, Transfer};
 pub use transport::{
     AgentCommand, AgentLaunch, AgentProcess, ExitReport, Pipes, Transport, shell_quote,
 };

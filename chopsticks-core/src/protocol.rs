@@ -13,6 +13,8 @@ use std::borrow::Cow;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub use crate::files::FileTime;
+
 /// The protocol version both ends must speak.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -54,6 +56,65 @@ pub enum Message {
     },
     /// The controller asks the agent to exit.
     Shutdown,
+    /// Write a file on the agent: `size` bytes follow as chunk frames with
+    /// this id, then [`Message::PutEnd`]. Answered with a `Return` carrying
+    /// a [`FileSummary`], or a `Fail`.
+    Put {
+        /// The transfer id, from the same space as call ids.
+        id: u64,
+        /// The target path, as raw bytes.
+        #[serde(with = "serde_bytes")]
+        path: Vec<u8>,
+        /// How many bytes follow.
+        size: u64,
+        /// The permission bits to give the file.
+        mode: u32,
+        /// Whether the agent's umask is applied to `mode` (when the mode is the source's, not chosen).
+        apply_umask: bool,
+        /// Whether missing parent directories are created.
+        create_dirs: bool,
+        /// The modification time to give the file, if any.
+        mtime: Option<FileTime>,
+    },
+    /// The data of a put is complete.
+    PutEnd {
+        /// The transfer id.
+        id: u64,
+        /// The BLAKE3 digest of the bytes sent.
+        #[serde(with = "serde_bytes")]
+        checksum: Vec<u8>,
+    },
+    /// Send the file at `path` to the controller. Answered with
+    /// [`Message::FetchHead`], the content as chunk frames, and a `Return`
+    /// carrying a [`FileSummary`]; or a `Fail`.
+    Fetch {
+        /// The transfer id.
+        id: u64,
+        /// The source path, as raw bytes.
+        #[serde(with = "serde_bytes")]
+        path: Vec<u8>,
+    },
+    /// The file of a fetch is open; its content follows.
+    FetchHead {
+        /// The transfer id.
+        id: u64,
+        /// The file's size when it was opened.
+        size: u64,
+    },
+}
+
+/// What a finished put or fetch moved, as the agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSummary {
+    /// Bytes moved.
+    pub size: u64,
+    /// BLAKE3 digest of the content.
+    #[serde(with = "serde_bytes")]
+    pub checksum: Vec<u8>,
+    /// The permission bits of the file on the agent.
+    pub mode: u32,
+    /// The modification time of the file on the agent.
+    pub mtime: FileTime,
 }
 
 /// The agent's introduction.
@@ -144,6 +205,45 @@ pub enum FailureKind {
     Result,
     /// The function reference does not name a function in this binary.
     UnknownFunction,
+    /// A file operation of a put or fetch failed.
+    File(FileFailure),
+}
+
+/// What kind of file failure a [`FailureKind::File`] was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum FileFailure {
+    /// The system refused with this `errno`.
+    Os(i32),
+    /// The bytes received do not match the size or checksum sent.
+    Corrupt,
+    /// Anything else.
+    Other,
+}
+
+impl FileFailure {
+    /// The failure kind for `error`.
+    pub fn of(error: &std::io::Error) -> FileFailure {
+        use std::io::ErrorKind;
+        match (error.raw_os_error(), error.kind()) {
+            (Some(code), _) => FileFailure::Os(code),
+            (None, ErrorKind::InvalidData) => FileFailure::Corrupt,
+            (None, ErrorKind::IsADirectory) => FileFailure::Os(libc::EISDIR),
+            (None, ErrorKind::NotFound) => FileFailure::Os(libc::ENOENT),
+            (None, ErrorKind::PermissionDenied) => FileFailure::Os(libc::EACCES),
+            (None, ErrorKind::InvalidInput) => FileFailure::Os(libc::EINVAL),
+            _ => FileFailure::Other,
+        }
+    }
+
+    /// The `std::io::ErrorKind` this failure corresponds to.
+    pub fn io_kind(self) -> std::io::ErrorKind {
+        match self {
+            FileFailure::Os(code) => std::io::Error::from_raw_os_error(code).kind(),
+            FileFailure::Corrupt => std::io::ErrorKind::InvalidData,
+            FileFailure::Other => std::io::ErrorKind::Other,
+        }
+    }
 }
 
 impl Failure {
@@ -163,6 +263,7 @@ impl Failure {
             FailureKind::Arguments => format!("could not decode its arguments: {}", self.message),
             FailureKind::Result => format!("could not encode its result: {}", self.message),
             FailureKind::UnknownFunction => format!("is not a function: {}", self.message),
+            FailureKind::File(_) => self.message.clone(),
         }
     }
 }
@@ -211,6 +312,31 @@ mod tests {
             },
             Message::Cancel { id: 9 },
             Message::Shutdown,
+            Message::Put {
+                id: 10,
+                path: b"/srv/\xffapp".to_vec(),
+                size: 1 << 33,
+                mode: 0o640,
+                apply_umask: false,
+                create_dirs: true,
+                mtime: Some(FileTime {
+                    seconds: -5,
+                    nanos: 7,
+                }),
+            },
+            Message::PutEnd {
+                id: 10,
+                checksum: vec![7; 32],
+            },
+            Message::Fetch {
+                id: 11,
+                path: b"/var/log/syslog".to_vec(),
+            },
+            Message::FetchHead { id: 11, size: 0 },
+            Message::Fail {
+                id: 11,
+                failure: Failure::new(FailureKind::File(FileFailure::Os(2)), "missing"),
+            },
         ];
         for message in messages {
             let bytes = encode_value(&message).expect("encode");

@@ -242,6 +242,16 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Starts `command` on the target with stdin, stdout and stderr piped.
     async fn spawn(&self, command: &AgentCommand) -> Result<Pipes, BoxError>;
+
+    /// Explains a start that ended before the agent said hello, from the
+    /// process's last stderr lines, when the transport can say more than the
+    /// lines do (ssh: authentication, host key, name resolution, refusal).
+    /// The explanation becomes the source of an [`Error::Spawn`](crate::Error::Spawn);
+    /// `None` (the default) reports the lines in an `Error::Bootstrap`.
+    fn diagnose(&self, stderr_tail: &[String]) -> Option<BoxError> {
+        let _ = stderr_tail;
+        None
+    }
 }
 
 #[cfg(test)]

@@ -186,7 +186,7 @@ impl Tunnel {
             .cloned()
     }
 
-    async fn connection(&self) -> Result<Arc<Connection>> {
+    pub(crate) async fn connection(&self) -> Result<Arc<Connection>> {
         if let Some(connection) = self.current_connection() {
             return Ok(connection);
         }

@@ -378,6 +378,11 @@ impl Outbox {
         self.bulk.send(frame).await.map_err(|_| OutboxClosed)
     }
 
+    /// Like [`send_bulk`](Self::send_bulk), for threads outside the async runtime.
+    pub fn send_bulk_blocking(&self, frame: OutFrame) -> Result<(), OutboxClosed> {
+        self.bulk.blocking_send(frame).map_err(|_| OutboxClosed)
+    }
+
     /// Sends a message carrying `data`: inline when small, otherwise the
     /// message with `Payload::Streamed` followed by chunk frames, all through
     /// the bulk queue so that the message precedes its chunks.

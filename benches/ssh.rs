@@ -1,0 +1,371 @@
+//! The SSH transports against a loopback sshd (chopsticks-testkit), each
+//! figure beside its floor measured in the same run.
+//!
+//! ```text
+//! cargo bench --features full --bench ssh
+//! CHOPSTICKS_BENCH_MIB=256 cargo bench --features full --bench ssh
+//! ```
+//!
+//! Floors:
+//! - connect: `ssh HOST true`, and libssh2 connect + handshake + auth + `true`;
+//! - round trip: 64 bytes through `ssh HOST cat`, and through a libssh2 channel running `cat`;
+//! - throughput: `ssh HOST 'cat > DST' < SRC` and `ssh HOST 'cat SRC' > DST`.
+
+#[allow(dead_code)]
+mod support;
+
+use std::future::IntoFuture;
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chopsticks::{Group, NativeSsh, Ssh, Tunnel};
+use chopsticks_testkit::Sshd;
+use support::{env_number, mean_call, median, write_source};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn noop() {}
+
+fn openssh(sshd: &Sshd, alias: &str) -> Tunnel {
+    Tunnel::builder(Ssh::new(alias).config_file(sshd.client_config()))
+        .stderr(chopsticks::stderr::discard())
+        .build()
+}
+
+fn native(sshd: &Sshd, name: &str) -> Tunnel {
+    Tunnel::builder(
+        NativeSsh::new("127.0.0.1")
+            .named(name)
+            .port(sshd.port())
+            .user(sshd.user())
+            .identity_file(sshd.client_key())
+            .known_hosts(sshd.known_hosts()),
+    )
+    .stderr(chopsticks::stderr::discard())
+    .build()
+}
+
+fn ssh_command(sshd: &Sshd, remote: &str) -> Command {
+    let mut command = Command::new("ssh");
+    command
+        .arg("-F")
+        .arg(sshd.client_config())
+        .arg(sshd.alias(0))
+        .arg(remote);
+    command
+}
+
+fn ssh2_session(sshd: &Sshd) -> ssh2::Session {
+    let stream = std::net::TcpStream::connect(("127.0.0.1", sshd.port())).expect("tcp");
+    stream.set_nodelay(true).expect("nodelay");
+    let mut session = ssh2::Session::new().expect("session");
+    session.set_tcp_stream(stream);
+    session.handshake().expect("handshake");
+    session
+        .userauth_pubkey_file(sshd.user(), None, &sshd.client_key(), None)
+        .expect("auth");
+    session
+}
+
+fn main() {
+    if std::env::args().any(|arg| arg == "--list") {
+        println!("ssh: bench");
+        return;
+    }
+    let rounds = env_number("CHOPSTICKS_BENCH_ROUNDS", 7);
+    let trips = env_number("CHOPSTICKS_BENCH_TRIPS", 2000);
+    let mib = env_number("CHOPSTICKS_BENCH_MIB", 1024);
+    let sshd = Sshd::start("bench", 20).expect("sshd (install openssh-server)");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    // Warm the agent cache on the target.
+    runtime
+        .block_on(openssh(&sshd, sshd.alias(0)).call(noop, ()))
+        .expect("first connect");
+
+    // Connect + first call, warm cache.
+    let (mut ssh_true, mut ours_openssh, mut ssh2_true, mut ours_native) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let status = ssh_command(&sshd, "true").status().expect("ssh true");
+        assert!(status.success());
+        ssh_true.push(started.elapsed());
+
+        let tun = openssh(&sshd, sshd.alias(0));
+        let started = Instant::now();
+        runtime.block_on(tun.call(noop, ())).expect("openssh call");
+        ours_openssh.push(started.elapsed());
+        runtime.block_on(tun.close()).expect("close");
+
+        let started = Instant::now();
+        let session = ssh2_session(&sshd);
+        let mut channel = session.channel_session().expect("channel");
+        channel.exec("true").expect("exec");
+        let mut rest = Vec::new();
+        channel.read_to_end(&mut rest).expect("read");
+        channel.wait_close().expect("close");
+        ssh2_true.push(started.elapsed());
+
+        let tun = native(&sshd, "native");
+        let started = Instant::now();
+        runtime.block_on(tun.call(noop, ())).expect("native call");
+        ours_native.push(started.elapsed());
+        runtime.block_on(tun.close()).expect("close");
+    }
+
+    // Connect + first call through a ControlMaster, beside `ssh true` through the same master.
+    let mastered = Tunnel::builder(
+        Ssh::new(sshd.alias(0))
+            .config_file(sshd.client_config())
+            .control_persist(Duration::from_secs(60)),
+    )
+    .stderr(chopsticks::stderr::discard())
+    .build();
+    runtime.block_on(mastered.call(noop, ())).expect("master");
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let control = std::env::temp_dir().join(format!("chopsticks-ssh-{uid}"));
+    let (mut master_true, mut ours_master) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let status = Command::new("ssh")
+            .arg("-F")
+            .arg(sshd.client_config())
+            .args(["-o", &format!("ControlPath={}/%C", control.display())])
+            .arg(sshd.alias(0))
+            .arg("true")
+            .status()
+            .expect("ssh true through the master");
+        assert!(status.success());
+        master_true.push(started.elapsed());
+        runtime.block_on(mastered.close()).expect("close");
+        let started = Instant::now();
+        runtime
+            .block_on(mastered.call(noop, ()))
+            .expect("reconnect");
+        ours_master.push(started.elapsed());
+    }
+    runtime.block_on(mastered.close()).expect("close");
+    let _ = Command::new("ssh")
+        .arg("-F")
+        .arg(sshd.client_config())
+        .args([
+            "-o",
+            &format!("ControlPath={}/%C", control.display()),
+            "-O",
+            "exit",
+        ])
+        .arg(sshd.alias(0))
+        .output();
+
+    // Round trips.
+    let raw_openssh = runtime.block_on(async {
+        let mut child = tokio::process::Command::new("ssh")
+            .arg("-F")
+            .arg(sshd.client_config())
+            .arg(sshd.alias(0))
+            .arg("cat")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("ssh cat");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let mut stdout = child.stdout.take().expect("stdout");
+        let message = [7u8; 64];
+        let mut echo = [0u8; 64];
+        for _ in 0..100 {
+            stdin.write_all(&message).await.expect("write");
+            stdout.read_exact(&mut echo).await.expect("read");
+        }
+        let started = Instant::now();
+        for _ in 0..trips {
+            stdin.write_all(&message).await.expect("write");
+            stdout.read_exact(&mut echo).await.expect("read");
+        }
+        let each = started.elapsed() / trips as u32;
+        drop(stdin);
+        let _ = child.wait().await;
+        each
+    });
+    let ours_openssh_trip = runtime.block_on(mean_call(&openssh(&sshd, sshd.alias(0)), trips));
+    let raw_native = {
+        let session = ssh2_session(&sshd);
+        let mut channel = session.channel_session().expect("channel");
+        channel.exec("cat").expect("exec");
+        let message = [7u8; 64];
+        let mut echo = [0u8; 64];
+        for _ in 0..100 {
+            channel.write_all(&message).expect("write");
+            channel.read_exact(&mut echo).expect("read");
+        }
+        let started = Instant::now();
+        for _ in 0..trips {
+            channel.write_all(&message).expect("write");
+            channel.read_exact(&mut echo).expect("read");
+        }
+        started.elapsed() / trips as u32
+    };
+    let ours_native_trip = runtime.block_on(mean_call(&native(&sshd, "native"), trips));
+
+    // Throughput.
+    let dir = std::env::temp_dir().join(format!("chopsticks-ssh-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    // The agent may log in as another user (chopsticks_testkit::LOGIN_USER).
+    std::fs::set_permissions(
+        &dir,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o777),
+    )
+    .expect("chmod");
+    let source = dir.join("source");
+    let target = dir.join("target");
+    write_source(&source, mib);
+    let bytes = (mib as u64) << 20;
+    let transfer_rounds = env_number("CHOPSTICKS_BENCH_TRANSFER_ROUNDS", 3);
+    let (
+        mut raw_put,
+        mut raw_fetch,
+        mut put_openssh,
+        mut fetch_openssh,
+        mut put_native,
+        mut fetch_native,
+    ) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    let openssh_tunnel = openssh(&sshd, sshd.alias(0));
+    let native_tunnel = native(&sshd, "native");
+    runtime.block_on(openssh_tunnel.connect()).expect("connect");
+    runtime.block_on(native_tunnel.connect()).expect("connect");
+    let settle = || {
+        let _ = std::fs::remove_file(&target);
+        let _ = Command::new("sync").status();
+    };
+    for _ in 0..transfer_rounds {
+        settle();
+        let started = Instant::now();
+        let status = ssh_command(&sshd, &format!("cat > '{}'", target.display()))
+            .stdin(std::fs::File::open(&source).expect("open"))
+            .status()
+            .expect("ssh cat >");
+        assert!(status.success());
+        raw_put.push(started.elapsed());
+        settle();
+        let started = Instant::now();
+        let status = ssh_command(&sshd, &format!("cat '{}'", source.display()))
+            .stdout(std::fs::File::create(&target).expect("create"))
+            .status()
+            .expect("ssh cat");
+        assert!(status.success());
+        raw_fetch.push(started.elapsed());
+        for (tunnel, puts, fetches) in [
+            (&openssh_tunnel, &mut put_openssh, &mut fetch_openssh),
+            (&native_tunnel, &mut put_native, &mut fetch_native),
+        ] {
+            settle();
+            let started = Instant::now();
+            runtime
+                .block_on(tunnel.put(&source, &target).into_future())
+                .expect("put");
+            puts.push(started.elapsed());
+            settle();
+            let started = Instant::now();
+            runtime
+                .block_on(tunnel.fetch(&source, &target).into_future())
+                .expect("fetch");
+            fetches.push(started.elapsed());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Fan-out to 20 hosts.
+    let fan_out = |make: &dyn Fn(usize) -> Tunnel| {
+        let group = Group::new((0..20).map(make)).expect("group");
+        let started = Instant::now();
+        let result = runtime.block_on(group.call(noop, ()));
+        let elapsed = started.elapsed();
+        assert_eq!(result.successful().count(), 20, "every host answered");
+        runtime.block_on(group.close());
+        elapsed
+    };
+    let fan_openssh = fan_out(&|i| openssh(&sshd, sshd.alias(i)));
+    let fan_native = fan_out(&|i| native(&sshd, &format!("native-{i}")));
+
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let rate = |d: Duration| bytes as f64 / d.as_secs_f64() / 1e6;
+    let (ssh_true, ours_openssh, ssh2_true, ours_native) = (
+        median(ssh_true),
+        median(ours_openssh),
+        median(ssh2_true),
+        median(ours_native),
+    );
+    println!("ssh to a loopback sshd, medians");
+    println!("connect + first call (warm agent cache), {rounds} rounds");
+    println!(
+        "  ssh HOST true            {:8.1} ms | chopsticks Ssh      {:8.1} ms = {:.2}x",
+        ms(ssh_true),
+        ms(ours_openssh),
+        ms(ours_openssh) / ms(ssh_true)
+    );
+    println!(
+        "  libssh2 connect + true   {:8.1} ms | chopsticks NativeSsh {:7.1} ms = {:.2}x",
+        ms(ssh2_true),
+        ms(ours_native),
+        ms(ours_native) / ms(ssh2_true)
+    );
+    let (master_true, ours_master) = (median(master_true), median(ours_master));
+    println!(
+        "  ssh true via master      {:8.1} ms | Ssh via ControlMaster {:7.1} ms = {:.2}x (of plain ssh true: {:.2}x)",
+        ms(master_true),
+        ms(ours_master),
+        ms(ours_master) / ms(master_true),
+        ms(ours_master) / ms(ssh_true)
+    );
+    println!("round trip, mean of {trips}");
+    println!(
+        "  64 B via ssh HOST cat    {:8.1} µs | Ssh call            {:8.1} µs = {:.2}x",
+        us(raw_openssh),
+        us(ours_openssh_trip),
+        us(ours_openssh_trip) / us(raw_openssh)
+    );
+    println!(
+        "  64 B via libssh2 cat     {:8.1} µs | NativeSsh call      {:8.1} µs = {:.2}x",
+        us(raw_native),
+        us(ours_native_trip),
+        us(ours_native_trip) / us(raw_native)
+    );
+    println!("{mib} MiB file, median of {transfer_rounds}");
+    let (raw_put, raw_fetch) = (median(raw_put), median(raw_fetch));
+    println!(
+        "  ssh 'cat > DST' < SRC    {:8.0} MB/s | ssh 'cat SRC' > DST {:8.0} MB/s",
+        rate(raw_put),
+        rate(raw_fetch)
+    );
+    for (name, puts, fetches) in [
+        ("Ssh", put_openssh, fetch_openssh),
+        ("NativeSsh", put_native, fetch_native),
+    ] {
+        let (put, fetch) = (median(puts), median(fetches));
+        println!(
+            "  {name:<10} put {:8.0} MB/s = {:.2}x | fetch {:8.0} MB/s = {:.2}x",
+            rate(put),
+            rate(put) / rate(raw_put),
+            rate(fetch),
+            rate(fetch) / rate(raw_fetch)
+        );
+    }
+    println!("20 hosts: Group connect + one call");
+    println!(
+        "  Ssh {:8.0} ms | NativeSsh {:8.0} ms",
+        ms(fan_openssh),
+        ms(fan_native)
+    );
+}

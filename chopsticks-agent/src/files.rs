@@ -1,0 +1,253 @@
+//! The agent's side of `put` and `fetch`.
+//!
+//! A put's chunks are handed by the reader role to a writer job on the pool,
+//! through a short queue; the writer hashes them into an [`AtomicFile`]
+//! beside the target and commits it (verify, sync, rename), so reading and
+//! calls go on while the disk works. A fetch runs on the pool: it streams the
+//! file through the bulk queue, which bounds memory and lets replies to
+//! calls overtake it.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender};
+
+use bytes::Bytes;
+use chopsticks_core::files::{self, AtomicFile, Expected, FileError, FileTime};
+use chopsticks_core::protocol::{
+    Failure, FailureKind, FileFailure, FileSummary, Message, encode_value,
+};
+use chopsticks_core::remote::CallOutcome;
+use chopsticks_core::wire::{CHUNK_LEN, OutFrame, Outbox};
+
+/// How many chunks may wait for a put's writer before the reader waits too.
+const PUT_QUEUE_LEN: usize = 8;
+
+/// What the reader hands a put's writer.
+enum Piece {
+    Data(Bytes),
+    /// All data was sent; the sender's checksum.
+    End(Vec<u8>),
+}
+
+/// A put whose data is arriving: the reader's end of its writer's queue.
+///
+/// The writer (a pool job) hashes and stores the chunks, so reading goes on
+/// while the disk works. Dropping this without [`end`](Self::end) (a
+/// cancel, the agent exiting) makes the writer drop the staged data.
+pub(crate) struct IncomingPut {
+    pieces: SyncSender<Piece>,
+}
+
+/// What a `Put` message asks for.
+pub(crate) struct PutRequest {
+    pub(crate) path: Vec<u8>,
+    pub(crate) size: u64,
+    pub(crate) mode: u32,
+    pub(crate) apply_umask: bool,
+    pub(crate) create_dirs: bool,
+    pub(crate) mtime: Option<FileTime>,
+}
+
+fn failure(error: FileError) -> Failure {
+    Failure::new(
+        FailureKind::File(FileFailure::of(&error.source)),
+        error.to_string(),
+    )
+}
+
+fn umask() -> u32 {
+    static UMASK: OnceLock<u32> = OnceLock::new();
+    *UMASK.get_or_init(files::umask)
+}
+
+impl IncomingPut {
+    /// Opens the staging file for a put and returns the reader's end with the
+    /// writer job, which returns the put's outcome, or `None` once it was dropped.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn start(
+        request: PutRequest,
+    ) -> Result<
+        (
+            IncomingPut,
+            impl FnOnce() -> Option<CallOutcome> + Send + 'static,
+        ),
+        Failure,
+    > {
+        let target = PathBuf::from(OsString::from_vec(request.path));
+        let file = AtomicFile::create(&target, request.create_dirs).map_err(failure)?;
+        let mode = if request.apply_umask {
+            request.mode & !umask()
+        } else {
+            request.mode
+        };
+        let (pieces, queue) = std::sync::mpsc::sync_channel(PUT_QUEUE_LEN);
+        let writer = Writer {
+            file,
+            size: request.size,
+            mode,
+            mtime: request.mtime,
+        };
+        Ok((IncomingPut { pieces }, move || writer.run(queue)))
+    }
+
+    /// Hands the next chunk to the writer. False once the writer has stopped
+    /// (it failed and replied); the rest of the put is then ignored.
+    pub(crate) fn write(&self, data: Bytes) -> bool {
+        self.pieces.send(Piece::Data(data)).is_ok()
+    }
+
+    /// All data has arrived: the writer verifies and commits.
+    pub(crate) fn end(self, checksum: Vec<u8>) {
+        let _ = self.pieces.send(Piece::End(checksum));
+    }
+}
+
+/// The writing half of a put.
+struct Writer {
+    file: AtomicFile,
+    size: u64,
+    mode: u32,
+    mtime: Option<FileTime>,
+}
+
+impl Writer {
+    fn run(mut self, queue: Receiver<Piece>) -> Option<CallOutcome> {
+        while let Ok(piece) = queue.recv() {
+            match piece {
+                Piece::Data(data) => {
+                    if let Err(failure) = self.write(&data) {
+                        return Some(Err(failure));
+                    }
+                }
+                Piece::End(checksum) => return Some(self.finish(&checksum)),
+            }
+        }
+        None
+    }
+
+    fn write(&mut self, data: &[u8]) -> Result<(), Failure> {
+        if self.file.written() + data.len() as u64 > self.size {
+            return Err(Failure::new(
+                FailureKind::File(FileFailure::Corrupt),
+                format!(
+                    "received more than the {} bytes announced for {}",
+                    self.size,
+                    self.file.target().display()
+                ),
+            ));
+        }
+        self.file.write(data).map_err(failure)
+    }
+
+    /// Verifies against the sender's checksum, then syncs and renames; the
+    /// outcome carries a [`FileSummary`].
+    fn finish(self, checksum: &[u8]) -> CallOutcome {
+        let checksum: [u8; 32] = checksum.try_into().map_err(|_| {
+            Failure::new(
+                FailureKind::File(FileFailure::Corrupt),
+                format!("the sender's checksum has {} bytes, not 32", checksum.len()),
+            )
+        })?;
+        let expected = Expected {
+            size: self.size,
+            checksum,
+        };
+        let target = self.file.target().to_path_buf();
+        let committed = self
+            .file
+            .commit(&expected, self.mode, self.mtime)
+            .map_err(failure)?;
+        let mtime = std::fs::metadata(&target)
+            .map(|metadata| FileTime::modified(&metadata))
+            .unwrap_or(FileTime {
+                seconds: 0,
+                nanos: 0,
+            });
+        summary(committed.size, committed.checksum, self.mode, mtime)
+    }
+}
+
+fn summary(size: u64, checksum: files::Checksum, mode: u32, mtime: FileTime) -> CallOutcome {
+    encode_value(&FileSummary {
+        size,
+        checksum: checksum.to_vec(),
+        mode,
+        mtime,
+    })
+    .map_err(|message| Failure::new(FailureKind::Result, message))
+}
+
+/// Streams the file at `path` as a fetch's head, chunks and final reply,
+/// through the bulk queue. Stops quietly once `cancelled` is set.
+pub(crate) fn send_file(
+    id: u64,
+    path: Vec<u8>,
+    outbox: &Outbox,
+    cancelled: &AtomicBool,
+    reply: impl Fn(u64, CallOutcome) -> OutFrame,
+) {
+    let path = PathBuf::from(OsString::from_vec(path));
+    let (mut file, metadata) = match files::open_source(&path) {
+        Ok(opened) => opened,
+        Err(error) => {
+            let _ = outbox.send(reply(id, Err(failure(error))));
+            return;
+        }
+    };
+    let head = Message::FetchHead {
+        id,
+        size: metadata.len(),
+    };
+    if outbox.send_bulk_blocking(OutFrame::message(&head)).is_err() {
+        return;
+    }
+    let outcome = match stream(id, &mut file, outbox, cancelled) {
+        Ok(None) => return,
+        Ok(Some((size, checksum))) => summary(
+            size,
+            checksum,
+            metadata.mode() & 0o7777,
+            FileTime::modified(&metadata),
+        ),
+        Err(error) => Err(failure(FileError::new("reading", &path, error))),
+    };
+    let _ = outbox.send_bulk_blocking(reply(id, outcome));
+}
+
+/// Sends the file's content as chunks; `None` when cancelled or disconnected.
+fn stream(
+    id: u64,
+    file: &mut File,
+    outbox: &Outbox,
+    cancelled: &AtomicBool,
+) -> std::io::Result<Option<(u64, files::Checksum)>> {
+    let mut hasher = blake3::Hasher::new();
+    let mut sent = 0u64;
+    loop {
+        if cancelled.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let mut chunk = Vec::with_capacity(CHUNK_LEN);
+        let read = file
+            .by_ref()
+            .take(CHUNK_LEN as u64)
+            .read_to_end(&mut chunk)?;
+        if read == 0 {
+            return Ok(Some((sent, *hasher.finalize().as_bytes())));
+        }
+        hasher.update(&chunk);
+        sent += read as u64;
+        if outbox
+            .send_bulk_blocking(OutFrame::chunk(id, Bytes::from(chunk)))
+            .is_err()
+        {
+            return Ok(None);
+        }
+    }
+}

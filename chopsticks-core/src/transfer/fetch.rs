@@ -1,0 +1,140 @@
+//! The controller's side of a fetch: receive, hash and stage the remote file.
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::mpsc::Receiver;
+
+use super::{Route, Transfer, TransferOptions, advanced, effective_mode};
+use crate::connection::{Connection, Reply, StreamEvent};
+use crate::error::Result;
+use crate::files::{AtomicFile, Expected, FileError, checksum_hex};
+use crate::progress::SharedProgress;
+use crate::protocol::{FileSummary, Message, decode_value};
+use crate::tunnel::Tunnel;
+use crate::wire::OutFrame;
+
+pub(super) async fn fetch(
+    tunnel: &Tunnel,
+    route: Arc<Route>,
+    options: TransferOptions,
+) -> Result<Transfer> {
+    let connection = tunnel.connection().await?;
+    let (id, reply) = connection.register()?;
+    let events = connection.register_stream(id);
+    let mut pending = Pending {
+        connection: &connection,
+        id,
+        finished: false,
+    };
+    let request = Message::Fetch {
+        id,
+        path: route.remote.as_os_str().as_bytes().to_vec(),
+    };
+    let _ = connection.outbox().send(OutFrame::message(&request));
+    let mut writer = {
+        let target = route.local.clone();
+        let create_dirs = options.create_dirs;
+        let progress = (options.progress.clone(), route.host.clone());
+        tokio::task::spawn_blocking(move || receive_file(events, target, create_dirs, progress))
+    };
+    let joined = |joined: std::result::Result<_, tokio::task::JoinError>| {
+        joined.unwrap_or_else(|error| {
+            Err(FileError::new(
+                "writing",
+                &route.local,
+                std::io::Error::other(error.to_string()),
+            ))
+        })
+    };
+    tokio::pin!(reply);
+    let (reply, staged) = tokio::select! {
+        reply = &mut reply => (reply, joined(writer.await)),
+        written = &mut writer => match joined(written) {
+            // The writer gave up (local disk full, say): the agent stops when `pending` drops.
+            Err(error) => return Err(route.local_failure(error)),
+            Ok(staged) => (reply.await, Ok(staged)),
+        },
+    };
+    pending.finished = true;
+    let summary = match reply {
+        Ok(Reply::Value(value)) => decode_value::<FileSummary>(&value).map_err(|message| {
+            route.corrupt(format!("the agent's report was unreadable: {message}"))
+        })?,
+        Ok(Reply::Failed(failure)) => return Err(route.remote_failure(failure)),
+        Ok(Reply::Closed(closure)) => return Err(route.broken(connection.closed_error(&closure))),
+        Err(_) => return Err(route.broken(connection.dropped_error())),
+    };
+    let staged = staged.map_err(|error| route.local_failure(error))?;
+    let Some(file) = staged else {
+        return Err(
+            route.corrupt("the agent reported success without sending the file".to_string())
+        );
+    };
+    let checksum: [u8; 32] = summary.checksum.as_slice().try_into().map_err(|_| {
+        route.corrupt(format!(
+            "the agent's checksum has {} bytes instead of 32",
+            summary.checksum.len()
+        ))
+    })?;
+    let expected = Expected {
+        size: summary.size,
+        checksum,
+    };
+    let mode = effective_mode(options.mode, summary.mode, crate::files::umask());
+    let mtime = options.preserve_mtime.then_some(summary.mtime);
+    let committed = tokio::task::spawn_blocking(move || file.commit(&expected, mode, mtime))
+        .await
+        .map_err(|error| route.error(std::io::ErrorKind::Other, error.to_string()))?
+        .map_err(|error| route.local_failure(error))?;
+    Ok(Transfer {
+        local_path: route.local.clone(),
+        remote_path: route.remote.clone(),
+        size: committed.size,
+        checksum: checksum_hex(&committed.checksum),
+    })
+}
+
+/// Withdraws an unfinished fetch: the agent stops sending, the writer stops writing.
+struct Pending<'c> {
+    connection: &'c Connection,
+    id: u64,
+    finished: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.connection.withdraw(self.id);
+        }
+    }
+}
+
+/// Writes the fetched file into an [`AtomicFile`] until the stream ends.
+/// Creates nothing until the agent has opened the remote file.
+fn receive_file(
+    mut events: Receiver<StreamEvent>,
+    target: PathBuf,
+    create_dirs: bool,
+    (progress, host): (Option<SharedProgress>, String),
+) -> Result<Option<AtomicFile>, FileError> {
+    let mut file: Option<AtomicFile> = None;
+    let mut total = 0;
+    while let Some(event) = events.blocking_recv() {
+        match event {
+            StreamEvent::Head(size) => {
+                total = size;
+                file = Some(AtomicFile::create(&target, create_dirs)?);
+            }
+            StreamEvent::Data(data) => {
+                let Some(file) = file.as_mut() else {
+                    continue;
+                };
+                file.write(&data)?;
+                advanced(&progress, &host, file.written(), total.max(file.written()));
+            }
+        }
+    }
+    Ok(file)
+}

@@ -1,0 +1,614 @@
+//! [`Docker`]: the agent in a new container, or in a running one.
+
+use std::collections::HashMap;
+use std::io;
+
+use bollard::models::{ContainerCreateBody, ExecConfig, HostConfig};
+use bollard::query_parameters::{
+    AttachContainerOptions, CreateContainerOptions, DownloadFromContainerOptions,
+    RemoveContainerOptions, UploadToContainerOptions, WaitContainerOptions,
+};
+use chopsticks_core::{
+    AgentCommand, AgentLaunch, AgentProcess, BoxError, ExitReport, Pipes, Transport, async_trait,
+};
+use futures_util::StreamExt;
+
+use crate::DockerError;
+use crate::attach::pipes;
+use crate::payload::Payload;
+
+/// The label every container chopsticks creates carries, so leftovers can be found
+/// (`docker ps -a --filter label=chopsticks`).
+pub const LABEL: &str = "chopsticks";
+
+#[derive(Debug, Clone)]
+enum Target {
+    /// A new container from this image.
+    Create { image: String },
+    /// A running container.
+    Exec,
+}
+
+/// Runs the agent in a Docker container, through the Engine API only (no
+/// `docker` CLI, no shell in the image).
+///
+/// [`Docker::new`] creates a container from an image, places the agent in it
+/// through the archive API, starts it attached to stdin, stdout and stderr,
+/// and removes it when the tunnel closes (unless [`keep`](Self::keep)).
+/// [`Docker::exec`] runs the agent in a running container and leaves the
+/// container as it was. The agent brings its own dynamic loader and shared
+/// libraries, so any image of the same architecture works, even `FROM scratch`.
+///
+/// ```no_run
+/// use chopsticks_core::Tunnel;
+/// use chopsticks_docker::Docker;
+/// # use chopsticks_agent as _;
+///
+/// # async fn demo() -> chopsticks_core::Result<()> {
+/// let tun = Tunnel::new(Docker::new("build-1").image("debian:bookworm").env("LANG", "C.UTF-8"));
+/// let release: String = tun.call(|| std::fs::read_to_string("/etc/os-release").unwrap_or_default(), ()).await?;
+/// tun.close().await?; // the container is removed
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Docker {
+    name: String,
+    target: Target,
+    engine: Option<String>,
+    user: Option<String>,
+    env: Vec<(String, String)>,
+    working_dir: Option<String>,
+    network: Option<String>,
+    mounts: Vec<String>,
+    labels: Vec<(String, String)>,
+    keep: bool,
+}
+
+impl Docker {
+    /// A new container named `name`; set its [`image`](Self::image).
+    pub fn new(name: impl Into<String>) -> Docker {
+        Docker {
+            name: name.into(),
+            target: Target::Create {
+                image: String::new(),
+            },
+            engine: None,
+            user: None,
+            env: Vec::new(),
+            working_dir: None,
+            network: None,
+            mounts: Vec::new(),
+            labels: Vec::new(),
+            keep: false,
+        }
+    }
+
+    /// The running container `container` (name or id), entered with `docker exec`.
+    pub fn exec(container: impl Into<String>) -> Docker {
+        Docker {
+            target: Target::Exec,
+            ..Docker::new(container)
+        }
+    }
+
+    /// The image a new container is created from (it must be present locally).
+    pub fn image(mut self, image: impl Into<String>) -> Docker {
+        self.target = Target::Create {
+            image: image.into(),
+        };
+        self
+    }
+
+    /// The Engine to talk to: `unix:///path`, `tcp://host:port` or
+    /// `http://host:port` (default: `DOCKER_HOST`, else the local socket).
+    pub fn engine(mut self, address: impl Into<String>) -> Docker {
+        self.engine = Some(address.into());
+        self
+    }
+
+    /// Runs the agent as this user (`uid`, `uid:gid` or a name the image knows).
+    pub fn user(mut self, user: impl Into<String>) -> Docker {
+        self.user = Some(user.into());
+        self
+    }
+
+    /// Sets an environment variable for the agent.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Docker {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// The agent's working directory.
+    pub fn working_dir(mut self, dir: impl Into<String>) -> Docker {
+        self.working_dir = Some(dir.into());
+        self
+    }
+
+    /// Attaches a new container to this network (`bridge`, `host`, `none` or a name).
+    pub fn network(mut self, network: impl Into<String>) -> Docker {
+        self.network = Some(network.into());
+        self
+    }
+
+    /// Mounts into a new container, in `docker run -v` form: `/host:/container[:ro]`
+    /// or `volume:/container`.
+    pub fn mount(mut self, bind: impl Into<String>) -> Docker {
+        self.mounts.push(bind.into());
+        self
+    }
+
+    /// Adds a label to a new container (it always carries `chopsticks=agent`).
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Docker {
+        self.labels.push((key.into(), value.into()));
+        self
+    }
+
+    /// Keeps a new container after the tunnel closes (stopped, not removed).
+    pub fn keep(mut self, keep: bool) -> Docker {
+        self.keep = keep;
+        self
+    }
+
+    fn image_name(&self) -> &str {
+        match &self.target {
+            Target::Create { image } => image,
+            Target::Exec => "",
+        }
+    }
+
+    /// A client for the Engine, with the API version negotiated once per
+    /// address and process.
+    async fn client(&self) -> Result<bollard::Docker, DockerError> {
+        static CLIENTS: std::sync::Mutex<Vec<(Option<String>, bollard::Docker)>> =
+            std::sync::Mutex::new(Vec::new());
+        let lock = || CLIENTS.lock().unwrap_or_else(|poison| poison.into_inner());
+        if let Some((_, client)) = lock().iter().find(|(address, _)| *address == self.engine) {
+            return Ok(client.clone());
+        }
+        let client = self
+            .connect_engine()?
+            .negotiate_version()
+            .await
+            .map_err(|error| DockerError::Engine {
+                container: self.name.clone(),
+                message: format!("the Engine did not answer: {error}"),
+            })?;
+        lock().push((self.engine.clone(), client.clone()));
+        Ok(client)
+    }
+
+    fn connect_engine(&self) -> Result<bollard::Docker, DockerError> {
+        let unreachable = |error: bollard::errors::Error| DockerError::Engine {
+            container: self.name.clone(),
+            message: error.to_string(),
+        };
+        match &self.engine {
+            None => bollard::Docker::connect_with_defaults().map_err(unreachable),
+            Some(address) if address.starts_with("unix://") => {
+                bollard::Docker::connect_with_unix(address, 120, bollard::API_DEFAULT_VERSION)
+                    .map_err(unreachable)
+            }
+            Some(address) => {
+                bollard::Docker::connect_with_http(address, 120, bollard::API_DEFAULT_VERSION)
+                    .map_err(unreachable)
+            }
+        }
+    }
+
+    /// Maps an Engine error to what it means for this container.
+    fn explain(&self, phase: &'static str, error: bollard::errors::Error) -> DockerError {
+        use bollard::errors::Error;
+        match error {
+            Error::DockerResponseServerError {
+                status_code: 404,
+                message,
+            } if phase == "creating the container" => DockerError::ImageMissing {
+                container: self.name.clone(),
+                image: self.image_name().to_string(),
+                message,
+            },
+            Error::DockerResponseServerError {
+                status_code: 404,
+                message,
+            } => DockerError::NoSuchContainer {
+                container: self.name.clone(),
+                message,
+            },
+            Error::DockerResponseServerError {
+                status_code: 409,
+                message,
+            } if phase == "creating the container" => DockerError::NameConflict {
+                container: self.name.clone(),
+                message,
+            },
+            Error::DockerResponseServerError { message, .. } => DockerError::Refused {
+                container: self.name.clone(),
+                image: self.image_name().to_string(),
+                phase,
+                message,
+            },
+            other => DockerError::Engine {
+                container: self.name.clone(),
+                message: format!("{phase}: {other}"),
+            },
+        }
+    }
+
+    async fn create(
+        &self,
+        engine: &bollard::Docker,
+        image: &str,
+        payload: &Payload,
+        agent_env: Vec<String>,
+    ) -> Result<String, DockerError> {
+        let mut labels: HashMap<String, String> = self.labels.iter().cloned().collect();
+        labels.insert(LABEL.into(), "agent".into());
+        let body = ContainerCreateBody {
+            image: Some(image.to_string()),
+            cmd: Some(payload.command.clone()),
+            entrypoint: Some(Vec::new()),
+            env: Some(agent_env),
+            user: self.user.clone(),
+            working_dir: self.working_dir.clone(),
+            labels: Some(labels),
+            attach_stdin: Some(true),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            open_stdin: Some(true),
+            stdin_once: Some(true),
+            tty: Some(false),
+            host_config: Some(HostConfig {
+                auto_remove: Some(false),
+                network_mode: self.network.clone(),
+                binds: (!self.mounts.is_empty()).then(|| self.mounts.clone()),
+                ..HostConfig::default()
+            }),
+            ..ContainerCreateBody::default()
+        };
+        let options = CreateContainerOptions {
+            name: Some(self.name.clone()),
+            ..CreateContainerOptions::default()
+        };
+        let created = engine
+            .create_container(Some(options), body)
+            .await
+            .map_err(|error| self.explain("creating the container", error))?;
+        Ok(created.id)
+    }
+
+    async fn place(
+        &self,
+        engine: &bollard::Docker,
+        container: &str,
+        payload: &Payload,
+    ) -> Result<(), DockerError> {
+        let options = UploadToContainerOptions {
+            path: "/".into(),
+            ..UploadToContainerOptions::default()
+        };
+        engine
+            .upload_to_container(
+                container,
+                Some(options),
+                bollard::body_try_stream(payload.tar()),
+            )
+            .await
+            .map_err(|error| self.explain("placing the agent in the container", error))
+    }
+
+    /// Whether a complete payload for this program is in the container already.
+    async fn placed(
+        &self,
+        engine: &bollard::Docker,
+        container: &str,
+        payload: &Payload,
+    ) -> Result<bool, DockerError> {
+        let options = DownloadFromContainerOptions {
+            path: payload.marker(),
+        };
+        let mut archive = Vec::new();
+        let mut download = engine.download_from_container(container, Some(options));
+        while let Some(chunk) = download.next().await {
+            match chunk {
+                Ok(bytes) => archive.extend_from_slice(&bytes),
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404,
+                    message,
+                }) => {
+                    // A missing marker is a miss; a missing container is an error.
+                    return if message.contains("No such container") {
+                        Err(DockerError::NoSuchContainer {
+                            container: self.name.clone(),
+                            message,
+                        })
+                    } else {
+                        Ok(false)
+                    };
+                }
+                Err(error) => return Err(self.explain("looking for the agent", error)),
+            }
+        }
+        let marker = payload.marker_content();
+        Ok(archive
+            .windows(marker.len())
+            .any(|window| window == marker.as_slice()))
+    }
+
+    fn agent_env(&self, command: &AgentCommand) -> Vec<String> {
+        self.env
+            .iter()
+            .chain(command.env_vars().iter())
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Transport for Docker {
+    fn host(&self) -> &str {
+        &self.name
+    }
+
+    fn launch(&self) -> AgentLaunch {
+        // The agent is placed through the archive API, not by a shell script.
+        AgentLaunch::Direct
+    }
+
+    fn diagnose(&self, stderr_tail: &[String]) -> Option<BoxError> {
+        cannot_start(&self.name, self.image_name(), stderr_tail)
+            .map(|error| Box::new(error) as BoxError)
+    }
+
+    async fn spawn(&self, command: &AgentCommand) -> Result<Pipes, BoxError> {
+        let engine = self.client().await?;
+        let payload = tokio::task::spawn_blocking(Payload::for_this_program)
+            .await
+            .map_err(|error| io::Error::other(error.to_string()))?
+            .map_err(|error| DockerError::Payload {
+                container: self.name.clone(),
+                message: error.to_string(),
+            })?;
+        match &self.target {
+            Target::Create { image } => {
+                if image.is_empty() {
+                    return Err(Box::new(DockerError::NoImage {
+                        container: self.name.clone(),
+                    }));
+                }
+                let id = self
+                    .create(&engine, image, &payload, self.agent_env(command))
+                    .await?;
+                let started = async {
+                    let attach = AttachContainerOptions {
+                        stdin: true,
+                        stdout: true,
+                        stderr: true,
+                        stream: true,
+                        logs: true,
+                        ..AttachContainerOptions::default()
+                    };
+                    // Both must be done before the start; neither needs the other.
+                    let (placed, attached) = tokio::join!(
+                        self.place(&engine, &id, &payload),
+                        engine.attach_container(&id, Some(attach))
+                    );
+                    placed?;
+                    let attached = attached
+                        .map_err(|error| self.explain("attaching to the container", error))?;
+                    engine
+                        .start_container(
+                            &id,
+                            None::<bollard::query_parameters::StartContainerOptions>,
+                        )
+                        .await
+                        .map_err(|error| self.explain("starting the container", error))?;
+                    Ok::<_, DockerError>(attached)
+                };
+                let attached = match started.await {
+                    Ok(attached) => attached,
+                    Err(error) => {
+                        remove(&engine, &id).await;
+                        return Err(Box::new(error));
+                    }
+                };
+                let process = ContainerProcess {
+                    engine: engine.clone(),
+                    id: id.clone(),
+                    exec: None,
+                    remove: !self.keep,
+                };
+                Ok(pipes(attached.output, attached.input, Box::new(process)))
+            }
+            Target::Exec => {
+                let config = ExecConfig {
+                    attach_stdin: Some(true),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    tty: Some(false),
+                    cmd: Some(payload.command.clone()),
+                    env: Some(self.agent_env(command)),
+                    user: self.user.clone(),
+                    working_dir: self.working_dir.clone(),
+                    ..ExecConfig::default()
+                };
+                // The payload stays in the container, so later tunnels skip the
+                // upload. Containers already seen by this process (by id) skip
+                // even the look, which reads the container's filesystem.
+                let (inspected, exec) = tokio::join!(
+                    engine.inspect_container(
+                        &self.name,
+                        None::<bollard::query_parameters::InspectContainerOptions>
+                    ),
+                    engine.create_exec(&self.name, config)
+                );
+                let id = inspected
+                    .map_err(|error| self.explain("inspecting the container", error))?
+                    .id
+                    .unwrap_or_else(|| self.name.clone());
+                if !known_placed(&id, &payload.dir) {
+                    if !self.placed(&engine, &id, &payload).await? {
+                        self.place(&engine, &id, &payload).await?;
+                    }
+                    remember_placed(&id, &payload.dir);
+                }
+                let exec = exec.map_err(|error| self.explain("creating the exec", error))?;
+                let started = engine
+                    .start_exec(&exec.id, None)
+                    .await
+                    .map_err(|error| self.explain("starting the exec", error))?;
+                let bollard::exec::StartExecResults::Attached { output, input } = started else {
+                    return Err(Box::new(DockerError::Engine {
+                        container: self.name.clone(),
+                        message: "the Engine started the exec detached".into(),
+                    }));
+                };
+                let process = ContainerProcess {
+                    engine: engine.clone(),
+                    id: self.name.clone(),
+                    exec: Some(exec.id),
+                    remove: false,
+                };
+                Ok(pipes(output, input, Box::new(process)))
+            }
+        }
+    }
+}
+
+/// The error for an agent that the container could not run, from what it printed.
+fn cannot_start(container: &str, image: &str, stderr_tail: &[String]) -> Option<DockerError> {
+    const SIGNS: [&str; 4] = [
+        "exec format error",
+        "no such file or directory",
+        "permission denied",
+        "cannot execute",
+    ];
+    stderr_tail
+        .iter()
+        .rev()
+        .find(|line| {
+            let line = line.to_ascii_lowercase();
+            SIGNS.iter().any(|sign| line.contains(sign))
+        })
+        .map(|line| DockerError::CannotStart {
+            container: container.to_string(),
+            image: image.to_string(),
+            detail: line.clone(),
+        })
+}
+
+/// Containers (by id) known to hold a payload directory, in this process.
+static PLACED: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+fn known_placed(id: &str, dir: &str) -> bool {
+    PLACED
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner())
+        .iter()
+        .any(|(known, placed)| known == id && placed == dir)
+}
+
+fn remember_placed(id: &str, dir: &str) {
+    let mut placed = PLACED.lock().unwrap_or_else(|poison| poison.into_inner());
+    // Bounded: a long-lived controller entering many containers keeps the latest.
+    if placed.len() >= 1024 {
+        placed.remove(0);
+    }
+    placed.push((id.to_string(), dir.to_string()));
+}
+
+/// Removes a container, forcing it to stop first.
+async fn remove(engine: &bollard::Docker, id: &str) {
+    let options = RemoveContainerOptions {
+        force: true,
+        ..RemoveContainerOptions::default()
+    };
+    let _ = engine.remove_container(id, Some(options)).await;
+}
+
+/// The agent's container (or exec), as the tunnel's process.
+struct ContainerProcess {
+    engine: bollard::Docker,
+    id: String,
+    exec: Option<String>,
+    remove: bool,
+}
+
+#[async_trait]
+impl AgentProcess for ContainerProcess {
+    fn id(&self) -> Option<u32> {
+        None
+    }
+
+    fn start_kill(&mut self) -> io::Result<()> {
+        let engine = self.engine.clone();
+        let id = self.id.clone();
+        match (&self.exec, self.remove) {
+            // An exec ends when its stdin closes; the container stays.
+            (Some(_), _) => {}
+            (None, true) => {
+                tokio::spawn(async move { remove(&engine, &id).await });
+            }
+            (None, false) => {
+                tokio::spawn(async move {
+                    let _ = engine
+                        .kill_container(
+                            &id,
+                            None::<bollard::query_parameters::KillContainerOptions>,
+                        )
+                        .await;
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn wait(&mut self) -> io::Result<ExitReport> {
+        let report = match &self.exec {
+            Some(exec) => loop {
+                match self.engine.inspect_exec(exec).await {
+                    Ok(state) if state.running == Some(false) => {
+                        break ExitReport {
+                            code: state.exit_code.map(|code| code as i32),
+                            signal: None,
+                        };
+                    }
+                    Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+                    Err(_) => break ExitReport::default(),
+                }
+            },
+            None => {
+                let mut waiting = self
+                    .engine
+                    .wait_container(&self.id, None::<WaitContainerOptions>);
+                let code = match waiting.next().await {
+                    Some(Ok(response)) => Some(response.status_code as i32),
+                    Some(Err(bollard::errors::Error::DockerContainerWaitError {
+                        code, ..
+                    })) => Some(code as i32),
+                    _ => None,
+                };
+                if self.remove {
+                    remove(&self.engine, &self.id).await;
+                }
+                ExitReport { code, signal: None }
+            }
+        };
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_failures_are_recognised() {
+        let lines = vec![
+            "OCI runtime exec failed: exec failed: unable to start container process: exec: \"/.chopsticks/x/agent\": exec format error: unknown".to_string(),
+        ];
+        let error = cannot_start("c1", "img", &lines).expect("recognised");
+        assert!(matches!(error, DockerError::CannotStart { .. }));
+        assert!(error.to_string().contains("c1") && error.to_string().contains("img"));
+        assert!(cannot_start("c1", "img", &["all fine".to_string()]).is_none());
+    }
+}

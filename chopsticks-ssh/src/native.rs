@@ -1,0 +1,690 @@
+//! [`NativeSsh`]: the agent on a remote host through libssh2, in-process.
+//!
+//! Connecting, the handshake, the host-key check and authentication run on a
+//! blocking thread. The session then belongs to one *pump* thread, which
+//! moves bytes between the SSH channel and three pipes whose other ends are
+//! the tunnel's stdin, stdout and stderr, waiting in `poll(2)` on the socket
+//! and the pipes. The async runtime never blocks on libssh2.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chopsticks_core::{
+    AgentCommand, AgentProcess, BoxError, ExitReport, Pipes, Transport, async_trait,
+};
+use ssh2::{BlockDirections, CheckResult, KnownHostFileKind, Session};
+
+use crate::SshError;
+
+/// How one connection authenticates.
+#[derive(Clone)]
+enum Auth {
+    Key {
+        private: PathBuf,
+        passphrase: Option<String>,
+    },
+    Agent,
+    Password(String),
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Auth::Key { private, .. } => write!(f, "Key({})", private.display()),
+            Auth::Agent => f.write_str("Agent"),
+            Auth::Password(_) => f.write_str("Password(..)"),
+        }
+    }
+}
+
+/// Runs the agent on a host through libssh2, without an `ssh` binary.
+///
+/// It reads no `ssh_config`: give the address, port, user and credentials
+/// here. Authentication tries what was added, in order (by default the SSH
+/// agent, then `~/.ssh/id_ed25519`, `id_ecdsa` and `id_rsa`). The host key
+/// must be in `known_hosts` (default `~/.ssh/known_hosts`); an unknown or
+/// changed key is refused, never accepted.
+///
+/// ```no_run
+/// use chopsticks_core::Tunnel;
+/// use chopsticks_ssh::NativeSsh;
+/// # use chopsticks_agent as _;
+///
+/// # async fn demo() -> chopsticks_core::Result<()> {
+/// let tun = Tunnel::new(
+///     NativeSsh::new("10.0.0.5").user("deploy").identity_file("/etc/deploy/id_ed25519"),
+/// );
+/// let pid: u32 = tun.call(std::process::id, ()).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct NativeSsh {
+    /// The name or address connected to.
+    address: String,
+    name: String,
+    port: u16,
+    user: Option<String>,
+    auth: Vec<Auth>,
+    known_hosts: Option<PathBuf>,
+    connect_timeout: Duration,
+}
+
+impl NativeSsh {
+    /// The host to connect to: a name or an address.
+    pub fn new(host: impl Into<String>) -> NativeSsh {
+        let address = host.into();
+        NativeSsh {
+            name: address.clone(),
+            address,
+            port: 22,
+            user: None,
+            auth: Vec::new(),
+            known_hosts: None,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The port (default 22).
+    pub fn port(mut self, port: u16) -> NativeSsh {
+        self.port = port;
+        self
+    }
+
+    /// The user to log in as (default: the user running this program).
+    pub fn user(mut self, user: impl Into<String>) -> NativeSsh {
+        self.user = Some(user.into());
+        self
+    }
+
+    /// Authenticates with this private key file.
+    pub fn identity_file(mut self, path: impl Into<PathBuf>) -> NativeSsh {
+        self.auth.push(Auth::Key {
+            private: path.into(),
+            passphrase: None,
+        });
+        self
+    }
+
+    /// Authenticates with this passphrase-protected private key file.
+    pub fn identity_file_with_passphrase(
+        mut self,
+        path: impl Into<PathBuf>,
+        passphrase: impl Into<String>,
+    ) -> NativeSsh {
+        self.auth.push(Auth::Key {
+            private: path.into(),
+            passphrase: Some(passphrase.into()),
+        });
+        self
+    }
+
+    /// Authenticates through the SSH agent (`SSH_AUTH_SOCK`).
+    pub fn agent(mut self) -> NativeSsh {
+        self.auth.push(Auth::Agent);
+        self
+    }
+
+    /// Authenticates with a password.
+    pub fn password(mut self, password: impl Into<String>) -> NativeSsh {
+        self.auth.push(Auth::Password(password.into()));
+        self
+    }
+
+    /// Checks the host key against this file instead of `~/.ssh/known_hosts`.
+    pub fn known_hosts(mut self, path: impl Into<PathBuf>) -> NativeSsh {
+        self.known_hosts = Some(path.into());
+        self
+    }
+
+    /// Bounds the TCP connect, the handshake and authentication (default 10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> NativeSsh {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Names the tunnel `name` in errors and groups instead of the host.
+    pub fn named(mut self, name: impl Into<String>) -> NativeSsh {
+        self.name = name.into();
+        self
+    }
+
+    fn fail(&self, phase: &'static str, message: impl std::fmt::Display) -> SshError {
+        SshError::Native {
+            host: self.name.clone(),
+            phase,
+            message: message.to_string(),
+        }
+    }
+
+    /// Connects, checks the host key, authenticates and starts `command`.
+    fn open(&self, command: &str) -> Result<(Session, ssh2::Channel), SshError> {
+        let host = self.name.clone();
+        let addresses: Vec<_> = (self.address.as_str(), self.port)
+            .to_socket_addrs()
+            .map_err(|error| SshError::Resolve {
+                host: host.clone(),
+                detail: error.to_string(),
+            })?
+            .collect();
+        let mut last = None;
+        let mut stream = None;
+        for address in addresses {
+            match TcpStream::connect_timeout(&address, self.connect_timeout) {
+                Ok(connected) => {
+                    stream = Some(connected);
+                    break;
+                }
+                Err(error) => last = Some(error),
+            }
+        }
+        let stream = stream.ok_or_else(|| {
+            let error = last.unwrap_or_else(|| io::Error::other("no address"));
+            let detail = error.to_string();
+            match error.kind() {
+                io::ErrorKind::ConnectionRefused => SshError::Refused {
+                    host: host.clone(),
+                    detail,
+                },
+                io::ErrorKind::TimedOut => SshError::Timeout {
+                    host: host.clone(),
+                    detail,
+                },
+                _ => SshError::Unreachable {
+                    host: host.clone(),
+                    detail,
+                },
+            }
+        })?;
+        let _ = stream.set_nodelay(true);
+        let mut session = Session::new().map_err(|e| self.fail("creating a session", e))?;
+        session.set_timeout(self.connect_timeout.as_millis().min(u32::MAX as u128) as u32);
+        session.set_tcp_stream(stream);
+        session.handshake().map_err(|e| SshError::Closed {
+            host: host.clone(),
+            detail: format!("handshake: {e}"),
+        })?;
+        self.check_host_key(&session)?;
+        self.authenticate(&session)?;
+        let mut channel = session
+            .channel_session()
+            .map_err(|e| self.fail("opening a channel", e))?;
+        channel
+            .exec(command)
+            .map_err(|e| self.fail("starting the bootstrap", e))?;
+        Ok((session, channel))
+    }
+
+    fn check_host_key(&self, session: &Session) -> Result<(), SshError> {
+        let path = match &self.known_hosts {
+            Some(path) => path.clone(),
+            None => home()
+                .map(|home| home.join(".ssh/known_hosts"))
+                .ok_or_else(|| self.fail("checking the host key", "HOME is not set"))?,
+        };
+        let mut known = session
+            .known_hosts()
+            .map_err(|e| self.fail("checking the host key", e))?;
+        // A missing file means no host is known: the check below refuses.
+        let _ = known.read_file(&path, KnownHostFileKind::OpenSSH);
+        let (key, _) = session
+            .host_key()
+            .ok_or_else(|| self.fail("checking the host key", "the server sent no host key"))?;
+        match known.check_port(&self.address, self.port, key) {
+            CheckResult::Match => Ok(()),
+            CheckResult::Mismatch => Err(SshError::HostKey {
+                host: self.name.clone(),
+                detail: format!(
+                    "the key differs from the one recorded in {}",
+                    path.display()
+                ),
+            }),
+            CheckResult::NotFound => Err(SshError::HostKey {
+                host: self.name.clone(),
+                detail: format!("no key for it in {}", path.display()),
+            }),
+            CheckResult::Failure => Err(self.fail("checking the host key", "libssh2 failed")),
+        }
+    }
+
+    fn authenticate(&self, session: &Session) -> Result<(), SshError> {
+        let user = match &self.user {
+            Some(user) => user.clone(),
+            None => current_user(),
+        };
+        let mut methods = self.auth.clone();
+        if methods.is_empty() {
+            methods.push(Auth::Agent);
+            if let Some(home) = home() {
+                for key in ["id_ed25519", "id_ecdsa", "id_rsa"] {
+                    let private = home.join(".ssh").join(key);
+                    if private.exists() {
+                        methods.push(Auth::Key {
+                            private,
+                            passphrase: None,
+                        });
+                    }
+                }
+            }
+        }
+        let mut tried = Vec::new();
+        for method in &methods {
+            let result = match method {
+                Auth::Key {
+                    private,
+                    passphrase,
+                } => session.userauth_pubkey_file(&user, None, private, passphrase.as_deref()),
+                Auth::Agent => session.userauth_agent(&user),
+                Auth::Password(password) => session.userauth_password(&user, password),
+            };
+            match result {
+                Ok(()) if session.authenticated() => return Ok(()),
+                Ok(()) => tried.push(format!("{method:?}: not accepted")),
+                Err(error) => tried.push(format!("{method:?}: {}", error.message())),
+            }
+        }
+        Err(SshError::Authentication {
+            host: self.name.clone(),
+            detail: format!("as {user}; tried {}", tried.join(", ")),
+        })
+    }
+}
+
+fn home() -> Option<PathBuf> {
+    std::env::var_os("HOME").map(PathBuf::from)
+}
+
+fn current_user() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "root".to_string())
+}
+
+#[async_trait]
+impl Transport for NativeSsh {
+    fn host(&self) -> &str {
+        &self.name
+    }
+
+    async fn spawn(&self, command: &AgentCommand) -> Result<Pipes, BoxError> {
+        let this = self.clone();
+        let command = command.to_shell_command();
+        let (session, channel) = tokio::task::spawn_blocking(move || this.open(&command))
+            .await
+            .map_err(|error| self.fail("connecting", error))??;
+        let ends = PumpEnds::new().map_err(|e| self.fail("creating pipes", e))?;
+        let (exit_sender, exit) = tokio::sync::oneshot::channel();
+        let kill = ends.kill_write;
+        let pump = Pump {
+            session,
+            channel,
+            stdin: ends.stdin_read,
+            stdout: ends.stdout_write,
+            stderr: ends.stderr_write,
+            kill: ends.kill_read,
+        };
+        std::thread::Builder::new()
+            .name("chopsticks-ssh2".into())
+            .spawn(move || {
+                let report = pump.run();
+                let _ = exit_sender.send(report);
+            })
+            .map_err(|e| self.fail("starting the pump thread", e))?;
+        Ok(Pipes {
+            stdin: Box::new(tokio::net::unix::pipe::Sender::from_owned_fd(
+                ends.stdin_write,
+            )?),
+            stdout: Box::new(tokio::net::unix::pipe::Receiver::from_owned_fd(
+                ends.stdout_read,
+            )?),
+            stderr: Some(Box::new(tokio::net::unix::pipe::Receiver::from_owned_fd(
+                ends.stderr_read,
+            )?)),
+            process: Box::new(NativeProcess {
+                exit: Some(exit),
+                kill: Some(kill),
+            }),
+        })
+    }
+}
+
+/// The remote command, as seen from here: its exit status comes from the pump.
+struct NativeProcess {
+    exit: Option<tokio::sync::oneshot::Receiver<ExitReport>>,
+    kill: Option<OwnedFd>,
+}
+
+#[async_trait]
+impl AgentProcess for NativeProcess {
+    fn id(&self) -> Option<u32> {
+        None
+    }
+
+    fn start_kill(&mut self) -> io::Result<()> {
+        // Closing the kill pipe wakes the pump, which closes the channel.
+        self.kill = None;
+        Ok(())
+    }
+
+    async fn wait(&mut self) -> io::Result<ExitReport> {
+        match self.exit.take() {
+            Some(exit) => Ok(exit.await.unwrap_or_default()),
+            None => Ok(ExitReport::default()),
+        }
+    }
+}
+
+/// Both ends of the four pipes between the tunnel and the pump.
+struct PumpEnds {
+    stdin_read: OwnedFd,
+    stdin_write: OwnedFd,
+    stdout_read: OwnedFd,
+    stdout_write: OwnedFd,
+    stderr_read: OwnedFd,
+    stderr_write: OwnedFd,
+    kill_read: OwnedFd,
+    kill_write: OwnedFd,
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array it is given.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+impl PumpEnds {
+    fn new() -> io::Result<PumpEnds> {
+        let (stdin_read, stdin_write) = pipe()?;
+        let (stdout_read, stdout_write) = pipe()?;
+        let (stderr_read, stderr_write) = pipe()?;
+        let (kill_read, kill_write) = pipe()?;
+        for fd in [&stdin_read, &stdout_write] {
+            // SAFETY: F_SETPIPE_SZ on an open pipe has no memory-safety preconditions.
+            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+        }
+        Ok(PumpEnds {
+            stdin_read,
+            stdin_write,
+            stdout_read,
+            stdout_write,
+            stderr_read,
+            stderr_write,
+            kill_read,
+            kill_write,
+        })
+    }
+}
+
+/// Bytes read but not yet written on.
+struct Pending {
+    buffer: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Pending {
+    fn new() -> Pending {
+        Pending {
+            buffer: vec![0; 256 * 1024],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.buffer[self.start..self.end]
+    }
+
+    fn consumed(&mut self, count: usize) {
+        self.start += count;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Fills the empty buffer from `source`; `Ok(0)` is the end of input.
+    fn fill(&mut self, source: &mut impl Read) -> io::Result<usize> {
+        let read = source.read(&mut self.buffer)?;
+        self.start = 0;
+        self.end = read;
+        Ok(read)
+    }
+}
+
+/// Owns the session and moves bytes until the remote command ends.
+struct Pump {
+    session: Session,
+    channel: ssh2::Channel,
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    kill: OwnedFd,
+}
+
+fn would_block(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::WouldBlock
+}
+
+fn raw_read(fd: &OwnedFd, buffer: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buffer` is writable for its length.
+    let read = unsafe { libc::read(fd.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len()) };
+    if read < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(read as usize)
+    }
+}
+
+fn raw_write(fd: &OwnedFd, bytes: &[u8]) -> io::Result<usize> {
+    // SAFETY: `bytes` is readable for its length.
+    let written = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+    if written < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(written as usize)
+    }
+}
+
+struct FdReader<'a>(&'a OwnedFd);
+
+impl Read for FdReader<'_> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        raw_read(self.0, buffer)
+    }
+}
+
+impl Pump {
+    fn run(mut self) -> ExitReport {
+        self.session.set_blocking(false);
+        self.session.set_keepalive(false, 15);
+        let (mut input, mut output, mut errors) = (Pending::new(), Pending::new(), Pending::new());
+        let (mut input_done, mut eof_sent, mut output_done, mut errors_done) =
+            (false, false, false, false);
+        let mut stdout = Some(&self.stdout);
+        let mut stderr = Some(&self.stderr);
+        loop {
+            let mut progress = false;
+            // Controller → channel.
+            if input.is_empty() && !input_done {
+                match input.fill(&mut FdReader(&self.stdin)) {
+                    Ok(0) => input_done = true,
+                    Ok(_) => progress = true,
+                    Err(error) if would_block(&error) => {}
+                    Err(_) => input_done = true,
+                }
+            }
+            if !input.is_empty() {
+                match self.channel.write(input.data()) {
+                    Ok(written) => {
+                        input.consumed(written);
+                        progress |= written > 0;
+                    }
+                    Err(error) if would_block(&error) => {}
+                    Err(_) => break,
+                }
+            }
+            if input_done && input.is_empty() && !eof_sent {
+                match self.channel.send_eof() {
+                    Ok(()) => eof_sent = true,
+                    Err(error) if error.code() == ssh2::ErrorCode::Session(-37) => {}
+                    Err(_) => eof_sent = true,
+                }
+            }
+            // Channel → controller, stdout and stderr.
+            for (pending, done, sink, stream) in [
+                (&mut output, &mut output_done, &mut stdout, 0),
+                (&mut errors, &mut errors_done, &mut stderr, 1),
+            ] {
+                if pending.is_empty() && !*done {
+                    let read = if stream == 0 {
+                        pending.fill(&mut self.channel)
+                    } else {
+                        pending.fill(&mut self.channel.stderr())
+                    };
+                    match read {
+                        Ok(0) => {
+                            *done = self.channel.eof();
+                        }
+                        Ok(_) => progress = true,
+                        Err(error) if would_block(&error) => {}
+                        Err(_) => *done = true,
+                    }
+                }
+                if !pending.is_empty() {
+                    match sink.map(|fd| raw_write(fd, pending.data())) {
+                        Some(Ok(written)) => {
+                            pending.consumed(written);
+                            progress |= written > 0;
+                        }
+                        Some(Err(error)) if would_block(&error) => {}
+                        // Nobody reads any more: drop what comes.
+                        _ => pending.consumed(pending.data().len()),
+                    }
+                }
+                if *done && pending.is_empty() {
+                    *sink = None;
+                }
+            }
+            if output_done && errors_done && output.is_empty() && errors.is_empty() {
+                break;
+            }
+            if progress {
+                continue;
+            }
+            if !self.wait(&input, input_done, &output, &errors) {
+                break;
+            }
+        }
+        self.finish()
+    }
+
+    /// Waits in poll(2) until the socket or a pipe can move data; false when killed.
+    fn wait(&self, input: &Pending, input_done: bool, output: &Pending, errors: &Pending) -> bool {
+        let socket = self.session_fd();
+        let mut socket_events = libc::POLLIN;
+        if matches!(
+            self.session.block_directions(),
+            BlockDirections::Outbound | BlockDirections::Both
+        ) {
+            socket_events |= libc::POLLOUT;
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: socket,
+                events: socket_events,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.kill.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if input.is_empty() && !input_done {
+                    self.stdin.as_raw_fd()
+                } else {
+                    -1
+                },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if output.is_empty() {
+                    -1
+                } else {
+                    self.stdout.as_raw_fd()
+                },
+                events: libc::POLLOUT,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if errors.is_empty() {
+                    -1
+                } else {
+                    self.stderr.as_raw_fd()
+                },
+                events: libc::POLLOUT,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is an array of pollfd of the length given.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 15_000) };
+        if ready == 0 {
+            let _ = self.session.keepalive_send();
+        }
+        fds[1].revents == 0
+    }
+
+    fn session_fd(&self) -> i32 {
+        self.session.as_raw_fd()
+    }
+
+    fn finish(mut self) -> ExitReport {
+        self.session.set_blocking(true);
+        self.session.set_timeout(2000);
+        let _ = self.channel.close();
+        let _ = self.channel.wait_close();
+        let code = self.channel.exit_status().ok();
+        let signal = self
+            .channel
+            .exit_signal()
+            .ok()
+            .and_then(|signal| signal.exit_signal)
+            .and_then(|name| signal_number(&name));
+        let _ = self
+            .session
+            .disconnect(None, "chopsticks tunnel closed", None);
+        match (code, signal) {
+            (_, Some(signal)) => ExitReport {
+                code: None,
+                signal: Some(signal),
+            },
+            (code, None) => ExitReport { code, signal: None },
+        }
+    }
+}
+
+fn signal_number(name: &str) -> Option<i32> {
+    Some(match name.trim_start_matches("SIG") {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "ABRT" => libc::SIGABRT,
+        "KILL" => libc::SIGKILL,
+        "SEGV" => libc::SIGSEGV,
+        "PIPE" => libc::SIGPIPE,
+        "TERM" => libc::SIGTERM,
+        _ => return None,
+    })
+}

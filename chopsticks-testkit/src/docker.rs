@@ -1,0 +1,129 @@
+//! Docker fixtures: the Engine check and locally built test images (no image
+//! can be pulled here).
+
+use std::process::{Command, Stdio};
+
+/// An image with nothing in it but an empty `/tmp`.
+pub const SCRATCH_IMAGE: &str = "chopsticks-test/scratch:1";
+/// An image with `sh`, `sleep`, `cat` and `true` and their libraries, copied
+/// from this machine, for containers that must keep running.
+pub const TOOLS_IMAGE: &str = "chopsticks-test/tools:1";
+/// The label on every container the tests start themselves.
+pub const TEST_LABEL: &str = "chopsticks-test";
+
+fn docker(args: &[&str]) -> Result<String, String> {
+    let output = Command::new("docker")
+        .args(args)
+        .output()
+        .map_err(|e| format!("docker {}: {e}", args.join(" ")))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+    } else {
+        Err(format!(
+            "docker {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+/// Checks the Engine and builds the test images if they are missing.
+pub fn prepare() -> Result<(), String> {
+    docker(&["info", "--format", "{{.ServerVersion}}"]).map_err(|e| {
+        format!("the Docker Engine is not available ({e}); scripts/test.sh starts it")
+    })?;
+    let _lock = crate::exclusive("chopsticks-testkit-docker")?;
+    if docker(&["image", "inspect", SCRATCH_IMAGE]).is_err() {
+        import(SCRATCH_IMAGE, &[])?;
+    }
+    if docker(&["image", "inspect", TOOLS_IMAGE]).is_err() {
+        import(
+            TOOLS_IMAGE,
+            &["/bin/sh", "/bin/sleep", "/bin/cat", "/bin/true"],
+        )?;
+    }
+    Ok(())
+}
+
+/// Imports a root filesystem holding `programs` (with their libraries) and an empty `/tmp`.
+fn import(image: &str, programs: &[&str]) -> Result<(), String> {
+    let root = std::env::temp_dir().join(format!("chopsticks-image-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("tmp")).map_err(|e| e.to_string())?;
+    let mut files: Vec<String> = Vec::new();
+    for program in programs {
+        files.push(program.to_string());
+        let ldd = Command::new("ldd")
+            .arg(program)
+            .output()
+            .map_err(|e| format!("ldd: {e}"))?;
+        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+            if let Some(path) = line.split_whitespace().find(|word| word.starts_with('/')) {
+                files.push(path.to_string());
+            }
+        }
+    }
+    for file in &files {
+        let real = std::fs::canonicalize(file).map_err(|e| format!("{file}: {e}"))?;
+        let target = root.join(file.trim_start_matches('/'));
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+        }
+        std::fs::copy(&real, &target).map_err(|e| format!("copying {file}: {e}"))?;
+    }
+    let tar = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .args(["-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("tar: {e}"))?;
+    let status = Command::new("docker")
+        .args(["import", "-", image])
+        .stdin(tar.stdout.ok_or("tar has no stdout")?)
+        .stdout(Stdio::null())
+        .status()
+        .map_err(|e| format!("docker import: {e}"))?;
+    let _ = std::fs::remove_dir_all(&root);
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("docker import of {image} failed"))
+    }
+}
+
+/// Docker is ready, or `None` with a note — except under `CI=true`, where it is a failure.
+pub fn docker_or_skip() -> Option<()> {
+    crate::require(prepare(), "a docker test")
+}
+
+/// Starts a container from the tools image that sleeps until removed; returns its id.
+pub fn running_container(name: &str) -> Result<String, String> {
+    let _ = docker(&["rm", "-f", name]);
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--label",
+        TEST_LABEL,
+        TOOLS_IMAGE,
+        "/bin/sleep",
+        "3600",
+    ])
+}
+
+/// Whether a container of this name or id exists.
+pub fn container_exists(name: &str) -> bool {
+    docker(&["container", "inspect", name]).is_ok()
+}
+
+/// Removes a container, ignoring whether it existed.
+pub fn remove_container(name: &str) {
+    let _ = docker(&["rm", "-f", name]);
+}
+
+/// Kills a container's main process.
+pub fn kill_container(name: &str) -> Result<(), String> {
+    docker(&["kill", name]).map(drop)
+}

@@ -1,0 +1,266 @@
+//! The Docker transport against the real Engine, with images built here.
+
+use std::time::{Duration, Instant};
+
+use crate::support::pending_call_error_after;
+use chopsticks::{Docker, DockerError, Error, Group, Tunnel};
+use chopsticks_testkit::docker::{
+    SCRATCH_IMAGE, TOOLS_IMAGE, container_exists, docker_or_skip, kill_container, remove_container,
+    running_container,
+};
+
+fn unique(name: &str) -> String {
+    format!("chopsticks-test-{name}-{}", std::process::id())
+}
+
+fn tunnel(docker: Docker) -> Tunnel {
+    Tunnel::builder(docker.label("chopsticks-test", "1"))
+        .stderr(chopsticks::stderr::discard())
+        .build()
+}
+
+fn docker_error(error: &Error) -> &DockerError {
+    match error {
+        Error::Spawn {
+            source: Some(source),
+            ..
+        } => source
+            .downcast_ref::<DockerError>()
+            .unwrap_or_else(|| panic!("not a DockerError: {error:?}")),
+        other => panic!("expected Error::Spawn with a DockerError, got {other:?}"),
+    }
+}
+
+fn facts() -> (u32, bool, String) {
+    (
+        std::process::id(),
+        std::path::Path::new("/bin").exists(),
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default(),
+    )
+}
+
+fn add(a: u64, b: u64) -> u64 {
+    a + b
+}
+
+/// Waits until the Engine no longer knows the container.
+async fn gone(name: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if !container_exists(name) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn calls_and_files_in_a_scratch_container_that_is_removed_afterwards() {
+    if docker_or_skip().is_none() {
+        return;
+    }
+    let name = unique("scratch");
+    remove_container(&name);
+    let tun = tunnel(Docker::new(&name).image(SCRATCH_IMAGE));
+    let (pid, has_bin, hostname) = tun.call(facts, ()).await.expect("call in scratch");
+    assert_eq!(pid, 1, "the agent is the container's first process");
+    assert!(!has_bin, "the scratch image has no /bin");
+    assert_ne!(hostname.trim(), "");
+    assert_eq!(tun.call(add, (40, 2)).await.expect("call"), 42);
+
+    let dir = crate::files::Scratch::new("docker");
+    let data = crate::files::patterned(&dir.path("source"), 3 * 1024 * 1024 + 7);
+    tun.put(dir.path("source"), "/tmp/data")
+        .await
+        .expect("put into the container");
+    let back = tun
+        .fetch("/tmp/data", dir.path("back"))
+        .await
+        .expect("fetch from the container");
+    assert_eq!(back.size, data.len() as u64);
+    assert_eq!(std::fs::read(dir.path("back")).expect("read"), data);
+    assert!(!dir.path("source").starts_with("/tmp/data"));
+
+    assert!(container_exists(&name));
+    tun.close().await.expect("close");
+    assert!(gone(&name).await, "the container was removed on close");
+}
+
+#[tokio::test]
+async fn a_group_of_containers() {
+    if docker_or_skip().is_none() {
+        return;
+    }
+    let names: Vec<String> = (0..3).map(|i| unique(&format!("group-{i}"))).collect();
+    let group = Group::new(
+        names
+            .iter()
+            .map(|name| tunnel(Docker::new(name).image(SCRATCH_IMAGE))),
+    )
+    .expect("group");
+    let sums = group
+        .call(add, (1, 2))
+        .await
+        .into_result()
+        .expect("every container");
+    assert_eq!(sums.len(), 3);
+    group.close().await;
+    for name in &names {
+        assert!(gone(name).await, "{name} was removed");
+    }
+}
+
+#[tokio::test]
+async fn exec_into_a_running_container_leaves_it_running() {
+    if docker_or_skip().is_none() {
+        return;
+    }
+    let name = unique("exec");
+    running_container(&name).expect("start a container");
+    let tun = tunnel(Docker::exec(&name));
+    let (pid, has_bin, _) = tun.call(facts, ()).await.expect("call through exec");
+    assert_ne!(pid, 1, "the container's own process is pid 1");
+    assert!(has_bin, "the tools image has /bin");
+    tun.close().await.expect("close");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(container_exists(&name), "exec leaves the container");
+    remove_container(&name);
+}
+
+#[tokio::test]
+async fn a_killed_container_fails_pending_calls_fast_and_is_removed() {
+    if docker_or_skip().is_none() {
+        return;
+    }
+    let name = unique("killed");
+    let tun = tunnel(Docker::new(&name).image(TOOLS_IMAGE));
+    let (error, after_kill) =
+        pending_call_error_after(&tun, || kill_container(&name).expect("docker kill")).await;
+    assert!(error.is_disconnect(), "{error:?}");
+    assert!(error.to_string().contains(&name), "{error}");
+    assert!(after_kill < Duration::from_secs(5));
+    assert!(gone(&name).await, "the dead container was removed");
+}
+
+#[tokio::test]
+async fn engine_and_image_problems_are_clear_and_leave_nothing() {
+    if docker_or_skip().is_none() {
+        return;
+    }
+    let name = unique("missing-image");
+    let error = tunnel(Docker::new(&name).image("chopsticks-test/no-such-image:0"))
+        .connect()
+        .await
+        .expect_err("no such image");
+    assert!(
+        matches!(docker_error(&error), DockerError::ImageMissing { .. }),
+        "{error}"
+    );
+    let text = error.to_string();
+    assert!(
+        text.contains(&name) && text.contains("no-such-image"),
+        "{text}"
+    );
+    assert!(!container_exists(&name));
+
+    let taken = unique("taken");
+    running_container(&taken).expect("start a container");
+    let error = tunnel(Docker::new(&taken).image(SCRATCH_IMAGE))
+        .connect()
+        .await
+        .expect_err("name taken");
+    assert!(
+        matches!(docker_error(&error), DockerError::NameConflict { .. }),
+        "{error}"
+    );
+    assert!(
+        container_exists(&taken),
+        "the existing container is untouched"
+    );
+    remove_container(&taken);
+
+    let error = tunnel(
+        Docker::new(unique("unreachable"))
+            .image(SCRATCH_IMAGE)
+            .engine("unix:///nonexistent/docker.sock"),
+    )
+    .connect()
+    .await
+    .expect_err("no engine there");
+    assert!(
+        matches!(docker_error(&error), DockerError::Engine { .. }),
+        "{error}"
+    );
+
+    let error = tunnel(Docker::exec(unique("absent")))
+        .connect()
+        .await
+        .expect_err("no such container");
+    assert!(
+        matches!(docker_error(&error), DockerError::NoSuchContainer { .. }),
+        "{error}"
+    );
+}
+
+/// What the agent sees of its container's settings.
+fn settings() -> (u32, String, String, String, Vec<String>) {
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let mut interfaces: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    interfaces.sort();
+    (
+        uid,
+        std::env::var("GREETING").unwrap_or_default(),
+        std::env::current_dir()
+            .map(|dir| dir.display().to_string())
+            .unwrap_or_default(),
+        std::fs::read_to_string("/data/hello").unwrap_or_default(),
+        interfaces,
+    )
+}
+
+#[tokio::test]
+async fn user_env_working_dir_mounts_network_labels_and_keep() {
+    if docker_or_skip().is_none() {
+        return;
+    }
+    let shared = crate::files::Scratch::shared("docker-mount");
+    std::fs::write(shared.path("hello"), "from the host").expect("write");
+    let name = unique("options");
+    remove_container(&name);
+    let tun = tunnel(
+        Docker::new(&name)
+            .image(SCRATCH_IMAGE)
+            .user("1234:1234")
+            .env("GREETING", "hi")
+            .working_dir("/tmp")
+            .mount(format!("{}:/data:ro", shared.dir().display()))
+            .network("none")
+            .label("purpose", "options-test")
+            .keep(true),
+    );
+    let (uid, greeting, cwd, data, interfaces) = tun.call(settings, ()).await.expect("call");
+    assert_eq!(uid, 1234);
+    assert_eq!(greeting, "hi");
+    assert_eq!(cwd, "/tmp");
+    assert_eq!(data, "from the host");
+    assert_eq!(interfaces, ["lo"], "network none leaves only loopback");
+    tun.close().await.expect("close");
+    let labels = std::process::Command::new("docker")
+        .args(["inspect", "--format", "{{json .Config.Labels}}", &name])
+        .output()
+        .expect("docker inspect");
+    let labels = String::from_utf8_lossy(&labels.stdout);
+    assert!(labels.contains("\"chopsticks\":\"agent\""), "{labels}");
+    assert!(labels.contains("\"purpose\":\"options-test\""), "{labels}");
+    assert!(container_exists(&name), "keep(true) keeps the container");
+    remove_container(&name);
+}

@@ -1,0 +1,260 @@
+//! The OpenSSH transport against a real `sshd` on loopback (chopsticks-testkit).
+
+use std::time::{Duration, Instant};
+
+use chopsticks::{Error, Group, Ssh, SshError, Tunnel};
+use chopsticks_testkit::{Sshd, sshd_or_skip};
+
+use crate::support::pending_call_error_after;
+
+pub fn tunnel(sshd: &Sshd, alias: &str) -> Tunnel {
+    Tunnel::builder(Ssh::new(alias).config_file(sshd.client_config()))
+        .stderr(chopsticks::stderr::discard())
+        .build()
+}
+
+/// The `SshError` behind a failed connect.
+pub fn ssh_error(error: &Error) -> &SshError {
+    match error {
+        Error::Spawn {
+            source: Some(source),
+            ..
+        } => source
+            .downcast_ref::<SshError>()
+            .unwrap_or_else(|| panic!("not an SshError: {error:?}")),
+        other => panic!("expected Error::Spawn with an SshError, got {other:?}"),
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default()
+}
+
+fn add(a: u64, b: u64) -> u64 {
+    a + b
+}
+
+#[tokio::test]
+async fn calls_and_files_over_a_real_sshd() {
+    let Some(sshd) = sshd_or_skip("calls", 1) else {
+        return;
+    };
+    let tun = tunnel(&sshd, sshd.alias(0));
+    assert_eq!(tun.call(add, (40, 2)).await.expect("call"), 42);
+    assert_eq!(tun.call(hostname, ()).await.expect("hostname"), hostname());
+    assert_ne!(tun.agent_pid(), Some(std::process::id()));
+
+    let calls: Vec<_> = (0..200u64).map(|i| tun.call(add, (i, 1))).collect();
+    let results = futures_util::future::join_all(calls).await;
+    for (i, result) in results.into_iter().enumerate() {
+        assert_eq!(result.expect("concurrent call"), i as u64 + 1);
+    }
+
+    let dir = crate::files::Scratch::shared("ssh");
+    let data = crate::files::patterned(&dir.path("source"), 3 * 1024 * 1024 + 1);
+    let sent = tun
+        .put(dir.path("source"), dir.path("remote"))
+        .await
+        .expect("put");
+    let back = tun
+        .fetch(dir.path("remote"), dir.path("back"))
+        .await
+        .expect("fetch");
+    assert_eq!(sent.checksum, back.checksum);
+    assert_eq!(std::fs::read(dir.path("back")).expect("read"), data);
+}
+
+#[tokio::test]
+async fn a_group_spans_several_servers() {
+    let (Some(first), Some(second)) = (sshd_or_skip("group-a", 3), sshd_or_skip("group-b", 2))
+    else {
+        return;
+    };
+    let mut tunnels = Vec::new();
+    for sshd in [&first, &second] {
+        for alias in sshd.aliases() {
+            tunnels.push(tunnel(sshd, alias));
+        }
+    }
+    let group = Group::new(tunnels).expect("distinct aliases");
+    let sums = group
+        .call(add, (1, 1))
+        .await
+        .into_result()
+        .expect("every host");
+    assert_eq!(sums.len(), 5);
+    assert!(sums.values().all(|sum| *sum == 2));
+}
+
+#[tokio::test]
+async fn connection_failures_are_distinct_and_name_the_host() {
+    let Some(sshd) = sshd_or_skip("failures", 1) else {
+        return;
+    };
+    let refused = tunnel(&sshd, &sshd.closed_port_alias())
+        .connect()
+        .await
+        .expect_err("closed port");
+    assert!(
+        matches!(ssh_error(&refused), SshError::Refused { .. }),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("closed-port"), "{refused}");
+
+    let wrong_key = tunnel(&sshd, &sshd.wrong_key_alias())
+        .connect()
+        .await
+        .expect_err("wrong key");
+    assert!(
+        matches!(ssh_error(&wrong_key), SshError::Authentication { .. }),
+        "{wrong_key}"
+    );
+    assert!(wrong_key.to_string().contains("wrong-key"), "{wrong_key}");
+
+    let unknown = tunnel(&sshd, &sshd.unknown_host_alias())
+        .connect()
+        .await
+        .expect_err("unknown host key");
+    assert!(
+        matches!(ssh_error(&unknown), SshError::HostKey { .. }),
+        "{unknown}"
+    );
+    assert!(
+        unknown
+            .to_string()
+            .contains("never turns host-key checking off")
+    );
+
+    let unresolvable = tunnel(&sshd, "chopsticks-no-such-host.invalid")
+        .connect()
+        .await
+        .expect_err("no such host");
+    assert!(
+        matches!(ssh_error(&unresolvable), SshError::Resolve { .. }),
+        "{unresolvable}"
+    );
+}
+
+#[tokio::test]
+async fn hostile_host_names_stay_host_names() {
+    let Some(sshd) = sshd_or_skip("hostile", 1) else {
+        return;
+    };
+    let marker = std::env::temp_dir().join(format!("chopsticks-pwned-{}", std::process::id()));
+    let hostile = [
+        format!("-oProxyCommand=touch {}", marker.display()),
+        format!("x;touch {}", marker.display()),
+        format!("$(touch {})", marker.display()),
+        "-V".to_string(),
+    ];
+    for host in &hostile {
+        let error = tunnel(&sshd, host).connect().await.expect_err(host);
+        assert!(
+            matches!(error, Error::Spawn { .. } | Error::Bootstrap { .. }),
+            "{error:?}"
+        );
+        assert!(!marker.exists(), "{host} ran a command");
+    }
+}
+
+#[tokio::test]
+async fn a_killed_sshd_fails_pending_calls_fast() {
+    let Some(mut sshd) = sshd_or_skip("killed", 1) else {
+        return;
+    };
+    let tun = tunnel(&sshd, sshd.alias(0));
+    let (error, after_kill) = pending_call_error_after(&tun, || sshd.kill()).await;
+    assert!(error.is_disconnect(), "{error:?}");
+    assert!(after_kill < Duration::from_secs(5), "took {after_kill:?}");
+}
+
+#[tokio::test]
+async fn a_second_connect_reuses_the_cached_agent() {
+    let Some(sshd) = sshd_or_skip("cache", 1) else {
+        return;
+    };
+    let tun = tunnel(&sshd, sshd.alias(0));
+    let home: String = tun
+        .call(|| std::env::var("HOME").unwrap_or_default(), ())
+        .await
+        .expect("home");
+    let hash = &chopsticks::identity::agent_file().expect("hash").sha256;
+    let cached = std::path::Path::new(&home).join(format!(".cache/chopsticks/agent-{hash}"));
+    let before = std::fs::metadata(&cached).expect("the agent is cached");
+    tun.close().await.expect("close");
+    let started = Instant::now();
+    assert_eq!(tun.call(add, (2, 3)).await.expect("reconnect"), 5);
+    let reconnect = started.elapsed();
+    let after = std::fs::metadata(&cached).expect("still cached");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        before.ino(),
+        after.ino(),
+        "the cached agent was not replaced"
+    );
+    assert_eq!(before.mtime(), after.mtime());
+    assert!(reconnect < Duration::from_secs(10), "{reconnect:?}");
+}
+
+#[tokio::test]
+async fn control_persist_shares_one_connection_across_reconnects() {
+    let Some(sshd) = sshd_or_skip("control", 1) else {
+        return;
+    };
+    let tun = Tunnel::builder(
+        Ssh::new(sshd.alias(0))
+            .config_file(sshd.client_config())
+            .control_persist(Duration::from_secs(30)),
+    )
+    .stderr(chopsticks::stderr::discard())
+    .build();
+    assert_eq!(tun.call(add, (1, 1)).await.expect("first connect"), 2);
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let dir = std::env::temp_dir().join(format!("chopsticks-ssh-{uid}"));
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    assert_eq!(
+        std::fs::metadata(&dir)
+            .expect("control dir")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
+    let sockets = std::fs::read_dir(&dir)
+        .expect("read control dir")
+        .flatten()
+        .filter(|entry| {
+            entry
+                .file_type()
+                .map(|kind| kind.is_socket())
+                .unwrap_or(false)
+        })
+        .count();
+    assert!(sockets >= 1, "a control master socket exists");
+    tun.close().await.expect("close");
+    let started = Instant::now();
+    assert_eq!(
+        tun.call(add, (2, 2))
+            .await
+            .expect("reconnect through the master"),
+        4
+    );
+    let reconnect = started.elapsed();
+    // Through the master there is no key exchange: far below a fresh ssh connect.
+    assert!(
+        reconnect < Duration::from_millis(150),
+        "reconnect took {reconnect:?}"
+    );
+    let _ = std::process::Command::new("ssh")
+        .arg("-F")
+        .arg(sshd.client_config())
+        .args([
+            "-o",
+            &format!("ControlPath={}/%C", dir.display()),
+            "-O",
+            "exit",
+        ])
+        .arg(sshd.alias(0))
+        .output();
+}

@@ -12,6 +12,11 @@
 //! the protocol input. It may run the last call of what it read itself and
 //! then go on reading; if that call outlasts the watchdog's grace period, the
 //! role is made vacant and the next searching worker takes it.
+//!
+//! A searching worker answers for one thing only: the vacant reader role or
+//! one queued job. A worker that takes one while the other is still waiting
+//! wakes another worker, so a job submitted while the role falls vacant
+//! never waits for a long call to finish.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -202,6 +207,10 @@ impl CallPool {
                 if let Some(lead) = state.lead.clone() {
                     state.reader = ReaderRole::Held;
                     state.searching -= 1;
+                    // A submitter may have counted on this worker for a queued job.
+                    if !state.queue.is_empty() && state.searching == 0 {
+                        self.wake_one(&mut state);
+                    }
                     drop(state);
                     lead();
                     state = self.shared.lock();
@@ -211,7 +220,10 @@ impl CallPool {
             }
             if let Some(job) = state.queue.pop_front() {
                 state.searching -= 1;
-                if !state.queue.is_empty() && state.searching == 0 {
+                // Each searching worker answers for one thing: the vacant reader
+                // role or one queued job. Whatever is left needs another worker.
+                let unattended = !state.queue.is_empty() || state.reader == ReaderRole::Vacant;
+                if unattended && state.searching == 0 {
                     self.wake_one(&mut state);
                 }
                 drop(state);
@@ -280,6 +292,49 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    /// A worker woken for the vacant reader role must not strand a job that
+    /// was queued while it was on its way (nobody else was woken for it).
+    #[test]
+    fn a_job_queued_while_the_reader_role_falls_vacant_still_runs() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let leaders = Arc::new(AtomicUsize::new(0));
+        let pool = CallPool::default();
+        let lead = {
+            let (stop, leaders) = (stop.clone(), leaders.clone());
+            // A reader blocked on input that never comes.
+            move || {
+                leaders.fetch_add(1, Ordering::SeqCst);
+                while !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        };
+        let watchdog = Arc::new(Watchdog::new().expect("timerfd"));
+        pool.start_reading(lead, watchdog);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while leaders.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "no worker took the reader role");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (done, finished) = mpsc::channel();
+        {
+            // The reader runs a long call: the role falls vacant and one worker
+            // is woken for it; a job arrives before that worker runs. `submit`
+            // sees a searching worker and wakes nobody else.
+            let mut state = pool.shared.lock();
+            pool.vacate(&mut state);
+            assert_eq!(state.searching, 1);
+            state.queue.push_back(Box::new(move || {
+                let _ = done.send(());
+            }));
+        }
+        let outcome = finished.recv_timeout(Duration::from_secs(5));
+        stop.store(true, Ordering::SeqCst);
+        outcome.expect("the queued job ran while another worker took the reader role");
+        assert_eq!(leaders.load(Ordering::SeqCst), 2);
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //!
 //! Floors: `docker run --rm IMAGE true`; `docker exec C true`; 64-byte
 //! ping-pongs through a bollard exec attach running `cat`; `cat > FILE` and
-//! `cat FILE` through an exec attach.
+//! `cat FILE` through an exec attach, the latter also followed by an fsync of
+//! the copy (a fetch is durable before it returns).
 
 #[allow(dead_code)]
 mod support;
@@ -181,7 +182,10 @@ fn main() {
                 target.write_all(&chunk).await.expect("write");
             }
             assert_eq!(received, bytes);
-            started.elapsed()
+            let copied = started.elapsed();
+            // The same copy made durable, as a fetch is before it returns.
+            target.sync_all().await.expect("fsync");
+            (copied, started.elapsed())
         }));
         let started = Instant::now();
         runtime
@@ -226,9 +230,11 @@ fn main() {
         us(ours_trip),
         us(ours_trip) / us(raw_trip)
     );
-    let (raw_put, raw_fetch, put, fetch) = (
+    let (raw_fetch, raw_fetch_durable): (Vec<_>, Vec<_>) = raw_fetch.into_iter().unzip();
+    let (raw_put, raw_fetch, raw_fetch_durable, put, fetch) = (
         median(raw_put),
         median(raw_fetch),
+        median(raw_fetch_durable),
         median(put),
         median(fetch),
     );
@@ -239,9 +245,11 @@ fn main() {
         rate(put) / rate(raw_put)
     );
     println!(
-        "  {mib} MiB: attach cat f     {:6.0} MB/s | fetch {:6.0} MB/s = {:.2}x",
+        "  {mib} MiB: attach cat f     {:6.0} MB/s (then fsync {:6.0} MB/s) | fetch {:6.0} MB/s = {:.2}x ({:.2}x with fsync)",
         rate(raw_fetch),
+        rate(raw_fetch_durable),
         rate(fetch),
-        rate(fetch) / rate(raw_fetch)
+        rate(fetch) / rate(raw_fetch),
+        rate(fetch) / rate(raw_fetch_durable)
     );
 }

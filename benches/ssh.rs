@@ -9,7 +9,8 @@
 //! Floors:
 //! - connect: `ssh HOST true`, and libssh2 connect + handshake + auth + `true`;
 //! - round trip: 64 bytes through `ssh HOST cat`, and through a libssh2 channel running `cat`;
-//! - throughput: `ssh HOST 'cat > DST' < SRC` and `ssh HOST 'cat SRC' > DST`.
+//! - throughput: `ssh HOST 'cat > DST' < SRC` and `ssh HOST 'cat SRC' > DST`,
+//!   the latter also followed by an fsync of DST (a fetch is durable before it returns).
 
 #[allow(dead_code)]
 mod support;
@@ -240,6 +241,7 @@ fn main() {
         Vec::new(),
         Vec::new(),
     );
+    let mut raw_fetch_durable = Vec::new();
     let openssh_tunnel = openssh(&sshd, sshd.alias(0));
     let native_tunnel = native(&sshd, "native");
     runtime.block_on(openssh_tunnel.connect()).expect("connect");
@@ -265,6 +267,11 @@ fn main() {
             .expect("ssh cat");
         assert!(status.success());
         raw_fetch.push(started.elapsed());
+        // The same copy made durable, as a fetch is before it returns.
+        std::fs::File::open(&target)
+            .and_then(|file| file.sync_all())
+            .expect("fsync");
+        raw_fetch_durable.push(started.elapsed());
         for (tunnel, puts, fetches) in [
             (&openssh_tunnel, &mut put_openssh, &mut fetch_openssh),
             (&native_tunnel, &mut put_native, &mut fetch_native),
@@ -343,11 +350,16 @@ fn main() {
         us(ours_native_trip) / us(raw_native)
     );
     println!("{mib} MiB file, median of {transfer_rounds}");
-    let (raw_put, raw_fetch) = (median(raw_put), median(raw_fetch));
+    let (raw_put, raw_fetch, raw_fetch_durable) = (
+        median(raw_put),
+        median(raw_fetch),
+        median(raw_fetch_durable),
+    );
     println!(
-        "  ssh 'cat > DST' < SRC    {:8.0} MB/s | ssh 'cat SRC' > DST {:8.0} MB/s",
+        "  ssh 'cat > DST' < SRC    {:8.0} MB/s | ssh 'cat SRC' > DST {:8.0} MB/s, then fsync {:8.0} MB/s",
         rate(raw_put),
-        rate(raw_fetch)
+        rate(raw_fetch),
+        rate(raw_fetch_durable)
     );
     for (name, puts, fetches) in [
         ("Ssh", put_openssh, fetch_openssh),
@@ -355,11 +367,12 @@ fn main() {
     ] {
         let (put, fetch) = (median(puts), median(fetches));
         println!(
-            "  {name:<10} put {:8.0} MB/s = {:.2}x | fetch {:8.0} MB/s = {:.2}x",
+            "  {name:<10} put {:8.0} MB/s = {:.2}x | fetch {:8.0} MB/s = {:.2}x ({:.2}x with fsync)",
             rate(put),
             rate(put) / rate(raw_put),
             rate(fetch),
-            rate(fetch) / rate(raw_fetch)
+            rate(fetch) / rate(raw_fetch),
+            rate(fetch) / rate(raw_fetch_durable)
         );
     }
     println!("20 hosts: Group connect + one call");

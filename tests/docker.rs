@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use crate::support::pending_call_error_after;
 use chopsticks::{Docker, DockerError, Error, Group, Tunnel};
 use chopsticks_testkit::docker::{
-    SCRATCH_IMAGE, TOOLS_IMAGE, container_exists, docker_or_skip, kill_container, remove_container,
-    running_container,
+    SCRATCH_IMAGE, TOOLS_IMAGE, container_exists, docker_or_skip, kill_container,
+    labelled_containers, payload_volumes, remove_container, running_container,
 };
 
 fn unique(name: &str) -> String {
@@ -85,6 +85,52 @@ async fn calls_and_files_in_a_scratch_container_that_is_removed_afterwards() {
     assert!(container_exists(&name));
     tun.close().await.expect("close");
     assert!(gone(&name).await, "the container was removed on close");
+}
+
+/// Tries to write beside the running program, inside the payload directory.
+fn write_beside_agent() -> String {
+    let exe = std::fs::read_link("/proc/self/exe").unwrap_or_default();
+    let dir = exe
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    match std::fs::write(dir.join("tampered"), b"x") {
+        Ok(()) => format!("wrote into {}", dir.display()),
+        Err(error) => format!("{:?} in {}", error.kind(), dir.display()),
+    }
+}
+
+#[tokio::test]
+async fn new_containers_mount_the_agent_read_only_from_one_shared_volume() {
+    if docker_or_skip().is_none() {
+        return;
+    }
+    for name in [unique("volume-a"), unique("volume-b")] {
+        let tun = tunnel(Docker::new(&name).image(TOOLS_IMAGE));
+        let outcome = tun.call(write_beside_agent, ()).await.expect("call");
+        // Code in one container cannot change the agent another one runs.
+        assert!(
+            outcome.starts_with("ReadOnlyFilesystem in /.chopsticks/"),
+            "{outcome}"
+        );
+        tun.close().await.expect("close");
+        assert!(gone(&name).await, "{name} removed");
+    }
+    let volumes = payload_volumes();
+    let complete: Vec<&String> = volumes
+        .iter()
+        .filter(|v| v.ends_with(".complete"))
+        .collect();
+    assert!(!complete.is_empty(), "a completeness marker: {volumes:?}");
+    for marker in complete {
+        let volume = marker.trim_end_matches(".complete");
+        assert!(
+            volumes.iter().any(|v| v == volume),
+            "{volume} in {volumes:?}"
+        );
+    }
+    let helpers = labelled_containers("helper");
+    assert!(helpers.is_empty(), "helper containers left: {helpers:?}");
 }
 
 #[tokio::test]

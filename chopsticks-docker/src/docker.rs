@@ -17,8 +17,10 @@ use crate::DockerError;
 use crate::attach::pipes;
 use crate::payload::Payload;
 
-/// The label every container chopsticks creates carries, so leftovers can be found
-/// (`docker ps -a --filter label=chopsticks`).
+/// The label every container and volume chopsticks creates carries, so
+/// leftovers can be found (`docker ps -a --filter label=chopsticks`): `agent`
+/// on containers running the agent, `payload` on the agent's volumes
+/// (`docker volume ls --filter label=chopsticks=payload`).
 pub const LABEL: &str = "chopsticks";
 
 #[derive(Debug, Clone)]
@@ -32,9 +34,12 @@ enum Target {
 /// Runs the agent in a Docker container, through the Engine API only (no
 /// `docker` CLI, no shell in the image).
 ///
-/// [`Docker::new`] creates a container from an image, places the agent in it
-/// through the archive API, starts it attached to stdin, stdout and stderr,
-/// and removes it when the tunnel closes (unless [`keep`](Self::keep)).
+/// [`Docker::new`] creates a container from an image, mounts the agent into
+/// it read-only from a volume filled once per program through the archive
+/// API (`chopsticks-agent-<sha>`, label `chopsticks=payload`), starts it
+/// attached to stdin, stdout and stderr, and removes it when the tunnel
+/// closes (unless [`keep`](Self::keep)). The volumes stay for the next
+/// container; `docker volume rm` removes them.
 /// [`Docker::exec`] runs the agent in a running container and leaves the
 /// container as it was. The agent brings its own dynamic loader and shared
 /// libraries, so any image of the same architecture works, even `FROM scratch`.
@@ -240,9 +245,14 @@ impl Docker {
         image: &str,
         payload: &Payload,
         agent_env: Vec<String>,
+        payload_volume: Option<&str>,
     ) -> Result<String, DockerError> {
         let mut labels: HashMap<String, String> = self.labels.iter().cloned().collect();
         labels.insert(LABEL.into(), "agent".into());
+        let mut binds = self.mounts.clone();
+        if let Some(volume) = payload_volume {
+            binds.push(format!("{volume}:{}:ro", payload.dir));
+        }
         let body = ContainerCreateBody {
             image: Some(image.to_string()),
             cmd: Some(payload.command.clone()),
@@ -260,7 +270,7 @@ impl Docker {
             host_config: Some(HostConfig {
                 auto_remove: Some(false),
                 network_mode: self.network.clone(),
-                binds: (!self.mounts.is_empty()).then(|| self.mounts.clone()),
+                binds: (!binds.is_empty()).then_some(binds),
                 ..HostConfig::default()
             }),
             ..ContainerCreateBody::default()
@@ -375,8 +385,19 @@ impl Transport for Docker {
                         container: self.name.clone(),
                     }));
                 }
+                // Without the shared volume, the payload is uploaded into the container.
+                let volume =
+                    crate::volume::ensure(&engine, self.engine.as_deref(), image, &payload)
+                        .await
+                        .ok();
                 let id = self
-                    .create(&engine, image, &payload, self.agent_env(command))
+                    .create(
+                        &engine,
+                        image,
+                        &payload,
+                        self.agent_env(command),
+                        volume.as_deref(),
+                    )
                     .await?;
                 let started = async {
                     let attach = AttachContainerOptions {
@@ -388,10 +409,14 @@ impl Transport for Docker {
                         ..AttachContainerOptions::default()
                     };
                     // Both must be done before the start; neither needs the other.
-                    let (placed, attached) = tokio::join!(
-                        self.place(&engine, &id, &payload),
-                        engine.attach_container(&id, Some(attach))
-                    );
+                    let place = async {
+                        match volume {
+                            Some(_) => Ok(()),
+                            None => self.place(&engine, &id, &payload).await,
+                        }
+                    };
+                    let (placed, attached) =
+                        tokio::join!(place, engine.attach_container(&id, Some(attach)));
                     placed?;
                     let attached = attached
                         .map_err(|error| self.explain("attaching to the container", error))?;

@@ -46,14 +46,14 @@ impl Payload {
         format!("{}/{}", self.dir, Self::MARKER)
     }
 
-    /// What the marker holds: the program's SHA-256.
+    /// What the marker holds: the program's id.
     pub(crate) fn marker_content(&self) -> Vec<u8> {
-        self.dir
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .as_bytes()
-            .to_vec()
+        self.program_id().as_bytes().to_vec()
+    }
+
+    /// The program's id: the first 32 hex digits of its SHA-256, as in [`dir`](Self::dir).
+    pub(crate) fn program_id(&self) -> &str {
+        self.dir.rsplit('/').next().unwrap_or_default()
     }
 
     /// The payload for this program.

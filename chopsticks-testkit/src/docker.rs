@@ -42,7 +42,40 @@ pub fn prepare() -> Result<(), String> {
             &["/bin/sh", "/bin/sleep", "/bin/cat", "/bin/true"],
         )?;
     }
+    remove_stale_payload_volumes();
     Ok(())
+}
+
+/// The payload volumes on this Engine (`chopsticks-agent-<id>` and its
+/// `.complete` marker), one pair per program.
+pub fn payload_volumes() -> Vec<String> {
+    docker(&["volume", "ls", "-q", "--filter", "label=chopsticks=payload"])
+        .map(|list| list.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// Containers left by chopsticks with label `chopsticks=VALUE`.
+pub fn labelled_containers(value: &str) -> Vec<String> {
+    docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=chopsticks={value}"),
+    ])
+    .map(|list| list.split_whitespace().map(str::to_string).collect())
+    .unwrap_or_default()
+}
+
+/// Each test build is a new program with its own payload volumes; those of
+/// earlier builds are removed once per process, before any test uses the Engine.
+fn remove_stale_payload_volumes() {
+    static ONCE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        for volume in payload_volumes() {
+            // A volume in use by a running container stays.
+            let _ = docker(&["volume", "rm", &volume]);
+        }
+    });
 }
 
 /// Imports a root filesystem holding `programs` (with their libraries) and an empty `/tmp`.

@@ -158,7 +158,8 @@ fn main() {
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let tun = quiet(Docker::exec(&running));
     runtime.block_on(tun.connect()).expect("connect");
-    for _ in 0..3 {
+    let rounds = env_number("CHOPSTICKS_BENCH_TRANSFER_ROUNDS", 5);
+    for _ in 0..rounds {
         raw_put.push(runtime.block_on(async {
             let started = Instant::now();
             let (mut input, mut output) =
@@ -231,6 +232,21 @@ fn main() {
         us(ours_trip) / us(raw_trip)
     );
     let (raw_fetch, raw_fetch_durable): (Vec<_>, Vec<_>) = raw_fetch.into_iter().unzip();
+    // Each round measures the floor and ours back to back: the median of the
+    // per-round ratios is steadier than a ratio of medians on a noisy machine.
+    let paired = |ours: &[Duration], floor: &[Duration]| {
+        median(
+            ours.iter()
+                .zip(floor)
+                .map(|(ours, floor)| floor.as_secs_f64() / ours.as_secs_f64())
+                .collect::<Vec<f64>>(),
+        )
+    };
+    let (put_paired, fetch_paired, fetch_durable_paired) = (
+        paired(&put, &raw_put),
+        paired(&fetch, &raw_fetch),
+        paired(&fetch, &raw_fetch_durable),
+    );
     let (raw_put, raw_fetch, raw_fetch_durable, put, fetch) = (
         median(raw_put),
         median(raw_fetch),
@@ -239,17 +255,20 @@ fn main() {
         median(fetch),
     );
     println!(
-        "  {mib} MiB: attach cat > f   {:6.0} MB/s | put   {:6.0} MB/s = {:.2}x",
+        "  {mib} MiB: attach cat > f   {:6.0} MB/s | put   {:6.0} MB/s = {:.2}x (per round {:.2}x)",
         rate(raw_put),
         rate(put),
-        rate(put) / rate(raw_put)
+        rate(put) / rate(raw_put),
+        put_paired
     );
     println!(
-        "  {mib} MiB: attach cat f     {:6.0} MB/s (then fsync {:6.0} MB/s) | fetch {:6.0} MB/s = {:.2}x ({:.2}x with fsync)",
+        "  {mib} MiB: attach cat f     {:6.0} MB/s (then fsync {:6.0} MB/s) | fetch {:6.0} MB/s = {:.2}x ({:.2}x with fsync; per round {:.2}x / {:.2}x)",
         rate(raw_fetch),
         rate(raw_fetch_durable),
         rate(fetch),
         rate(fetch) / rate(raw_fetch),
-        rate(fetch) / rate(raw_fetch_durable)
+        rate(fetch) / rate(raw_fetch_durable),
+        fetch_paired,
+        fetch_durable_paired
     );
 }

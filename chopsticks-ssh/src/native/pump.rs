@@ -1,0 +1,322 @@
+//! The pump thread: owns the libssh2 session once connected and moves bytes
+//! between the channel and the pipes that are the tunnel's stdin, stdout and
+//! stderr, waiting in `poll(2)` on the socket, the pipes and a kill pipe.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use chopsticks_core::ExitReport;
+use ssh2::{BlockDirections, Session};
+
+/// Both ends of the four pipes between the tunnel and the pump.
+pub(super) struct PumpEnds {
+    pub(super) stdin_read: OwnedFd,
+    pub(super) stdin_write: OwnedFd,
+    pub(super) stdout_read: OwnedFd,
+    pub(super) stdout_write: OwnedFd,
+    pub(super) stderr_read: OwnedFd,
+    pub(super) stderr_write: OwnedFd,
+    pub(super) kill_read: OwnedFd,
+    pub(super) kill_write: OwnedFd,
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array it is given.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+impl PumpEnds {
+    pub(super) fn new() -> io::Result<PumpEnds> {
+        let (stdin_read, stdin_write) = pipe()?;
+        let (stdout_read, stdout_write) = pipe()?;
+        let (stderr_read, stderr_write) = pipe()?;
+        let (kill_read, kill_write) = pipe()?;
+        for fd in [&stdin_read, &stdout_write] {
+            // SAFETY: F_SETPIPE_SZ on an open pipe has no memory-safety preconditions.
+            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+        }
+        Ok(PumpEnds {
+            stdin_read,
+            stdin_write,
+            stdout_read,
+            stdout_write,
+            stderr_read,
+            stderr_write,
+            kill_read,
+            kill_write,
+        })
+    }
+}
+
+/// Bytes read but not yet written on.
+struct Pending {
+    buffer: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Pending {
+    fn new() -> Pending {
+        Pending {
+            buffer: vec![0; 256 * 1024],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.buffer[self.start..self.end]
+    }
+
+    fn consumed(&mut self, count: usize) {
+        self.start += count;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Fills the empty buffer from `source`; `Ok(0)` is the end of input.
+    fn fill(&mut self, source: &mut impl Read) -> io::Result<usize> {
+        let read = source.read(&mut self.buffer)?;
+        self.start = 0;
+        self.end = read;
+        Ok(read)
+    }
+}
+
+/// Owns the session and moves bytes until the remote command ends.
+pub(super) struct Pump {
+    pub(super) session: Session,
+    pub(super) channel: ssh2::Channel,
+    pub(super) stdin: OwnedFd,
+    pub(super) stdout: OwnedFd,
+    pub(super) stderr: OwnedFd,
+    pub(super) kill: OwnedFd,
+}
+
+fn would_block(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::WouldBlock
+}
+
+fn raw_read(fd: &OwnedFd, buffer: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buffer` is writable for its length.
+    let read = unsafe { libc::read(fd.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len()) };
+    if read < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(read as usize)
+    }
+}
+
+fn raw_write(fd: &OwnedFd, bytes: &[u8]) -> io::Result<usize> {
+    // SAFETY: `bytes` is readable for its length.
+    let written = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+    if written < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(written as usize)
+    }
+}
+
+struct FdReader<'a>(&'a OwnedFd);
+
+impl Read for FdReader<'_> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        raw_read(self.0, buffer)
+    }
+}
+
+impl Pump {
+    pub(super) fn run(mut self) -> ExitReport {
+        self.session.set_blocking(false);
+        self.session.set_keepalive(false, 15);
+        let (mut input, mut output, mut errors) = (Pending::new(), Pending::new(), Pending::new());
+        let (mut input_done, mut eof_sent, mut output_done, mut errors_done) =
+            (false, false, false, false);
+        let mut stdout = Some(&self.stdout);
+        let mut stderr = Some(&self.stderr);
+        loop {
+            let mut progress = false;
+            // Controller → channel.
+            if input.is_empty() && !input_done {
+                match input.fill(&mut FdReader(&self.stdin)) {
+                    Ok(0) => input_done = true,
+                    Ok(_) => progress = true,
+                    Err(error) if would_block(&error) => {}
+                    Err(_) => input_done = true,
+                }
+            }
+            if !input.is_empty() {
+                match self.channel.write(input.data()) {
+                    Ok(written) => {
+                        input.consumed(written);
+                        progress |= written > 0;
+                    }
+                    Err(error) if would_block(&error) => {}
+                    Err(_) => break,
+                }
+            }
+            if input_done && input.is_empty() && !eof_sent {
+                match self.channel.send_eof() {
+                    Ok(()) => eof_sent = true,
+                    Err(error) if error.code() == ssh2::ErrorCode::Session(-37) => {}
+                    Err(_) => eof_sent = true,
+                }
+            }
+            // Channel → controller, stdout and stderr.
+            for (pending, done, sink, stream) in [
+                (&mut output, &mut output_done, &mut stdout, 0),
+                (&mut errors, &mut errors_done, &mut stderr, 1),
+            ] {
+                if pending.is_empty() && !*done {
+                    let read = if stream == 0 {
+                        pending.fill(&mut self.channel)
+                    } else {
+                        pending.fill(&mut self.channel.stderr())
+                    };
+                    match read {
+                        Ok(0) => {
+                            *done = self.channel.eof();
+                        }
+                        Ok(_) => progress = true,
+                        Err(error) if would_block(&error) => {}
+                        Err(_) => *done = true,
+                    }
+                }
+                if !pending.is_empty() {
+                    match sink.map(|fd| raw_write(fd, pending.data())) {
+                        Some(Ok(written)) => {
+                            pending.consumed(written);
+                            progress |= written > 0;
+                        }
+                        Some(Err(error)) if would_block(&error) => {}
+                        // Nobody reads any more: drop what comes.
+                        _ => pending.consumed(pending.data().len()),
+                    }
+                }
+                if *done && pending.is_empty() {
+                    *sink = None;
+                }
+            }
+            if output_done && errors_done && output.is_empty() && errors.is_empty() {
+                break;
+            }
+            if progress {
+                continue;
+            }
+            if !self.wait(&input, input_done, &output, &errors) {
+                break;
+            }
+        }
+        self.finish()
+    }
+
+    /// Waits in poll(2) until the socket or a pipe can move data; false when killed.
+    fn wait(&self, input: &Pending, input_done: bool, output: &Pending, errors: &Pending) -> bool {
+        let socket = self.session_fd();
+        let mut socket_events = libc::POLLIN;
+        if matches!(
+            self.session.block_directions(),
+            BlockDirections::Outbound | BlockDirections::Both
+        ) {
+            socket_events |= libc::POLLOUT;
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: socket,
+                events: socket_events,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.kill.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if input.is_empty() && !input_done {
+                    self.stdin.as_raw_fd()
+                } else {
+                    -1
+                },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if output.is_empty() {
+                    -1
+                } else {
+                    self.stdout.as_raw_fd()
+                },
+                events: libc::POLLOUT,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if errors.is_empty() {
+                    -1
+                } else {
+                    self.stderr.as_raw_fd()
+                },
+                events: libc::POLLOUT,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is an array of pollfd of the length given.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 15_000) };
+        if ready == 0 {
+            let _ = self.session.keepalive_send();
+        }
+        fds[1].revents == 0
+    }
+
+    fn session_fd(&self) -> i32 {
+        self.session.as_raw_fd()
+    }
+
+    fn finish(mut self) -> ExitReport {
+        self.session.set_blocking(true);
+        self.session.set_timeout(2000);
+        let _ = self.channel.close();
+        let _ = self.channel.wait_close();
+        let code = self.channel.exit_status().ok();
+        let signal = self
+            .channel
+            .exit_signal()
+            .ok()
+            .and_then(|signal| signal.exit_signal)
+            .and_then(|name| signal_number(&name));
+        let _ = self
+            .session
+            .disconnect(None, "chopsticks tunnel closed", None);
+        match (code, signal) {
+            (_, Some(signal)) => ExitReport {
+                code: None,
+                signal: Some(signal),
+            },
+            (code, None) => ExitReport { code, signal: None },
+        }
+    }
+}
+
+fn signal_number(name: &str) -> Option<i32> {
+    Some(match name.trim_start_matches("SIG") {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "ABRT" => libc::SIGABRT,
+        "KILL" => libc::SIGKILL,
+        "SEGV" => libc::SIGSEGV,
+        "PIPE" => libc::SIGPIPE,
+        "TERM" => libc::SIGTERM,
+        _ => return None,
+    })
+}

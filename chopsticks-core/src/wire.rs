@@ -23,7 +23,7 @@
 //! `Call` and `Return` carry every call, so they have fixed binary layouts
 //! (no CBOR parsing, no key strings); every other message is CBOR, which
 //! keeps the rare ones easy to extend. Both decode to the same
-//! [`Message`](crate::protocol::Message) values.
+//! [`Message`] values.
 //!
 //! A payload larger than [`INLINE_LIMIT`] is announced by its message as
 //! `Payload::Streamed { len }` and follows as CHUNK frames of at most

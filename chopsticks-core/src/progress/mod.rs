@@ -3,7 +3,7 @@
 //! A [`Progress`] receives [`ProgressEvent`]s: one `Started` and one
 //! `Finished` per host and operation, and `Advanced` as a transfer's bytes
 //! move. Any `Fn(&ProgressEvent)` is a `Progress`; with the `indicatif`
-//! feature, [`Bars`](crate::progress::Bars) draws terminal progress bars.
+//! feature, `Bars` draws terminal progress bars.
 //!
 //! ```
 //! use std::sync::atomic::{AtomicU64, Ordering};

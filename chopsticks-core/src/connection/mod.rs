@@ -1,5 +1,6 @@
-//! One live agent process: the task that writes frames, the task that routes
-//! replies to waiting calls by id, the stderr forwarder and the process supervisor.
+//! One live agent process: the task that writes frames and the task that
+//! routes replies to waiting calls by id. How it starts (spawn, bootstrap,
+//! hello, stderr forwarder, process supervisor) is in [`start`].
 //!
 //! When the agent's output ends, every pending call fails at once with
 //! `Disconnected`, naming the host, how the process ended and its last stderr lines.
@@ -10,21 +11,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::codec::FramedRead;
 
-use crate::agent_env::{self, AGENT_DEPTH, AGENT_MARKER, MAX_DEPTH};
-use crate::bootstrap::{self, Outcome};
-use crate::error::{Error, Phase, Result};
-use crate::identity::{self, hex};
-use crate::protocol::{CallMode, Failure, FunctionRef, Hello, Message, PROTOCOL_VERSION, Payload};
-use crate::stderr::{self, StderrSink, StderrTail};
-use crate::transport::{AgentCommand, AgentLaunch, AgentProcess, ExitReport, Pipes, Transport};
+use crate::error::{Error, Result};
+use crate::protocol::{CallMode, Failure, FunctionRef, Hello, Message, Payload};
+use crate::stderr::{StderrSink, StderrTail};
+use crate::transport::ExitReport;
 use crate::wire::{
     Assemblies, Frame, FrameDecoder, INLINE_LIMIT, MAX_PAYLOAD_LEN, OutFrame, Outbox, write_frames,
 };
+
+mod start;
+
+pub(crate) use start::connect;
 
 /// How long a closing connection waits for stderr and the exit status, to explain itself.
 const EXPLAIN_WAIT: Duration = Duration::from_millis(300);
@@ -91,11 +93,26 @@ struct Pending {
 struct Shared {
     host: Arc<str>,
     pending: Mutex<Pending>,
+    /// The agent's last stderr lines, to explain an ending.
     tail: Arc<StderrTail>,
+    /// How the process ended, once it has.
     exit: watch::Receiver<Option<ExitReport>>,
 }
 
 impl Shared {
+    fn new(
+        host: Arc<str>,
+        tail: Arc<StderrTail>,
+        exit: watch::Receiver<Option<ExitReport>>,
+    ) -> Shared {
+        Shared {
+            host,
+            pending: Mutex::new(Pending::default()),
+            tail,
+            exit,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending
             .lock()
@@ -192,6 +209,35 @@ impl Drop for Connection {
 }
 
 impl Connection {
+    /// Starts the writer and reader tasks of an agent that has said hello.
+    fn start(
+        shared: Arc<Shared>,
+        frames: Frames,
+        mut stdin: Box<dyn AsyncWrite + Send + Unpin>,
+        hello: Hello,
+        kill: oneshot::Sender<()>,
+    ) -> Connection {
+        let (outbox, outbox_receiver) = Outbox::new();
+        let writer_shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(error) = write_frames(outbox_receiver, &mut stdin).await {
+                // Calls must not wait for replies to requests that never left.
+                writer_shared
+                    .close_explained(false, format!("writing to the agent failed: {error}"))
+                    .await;
+            }
+        });
+        let reader = tokio::spawn(read_replies(frames, shared.clone()));
+        Connection {
+            shared,
+            outbox,
+            next_id: AtomicU64::new(1),
+            hello,
+            reader,
+            _kill: kill,
+        }
+    }
+
     /// Whether the agent is still there to take calls.
     pub(crate) fn is_alive(&self) -> bool {
         self.shared.lock().closed.is_none()
@@ -353,232 +399,6 @@ impl Drop for CallGuard<'_> {
     }
 }
 
-/// Starts the agent through `transport`, runs the bootstrap if needed, and checks its hello.
-pub(crate) async fn connect(
-    transport: &dyn Transport,
-    options: &ConnectOptions,
-) -> Result<Connection> {
-    let host: Arc<str> = transport.host().into();
-    let spawn_error = |message: String| Error::Spawn {
-        host: host.to_string(),
-        message,
-        source: None,
-    };
-    if !agent_env::runtime_linked() {
-        return Err(spawn_error(
-            "this program cannot become an agent: depend on the `chopsticks` crate (which links \
-             `chopsticks-agent`), or add `use chopsticks_agent as _;` to a crate the program links"
-                .into(),
-        ));
-    }
-    let depth = agent_env::depth() + 1;
-    if depth > MAX_DEPTH {
-        return Err(spawn_error(format!(
-            "tunnels are nested {depth} agents deep, over the limit of {MAX_DEPTH}; a remote function \
-             that opens tunnels is probably recursing without end"
-        )));
-    }
-    let launch = transport.launch();
-    let (os, arch) = identity::uname();
-    let agent_file = match launch {
-        AgentLaunch::ShellBootstrap => Some(
-            tokio::task::spawn_blocking(identity::agent_file)
-                .await
-                .map_err(|error| spawn_error(format!("hashing this program failed: {error}")))?
-                .map_err(|error| Error::Io {
-                    host: host.to_string(),
-                    phase: Phase::Bootstrap,
-                    source: error,
-                })?,
-        ),
-        _ => None,
-    };
-    let command = match agent_file {
-        Some(file) => bootstrap::command(file, depth, &os, &arch),
-        None => AgentCommand::new(format!("/proc/{}/exe", std::process::id()))
-            .env(AGENT_MARKER, PROTOCOL_VERSION.to_string())
-            .env(AGENT_DEPTH, depth.to_string()),
-    };
-    let Pipes {
-        mut stdin,
-        stdout,
-        stderr,
-        process,
-    } = transport
-        .spawn(&command)
-        .await
-        .map_err(|source| Error::Spawn {
-            host: host.to_string(),
-            message: source.to_string(),
-            source: Some(source),
-        })?;
-
-    let tail = StderrTail::new();
-    let stderr_task = match stderr {
-        Some(pipe) => Some(tokio::spawn(stderr::forward(
-            pipe,
-            host.clone(),
-            tail.clone(),
-            options.stderr_sink.clone(),
-        ))),
-        None => {
-            tail.mark_closed();
-            None
-        }
-    };
-    let (exit_sender, exit) = watch::channel(None);
-    let (kill, kill_requested) = oneshot::channel();
-    tokio::spawn(supervise(process, kill_requested, exit_sender, stderr_task));
-    let shared = Arc::new(Shared {
-        host: host.clone(),
-        pending: Mutex::new(Pending::default()),
-        tail,
-        exit,
-    });
-
-    let mut stdout = stdout;
-    if let Some(file) = agent_file {
-        let outcome = bootstrap::dialogue(file, &mut stdout, &mut stdin)
-            .await
-            .map_err(|error| Error::Bootstrap {
-                host: host.to_string(),
-                message: format!("talking to the bootstrap script failed: {error}"),
-            })?;
-        match outcome {
-            Outcome::Exec { .. } => {}
-            Outcome::Failed(message) => {
-                return Err(Error::Bootstrap {
-                    host: host.to_string(),
-                    message,
-                });
-            }
-            Outcome::WrongPlatform(platform) => {
-                return Err(Error::Bootstrap {
-                    host: host.to_string(),
-                    message: format!(
-                        "the target runs {platform} but this program is built for {os} {arch}; \
-                         build the program for the target's architecture to call functions there"
-                    ),
-                });
-            }
-            Outcome::Ended => return Err(ended_early(transport, &shared).await),
-        }
-    }
-
-    let mut frames: Frames = FramedRead::new(stdout, FrameDecoder::default());
-    let hello = match frames.next().await {
-        Some(Ok(Frame::Message(Message::Hello(hello)))) => hello,
-        Some(Ok(other)) => {
-            return Err(Error::Handshake {
-                host: host.to_string(),
-                message: format!("expected the agent's hello, received {other:?}"),
-            });
-        }
-        Some(Err(error)) if error.kind() == std::io::ErrorKind::InvalidData => {
-            return Err(Error::Handshake {
-                host: host.to_string(),
-                message: format!(
-                    "expected the agent's hello, but the process wrote something else to stdout ({error})"
-                ),
-            });
-        }
-        Some(Err(error)) => {
-            return Err(match ended_early(transport, &shared).await {
-                Error::Bootstrap { host, message } => Error::Bootstrap {
-                    host,
-                    message: format!("{message} (reading its output failed: {error})"),
-                },
-                diagnosed => diagnosed,
-            });
-        }
-        None => return Err(ended_early(transport, &shared).await),
-    };
-    check_hello(&host, &hello)?;
-
-    let (outbox, outbox_receiver) = Outbox::new();
-    let writer_shared = shared.clone();
-    tokio::spawn(async move {
-        if let Err(error) = write_frames(outbox_receiver, &mut stdin).await {
-            // Calls must not wait for replies to requests that never left.
-            writer_shared
-                .close_explained(false, format!("writing to the agent failed: {error}"))
-                .await;
-        }
-    });
-    let reader = tokio::spawn(read_replies(frames, shared.clone()));
-    Ok(Connection {
-        shared,
-        outbox,
-        next_id: AtomicU64::new(1),
-        hello,
-        reader,
-        _kill: kill,
-    })
-}
-
-fn check_hello(host: &str, hello: &Hello) -> Result<()> {
-    if hello.protocol != PROTOCOL_VERSION {
-        return Err(Error::Handshake {
-            host: host.to_string(),
-            message: format!(
-                "the agent speaks protocol version {} but this program speaks version {PROTOCOL_VERSION}",
-                hello.protocol
-            ),
-        });
-    }
-    let ours = identity::binary_id();
-    if ours.is_empty() || hello.binary_id.is_empty() {
-        return Err(Error::Handshake {
-            host: host.to_string(),
-            message: "a program without a build-id and unreadable through /proc/self/exe cannot \
-                      prove it is the same binary as its agent"
-                .into(),
-        });
-    }
-    if hello.binary_id != ours {
-        return Err(Error::Handshake {
-            host: host.to_string(),
-            message: format!(
-                "the agent is a different program (binary id {}) than this one ({}); both ends must \
-                 run the same binary",
-                hex(&hello.binary_id),
-                hex(ours)
-            ),
-        });
-    }
-    Ok(())
-}
-
-/// The error for a process that ended before its agent said hello.
-async fn ended_early(transport: &dyn Transport, shared: &Shared) -> Error {
-    shared.tail.wait_closed(EXPLAIN_WAIT).await;
-    if let Some(diagnosis) = transport.diagnose(&shared.tail.snapshot()) {
-        return Error::Spawn {
-            host: shared.host.to_string(),
-            message: diagnosis.to_string(),
-            source: Some(diagnosis),
-        };
-    }
-    let mut exit = shared.exit.clone();
-    let status = tokio::time::timeout(Duration::from_secs(1), exit.wait_for(Option::is_some))
-        .await
-        .ok()
-        .and_then(|status| status.ok().and_then(|status| *status));
-    let mut message = match status {
-        Some(status) => format!("the process {status} before the agent started"),
-        None => "the process closed its output before the agent started".to_string(),
-    };
-    let tail = shared.tail.snapshot();
-    if !tail.is_empty() {
-        message.push_str(": ");
-        message.push_str(&tail.join(" / "));
-    }
-    Error::Bootstrap {
-        host: shared.host.to_string(),
-        message,
-    }
-}
-
 /// Routes replies to waiting calls until the agent's output ends or breaks the protocol.
 async fn read_replies(mut frames: Frames, shared: Arc<Shared>) {
     let mut assemblies = Assemblies::default();
@@ -631,31 +451,4 @@ async fn read_replies(mut frames: Frames, shared: Arc<Shared>) {
         }
     };
     shared.close_explained(violation, what).await;
-}
-
-/// Owns the process: records how it ended, and kills it when the connection goes away.
-async fn supervise(
-    mut process: Box<dyn AgentProcess>,
-    kill_requested: oneshot::Receiver<()>,
-    exit: watch::Sender<Option<ExitReport>>,
-    stderr_task: Option<JoinHandle<()>>,
-) {
-    let status = tokio::select! {
-        status = process.wait() => status,
-        _ = kill_requested => {
-            let _ = process.start_kill();
-            process.wait().await
-        }
-    };
-    exit.send_replace(Some(status.unwrap_or_default()));
-    if let Some(task) = stderr_task {
-        // Give stderr a moment to drain; a grandchild holding it open must not keep the task alive.
-        let abort = task.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(1), task)
-            .await
-            .is_err()
-        {
-            abort.abort();
-        }
-    }
 }

@@ -1,0 +1,251 @@
+//! Starting an agent: the launch command (direct exec or the shell
+//! bootstrap), the transport's spawn, the bootstrap dialogue, the agent's
+//! hello and its checks; and the supervisor that owns the process after.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::codec::FramedRead;
+
+use super::{ConnectOptions, Connection, EXPLAIN_WAIT, Frames, Shared};
+use crate::agent_env::{self, AGENT_DEPTH, AGENT_MARKER, MAX_DEPTH};
+use crate::bootstrap::{self, Outcome};
+use crate::error::{Error, Phase, Result};
+use crate::identity::{self, hex};
+use crate::protocol::{Hello, Message, PROTOCOL_VERSION};
+use crate::stderr::{self, StderrTail};
+use crate::transport::{AgentCommand, AgentLaunch, AgentProcess, ExitReport, Pipes, Transport};
+use crate::wire::{Frame, FrameDecoder};
+
+/// Starts the agent through `transport`, runs the bootstrap if needed, and checks its hello.
+pub(crate) async fn connect(
+    transport: &dyn Transport,
+    options: &ConnectOptions,
+) -> Result<Connection> {
+    let host: Arc<str> = transport.host().into();
+    let spawn_error = |message: String| Error::Spawn {
+        host: host.to_string(),
+        message,
+        source: None,
+    };
+    if !agent_env::runtime_linked() {
+        return Err(spawn_error(
+            "this program cannot become an agent: depend on the `chopsticks` crate (which links \
+             `chopsticks-agent`), or add `use chopsticks_agent as _;` to a crate the program links"
+                .into(),
+        ));
+    }
+    let depth = agent_env::depth() + 1;
+    if depth > MAX_DEPTH {
+        return Err(spawn_error(format!(
+            "tunnels are nested {depth} agents deep, over the limit of {MAX_DEPTH}; a remote function \
+             that opens tunnels is probably recursing without end"
+        )));
+    }
+    let launch = transport.launch();
+    let (os, arch) = identity::uname();
+    let agent_file = match launch {
+        AgentLaunch::ShellBootstrap => Some(
+            tokio::task::spawn_blocking(identity::agent_file)
+                .await
+                .map_err(|error| spawn_error(format!("hashing this program failed: {error}")))?
+                .map_err(|error| Error::Io {
+                    host: host.to_string(),
+                    phase: Phase::Bootstrap,
+                    source: error,
+                })?,
+        ),
+        _ => None,
+    };
+    let command = match agent_file {
+        Some(file) => bootstrap::command(file, depth, &os, &arch),
+        None => AgentCommand::new(format!("/proc/{}/exe", std::process::id()))
+            .env(AGENT_MARKER, PROTOCOL_VERSION.to_string())
+            .env(AGENT_DEPTH, depth.to_string()),
+    };
+    let Pipes {
+        mut stdin,
+        stdout,
+        stderr,
+        process,
+    } = transport
+        .spawn(&command)
+        .await
+        .map_err(|source| Error::Spawn {
+            host: host.to_string(),
+            message: source.to_string(),
+            source: Some(source),
+        })?;
+
+    let tail = StderrTail::new();
+    let stderr_task = match stderr {
+        Some(pipe) => Some(tokio::spawn(stderr::forward(
+            pipe,
+            host.clone(),
+            tail.clone(),
+            options.stderr_sink.clone(),
+        ))),
+        None => {
+            tail.mark_closed();
+            None
+        }
+    };
+    let (exit_sender, exit) = watch::channel(None);
+    let (kill, kill_requested) = oneshot::channel();
+    tokio::spawn(supervise(process, kill_requested, exit_sender, stderr_task));
+    let shared = Arc::new(Shared::new(host.clone(), tail, exit));
+
+    let mut stdout = stdout;
+    if let Some(file) = agent_file {
+        let outcome = bootstrap::dialogue(file, &mut stdout, &mut stdin)
+            .await
+            .map_err(|error| Error::Bootstrap {
+                host: host.to_string(),
+                message: format!("talking to the bootstrap script failed: {error}"),
+            })?;
+        match outcome {
+            Outcome::Exec { .. } => {}
+            Outcome::Failed(message) => {
+                return Err(Error::Bootstrap {
+                    host: host.to_string(),
+                    message,
+                });
+            }
+            Outcome::WrongPlatform(platform) => {
+                return Err(Error::Bootstrap {
+                    host: host.to_string(),
+                    message: format!(
+                        "the target runs {platform} but this program is built for {os} {arch}; \
+                         build the program for the target's architecture to call functions there"
+                    ),
+                });
+            }
+            Outcome::Ended => return Err(ended_early(transport, &shared).await),
+        }
+    }
+
+    let mut frames: Frames = FramedRead::new(stdout, FrameDecoder::default());
+    let hello = match frames.next().await {
+        Some(Ok(Frame::Message(Message::Hello(hello)))) => hello,
+        Some(Ok(other)) => {
+            return Err(Error::Handshake {
+                host: host.to_string(),
+                message: format!("expected the agent's hello, received {other:?}"),
+            });
+        }
+        Some(Err(error)) if error.kind() == std::io::ErrorKind::InvalidData => {
+            return Err(Error::Handshake {
+                host: host.to_string(),
+                message: format!(
+                    "expected the agent's hello, but the process wrote something else to stdout ({error})"
+                ),
+            });
+        }
+        Some(Err(error)) => {
+            return Err(match ended_early(transport, &shared).await {
+                Error::Bootstrap { host, message } => Error::Bootstrap {
+                    host,
+                    message: format!("{message} (reading its output failed: {error})"),
+                },
+                diagnosed => diagnosed,
+            });
+        }
+        None => return Err(ended_early(transport, &shared).await),
+    };
+    check_hello(&host, &hello)?;
+
+    Ok(Connection::start(shared, frames, stdin, hello, kill))
+}
+
+fn check_hello(host: &str, hello: &Hello) -> Result<()> {
+    if hello.protocol != PROTOCOL_VERSION {
+        return Err(Error::Handshake {
+            host: host.to_string(),
+            message: format!(
+                "the agent speaks protocol version {} but this program speaks version {PROTOCOL_VERSION}",
+                hello.protocol
+            ),
+        });
+    }
+    let ours = identity::binary_id();
+    if ours.is_empty() || hello.binary_id.is_empty() {
+        return Err(Error::Handshake {
+            host: host.to_string(),
+            message: "a program without a build-id and unreadable through /proc/self/exe cannot \
+                      prove it is the same binary as its agent"
+                .into(),
+        });
+    }
+    if hello.binary_id != ours {
+        return Err(Error::Handshake {
+            host: host.to_string(),
+            message: format!(
+                "the agent is a different program (binary id {}) than this one ({}); both ends must \
+                 run the same binary",
+                hex(&hello.binary_id),
+                hex(ours)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The error for a process that ended before its agent said hello.
+async fn ended_early(transport: &dyn Transport, shared: &Shared) -> Error {
+    shared.tail.wait_closed(EXPLAIN_WAIT).await;
+    if let Some(diagnosis) = transport.diagnose(&shared.tail.snapshot()) {
+        return Error::Spawn {
+            host: shared.host.to_string(),
+            message: diagnosis.to_string(),
+            source: Some(diagnosis),
+        };
+    }
+    let mut exit = shared.exit.clone();
+    let status = tokio::time::timeout(Duration::from_secs(1), exit.wait_for(Option::is_some))
+        .await
+        .ok()
+        .and_then(|status| status.ok().and_then(|status| *status));
+    let mut message = match status {
+        Some(status) => format!("the process {status} before the agent started"),
+        None => "the process closed its output before the agent started".to_string(),
+    };
+    let tail = shared.tail.snapshot();
+    if !tail.is_empty() {
+        message.push_str(": ");
+        message.push_str(&tail.join(" / "));
+    }
+    Error::Bootstrap {
+        host: shared.host.to_string(),
+        message,
+    }
+}
+
+/// Owns the process: records how it ended, and kills it when the connection goes away.
+async fn supervise(
+    mut process: Box<dyn AgentProcess>,
+    kill_requested: oneshot::Receiver<()>,
+    exit: watch::Sender<Option<ExitReport>>,
+    stderr_task: Option<JoinHandle<()>>,
+) {
+    let status = tokio::select! {
+        status = process.wait() => status,
+        _ = kill_requested => {
+            let _ = process.start_kill();
+            process.wait().await
+        }
+    };
+    exit.send_replace(Some(status.unwrap_or_default()));
+    if let Some(task) = stderr_task {
+        // Give stderr a moment to drain; a grandchild holding it open must not keep the task alive.
+        let abort = task.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+    }
+}

@@ -323,6 +323,41 @@ async fn corruption_on_the_way_is_caught_and_nothing_is_replaced() {
 }
 
 #[tokio::test]
+async fn unsynced_transfers_are_still_verified_and_replace_whole() {
+    let dir = Scratch::new("unsynced");
+    // Past the early-writeback step, which an unsynced transfer skips.
+    let data = patterned(&dir.path("source"), 9 * 1024 * 1024 + 5);
+    std::fs::write(dir.path("target"), b"old").expect("write");
+    let tun = tunnel();
+    let put = tun
+        .put(dir.path("source"), dir.path("target"))
+        .sync(false)
+        .await
+        .expect("unsynced put");
+    assert_eq!(std::fs::read(dir.path("target")).expect("read"), data);
+    let fetched = tun
+        .fetch(dir.path("target"), dir.path("back"))
+        .sync(false)
+        .await
+        .expect("unsynced fetch");
+    assert_eq!(fetched.checksum, put.checksum);
+    assert_eq!(std::fs::read(dir.path("back")).expect("read"), data);
+    assert_eq!(dir.entries(), ["back", "source", "target"]);
+
+    // Verification does not depend on syncing.
+    let tun = Tunnel::new(Corrupting::stdin_at(4096));
+    let error = tun
+        .put(dir.path("source"), dir.path("back"))
+        .sync(false)
+        .await
+        .expect_err("corrupted put");
+    let (_, kind, text) = transfer_error(&error);
+    assert_eq!(kind, ErrorKind::InvalidData, "{text}");
+    assert_eq!(std::fs::read(dir.path("back")).expect("read"), data);
+    assert_eq!(dir.entries(), ["back", "source", "target"]);
+}
+
+#[tokio::test]
 async fn a_killed_agent_mid_put_leaves_the_old_target_and_no_temp_file() {
     let dir = Scratch::new("killed");
     patterned(&dir.path("source"), 256 * 1024 * 1024);

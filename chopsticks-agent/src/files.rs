@@ -50,6 +50,7 @@ pub(crate) struct PutRequest {
     pub(crate) size: u64,
     pub(crate) mode: u32,
     pub(crate) apply_umask: bool,
+    pub(crate) sync: bool,
     pub(crate) create_dirs: bool,
     pub(crate) mtime: Option<FileTime>,
 }
@@ -80,7 +81,8 @@ impl IncomingPut {
         Failure,
     > {
         let target = PathBuf::from(OsString::from_vec(request.path));
-        let file = AtomicFile::create(&target, request.create_dirs).map_err(failure)?;
+        let mut file = AtomicFile::create(&target, request.create_dirs).map_err(failure)?;
+        file.set_durable(request.sync);
         let mode = if request.apply_umask {
             request.mode & !umask()
         } else {

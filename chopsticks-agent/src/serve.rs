@@ -341,6 +341,7 @@ fn lead(agent: &Agent) {
                 size,
                 mode,
                 apply_umask,
+                sync,
                 create_dirs,
                 mtime,
             }) => {
@@ -349,6 +350,7 @@ fn lead(agent: &Agent) {
                     size,
                     mode,
                     apply_umask,
+                    sync,
                     create_dirs,
                     mtime,
                 };

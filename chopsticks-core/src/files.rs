@@ -138,6 +138,8 @@ pub struct AtomicFile {
     written: u64,
     /// Where the last early writeback started; see [`WRITEBACK_STEP`].
     written_back: u64,
+    /// Whether the content and the rename reach the disk before commit returns.
+    durable: bool,
 }
 
 /// Every this many bytes, writeback of the bytes before is started, so the
@@ -190,7 +192,15 @@ impl AtomicFile {
             hasher: blake3::Hasher::new(),
             written: 0,
             written_back: 0,
+            durable: true,
         })
+    }
+
+    /// Whether [`commit`](Self::commit) syncs the file and its directory
+    /// (default: yes). Without, the file still appears whole or not at all to
+    /// readers, but a crash or power loss soon after may lose it.
+    pub fn set_durable(&mut self, durable: bool) {
+        self.durable = durable;
     }
 
     /// Appends `data`, hashing it on the way.
@@ -200,7 +210,7 @@ impl AtomicFile {
             .write_all(data)
             .map_err(|error| FileError::new("writing a temporary file for", &self.target, error))?;
         self.written += data.len() as u64;
-        if self.written - self.written_back >= WRITEBACK_STEP {
+        if self.durable && self.written - self.written_back >= WRITEBACK_STEP {
             // SAFETY: sync_file_range on an open descriptor only starts writeback.
             unsafe {
                 libc::sync_file_range(
@@ -271,7 +281,9 @@ impl AtomicFile {
         if let Some(mtime) = mtime {
             set_mtime(&self.file, mtime).map_err(fail("setting the modification time of"))?;
         }
-        self.file.sync_all().map_err(fail("syncing"))?;
+        if self.durable {
+            self.file.sync_all().map_err(fail("syncing"))?;
+        }
         let staged = match &self.staging {
             Staging::Named(path) => path.clone(),
             Staging::Unnamed => {
@@ -283,7 +295,9 @@ impl AtomicFile {
         std::fs::rename(&staged, &self.target).map_err(fail("renaming a temporary file onto"))?;
         self.staging = Staging::Unnamed;
         // The rename is durable once the directory is synced.
-        if let Ok(directory) = File::open(&self.directory) {
+        if self.durable
+            && let Ok(directory) = File::open(&self.directory)
+        {
             let _ = directory.sync_all();
         }
         Ok(Committed {

@@ -71,6 +71,8 @@ pub enum Message {
         mode: u32,
         /// Whether the agent's umask is applied to `mode` (when the mode is the source's, not chosen).
         apply_umask: bool,
+        /// Whether the file and its rename are synced to disk before the reply.
+        sync: bool,
         /// Whether missing parent directories are created.
         create_dirs: bool,
         /// The modification time to give the file, if any.
@@ -318,6 +320,7 @@ mod tests {
                 size: 1 << 33,
                 mode: 0o640,
                 apply_umask: false,
+                sync: false,
                 create_dirs: true,
                 mtime: Some(FileTime {
                     seconds: -5,

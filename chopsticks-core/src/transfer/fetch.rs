@@ -35,9 +35,11 @@ pub(super) async fn fetch(
     let _ = connection.outbox().send(OutFrame::message(&request));
     let mut writer = {
         let target = route.local.clone();
-        let create_dirs = options.create_dirs;
+        let (create_dirs, sync) = (options.create_dirs, options.sync);
         let progress = (options.progress.clone(), route.host.clone());
-        tokio::task::spawn_blocking(move || receive_file(events, target, create_dirs, progress))
+        tokio::task::spawn_blocking(move || {
+            receive_file(events, target, create_dirs, sync, progress)
+        })
     };
     let joined = |joined: std::result::Result<_, tokio::task::JoinError>| {
         joined.unwrap_or_else(|error| {
@@ -117,6 +119,7 @@ fn receive_file(
     mut events: Receiver<StreamEvent>,
     target: PathBuf,
     create_dirs: bool,
+    sync: bool,
     (progress, host): (Option<SharedProgress>, String),
 ) -> Result<Option<AtomicFile>, FileError> {
     let mut file: Option<AtomicFile> = None;
@@ -125,7 +128,9 @@ fn receive_file(
         match event {
             StreamEvent::Head(size) => {
                 total = size;
-                file = Some(AtomicFile::create(&target, create_dirs)?);
+                let mut created = AtomicFile::create(&target, create_dirs)?;
+                created.set_durable(sync);
+                file = Some(created);
             }
             StreamEvent::Data(data) => {
                 let Some(file) = file.as_mut() else {

@@ -41,13 +41,27 @@ pub struct Transfer {
 }
 
 /// Options shared by every transfer builder.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub(crate) struct TransferOptions {
     pub(crate) mode: Option<u32>,
     pub(crate) create_dirs: bool,
     pub(crate) preserve_mtime: bool,
+    pub(crate) sync: bool,
     pub(crate) progress: Option<SharedProgress>,
     pub(crate) timeout: Option<Duration>,
+}
+
+impl Default for TransferOptions {
+    fn default() -> TransferOptions {
+        TransferOptions {
+            mode: None,
+            create_dirs: false,
+            preserve_mtime: false,
+            sync: true,
+            progress: None,
+            timeout: None,
+        }
+    }
 }
 
 /// The builder methods every transfer shares.
@@ -71,6 +85,16 @@ macro_rules! transfer_options {
             /// Gives the written file the source's modification time (default: now).
             pub fn preserve_mtime(mut self, preserve: bool) -> Self {
                 self.options.preserve_mtime = preserve;
+                self
+            }
+
+            /// Whether the written file and its rename are synced to disk before
+            /// the transfer returns (default: yes). Without, the file is still
+            /// verified and appears whole or not at all, but a crash or power
+            /// loss soon after may lose it; like `scp` or `rsync` without
+            /// `--fsync`, it moves faster where the disk is the bottleneck.
+            pub fn sync(mut self, sync: bool) -> Self {
+                self.options.sync = sync;
                 self
             }
 

@@ -45,6 +45,7 @@ pub(super) async fn put(
         size,
         mode: options.mode.unwrap_or(metadata.mode() & 0o777),
         apply_umask: options.mode.is_none(),
+        sync: options.sync,
         create_dirs: options.create_dirs,
         mtime: options
             .preserve_mtime

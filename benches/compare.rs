@@ -174,7 +174,25 @@ fn main() {
     write_source(&source, file_mib);
     let bytes = (file_mib << 20) as f64;
     let (mut puts, mut fetches) = (Vec::new(), Vec::new());
+    // The peers never sync what they write: ours is also timed with `.sync(false)`.
+    let (mut unsynced_puts, mut unsynced_fetches) = (Vec::new(), Vec::new());
     for _ in 0..2 {
+        let _ = std::fs::remove_file(dir.join("put"));
+        let started = Instant::now();
+        runtime
+            .block_on(tun.put(&source, dir.join("put")).sync(false).into_future())
+            .expect("unsynced put");
+        unsynced_puts.push(bytes / started.elapsed().as_secs_f64() / 1e6);
+        let _ = std::fs::remove_file(dir.join("fetched"));
+        let started = Instant::now();
+        runtime
+            .block_on(
+                tun.fetch(&source, dir.join("fetched"))
+                    .sync(false)
+                    .into_future(),
+            )
+            .expect("unsynced fetch");
+        unsynced_fetches.push(bytes / started.elapsed().as_secs_f64() / 1e6);
         let _ = std::fs::remove_file(dir.join("put"));
         let started = Instant::now();
         runtime
@@ -208,7 +226,8 @@ fn main() {
         "{{\"library\": \"chopsticks-rs\", \"version\": \"{}\", \"transport\": \"{}\", \
          \"connect_first_call_ms\": {:.3}, \"trivial_us_median\": {:.2}, \"trivial_us_p99\": {:.2}, \
          \"calls_per_s\": {:.0}, \"calls_mode\": \"pipelined-64\", \"arg64_mb_s\": {:.1}, \
-         \"put_mb_s\": {:.1}, \"fetch_mb_s\": {:.1}, \"transfer_method\": \"Tunnel::put/fetch\", \
+         \"put_mb_s\": {:.1}, \"fetch_mb_s\": {:.1}, \"put_unsynced_mb_s\": {:.1}, \
+         \"fetch_unsynced_mb_s\": {:.1}, \"transfer_method\": \"Tunnel::put/fetch\", \
          \"fanout20_s\": {:.4}, \"fanout_hosts\": {hosts}}}",
         env!("CARGO_PKG_VERSION"),
         options.transport,
@@ -219,6 +238,8 @@ fn main() {
         median(arg_rates),
         median(puts),
         median(fetches),
+        median(unsynced_puts),
+        median(unsynced_fetches),
         fanout,
     );
 }

@@ -235,7 +235,7 @@ fn stream(
         if cancelled.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let mut chunk = Vec::with_capacity(CHUNK_LEN);
+        let mut chunk = chopsticks_core::buffer::chunk(CHUNK_LEN);
         let read = file
             .by_ref()
             .take(CHUNK_LEN as u64)
@@ -246,7 +246,10 @@ fn stream(
         hasher.update(&chunk);
         sent += read as u64;
         if outbox
-            .send_bulk_blocking(OutFrame::chunk(id, Bytes::from(chunk)))
+            .send_bulk_blocking(OutFrame::chunk(
+                id,
+                chopsticks_core::buffer::chunk_bytes(chunk),
+            ))
             .is_err()
         {
             return Ok(None);

@@ -6,6 +6,8 @@
 //! pages (`MADV_HUGEPAGE`), which makes filling them about four times faster
 //! where THP is in `madvise` mode. Where it is not, the advice is ignored.
 
+use bytes::Bytes;
+
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -17,6 +19,10 @@ const HUGE_PAGE: usize = 2 << 20;
 pub const SPARE_IDLE: Duration = Duration::from_secs(2);
 
 static SPARE: Mutex<Option<(Vec<u8>, Instant)>> = Mutex::new(None);
+/// Transfer chunk buffers kept for reuse, and when one was last returned.
+static CHUNKS: Mutex<(Vec<Vec<u8>>, Option<Instant>)> = Mutex::new((Vec::new(), None));
+/// At most this many chunk buffers are kept (2 MiB of 256 KiB chunks).
+const SPARE_CHUNKS: usize = 8;
 static RELEASE_PENDING: AtomicBool = AtomicBool::new(false);
 
 /// Offers a buffer that is no longer needed as the process's spare.
@@ -56,8 +62,68 @@ fn take(len: usize) -> Option<Vec<u8>> {
     None
 }
 
-/// Releases the spare if it has not been used for [`SPARE_IDLE`]; returns whether one is still kept.
+/// An empty buffer for one transfer chunk of up to `len` bytes: a recycled
+/// one when there is one. Wrap it with [`chunk_bytes`] once filled.
+///
+/// A chunk of a fresh allocation is 64 page faults; moving a file through
+/// recycled chunks touches the same pages again.
+pub fn chunk(len: usize) -> Vec<u8> {
+    let recycled = CHUNKS
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner())
+        .0
+        .pop();
+    match recycled {
+        Some(mut buffer) if buffer.capacity() >= len => {
+            buffer.clear();
+            buffer
+        }
+        _ => Vec::with_capacity(len),
+    }
+}
+
+/// A filled chunk as `Bytes`; the buffer is kept for [`chunk`] when the last
+/// clone is dropped (released after [`SPARE_IDLE`] without use).
+pub fn chunk_bytes(buffer: Vec<u8>) -> Bytes {
+    Bytes::from_owner(RecycledChunk(buffer))
+}
+
+struct RecycledChunk(Vec<u8>);
+
+impl AsRef<[u8]> for RecycledChunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for RecycledChunk {
+    fn drop(&mut self) {
+        let buffer = std::mem::take(&mut self.0);
+        {
+            let mut chunks = CHUNKS.lock().unwrap_or_else(|poison| poison.into_inner());
+            if chunks.0.len() >= SPARE_CHUNKS {
+                return;
+            }
+            chunks.0.push(buffer);
+            chunks.1 = Some(Instant::now());
+        }
+        schedule_release();
+    }
+}
+
+/// Releases the spare buffer and the kept chunks if they have not been used
+/// for [`SPARE_IDLE`]; returns whether anything is still kept.
 pub fn release_if_idle() -> bool {
+    let chunks_kept = {
+        let mut chunks = CHUNKS.lock().unwrap_or_else(|poison| poison.into_inner());
+        if chunks
+            .1
+            .is_some_and(|returned_at| returned_at.elapsed() >= SPARE_IDLE)
+        {
+            *chunks = (Vec::new(), None);
+        }
+        !chunks.0.is_empty()
+    };
     let mut spare = SPARE.lock().unwrap_or_else(|poison| poison.into_inner());
     if spare
         .as_ref()
@@ -65,7 +131,7 @@ pub fn release_if_idle() -> bool {
     {
         *spare = None;
     }
-    spare.is_some()
+    spare.is_some() || chunks_kept
 }
 
 /// Starts one task (on the current tokio runtime, if any) that releases the spare once idle.
@@ -93,7 +159,12 @@ fn schedule_release() {
         }
         drop(pending);
         // A buffer given between the last check and the flag reset still gets released.
-        if SPARE.lock().map(|spare| spare.is_some()).unwrap_or(false) {
+        let spare_kept = SPARE.lock().map(|spare| spare.is_some()).unwrap_or(false);
+        let chunks_kept = CHUNKS
+            .lock()
+            .map(|chunks| !chunks.0.is_empty())
+            .unwrap_or(false);
+        if spare_kept || chunks_kept {
             schedule_release();
         }
     });

@@ -8,8 +8,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bytes::Bytes;
-
 use super::{Route, Transfer, TransferOptions, advanced};
 use crate::connection::{Connection, Reply};
 use crate::error::Result;
@@ -144,7 +142,7 @@ fn send_file(
             return Ok([0; 32]);
         }
         let want = (size - sent).min(CHUNK_LEN as u64);
-        let mut chunk = Vec::with_capacity(want as usize);
+        let mut chunk = crate::buffer::chunk(want as usize);
         let read = (&mut file)
             .take(want)
             .read_to_end(&mut chunk)
@@ -162,7 +160,7 @@ fn send_file(
         hasher.update(&chunk);
         sent += read as u64;
         if outbox
-            .send_bulk_blocking(OutFrame::chunk(id, Bytes::from(chunk)))
+            .send_bulk_blocking(OutFrame::chunk(id, crate::buffer::chunk_bytes(chunk)))
             .is_err()
         {
             // The connection closed; the waiting reply says why.

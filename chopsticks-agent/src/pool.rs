@@ -332,6 +332,11 @@ mod tests {
             }));
         }
         let outcome = finished.recv_timeout(Duration::from_secs(5));
+        // The woken worker took the role (it may start leading after the job ran).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while leaders.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         stop.store(true, Ordering::SeqCst);
         outcome.expect("the queued job ran while another worker took the reader role");
         assert_eq!(leaders.load(Ordering::SeqCst), 2);

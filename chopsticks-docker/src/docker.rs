@@ -541,10 +541,12 @@ fn remember_placed(id: &str, dir: &str) {
     placed.push((id.to_string(), dir.to_string()));
 }
 
-/// Removes a container, forcing it to stop first.
+/// Removes a container, forcing it to stop first, with its anonymous volumes
+/// (as `docker run --rm` does).
 async fn remove(engine: &bollard::Docker, id: &str) {
     let options = RemoveContainerOptions {
         force: true,
+        v: true,
         ..RemoveContainerOptions::default()
     };
     let _ = engine.remove_container(id, Some(options)).await;

@@ -69,6 +69,8 @@ struct State {
     reader_calls_seen: u64,
     /// Ticks in a row without a call on the reader.
     idle_ticks: u32,
+    /// Counts hand-overs of the reader role, so a former reader can tell.
+    reader_generation: u64,
 }
 
 #[derive(Default)]
@@ -138,8 +140,9 @@ impl CallPool {
         self.vacate(&mut state);
     }
 
-    /// The reader is about to run a call itself.
-    pub(crate) fn leader_busy(&self) {
+    /// The reader is about to run a call itself. Returns the role's
+    /// generation, for [`leader_done`](Self::leader_done).
+    pub(crate) fn leader_busy(&self) -> u64 {
         let mut state = self.shared.lock();
         state.reader = ReaderRole::LeaderBusy;
         state.reader_calls += 1;
@@ -150,6 +153,7 @@ impl CallPool {
                 watchdog.start();
             }
         }
+        state.reader_generation
     }
 
     /// A watchdog tick: hands the reader role on if the reader has been
@@ -176,11 +180,12 @@ impl CallPool {
         }
     }
 
-    /// The reader finished its call. Returns true if it still holds the role,
-    /// false if the role was handed on meanwhile.
-    pub(crate) fn leader_done(&self) -> bool {
+    /// The reader that got `generation` from [`leader_busy`](Self::leader_busy)
+    /// finished its call. Returns true if it still holds the role, false if the
+    /// role was handed on meanwhile (even if the new reader is busy too).
+    pub(crate) fn leader_done(&self, generation: u64) -> bool {
         let mut state = self.shared.lock();
-        if state.reader == ReaderRole::LeaderBusy {
+        if state.reader == ReaderRole::LeaderBusy && state.reader_generation == generation {
             state.reader = ReaderRole::Held;
             return true;
         }
@@ -189,6 +194,7 @@ impl CallPool {
 
     fn vacate(&self, state: &mut State) {
         state.reader = ReaderRole::Vacant;
+        state.reader_generation += 1;
         if state.searching == 0 && !self.wake_one(state) && state.workers == 0 {
             // No thread could be started: the role stays vacant for the next worker.
             eprintln!("chopsticks agent: no thread could be started to read the protocol input");
@@ -340,6 +346,48 @@ mod tests {
         stop.store(true, Ordering::SeqCst);
         outcome.expect("the queued job ran while another worker took the reader role");
         assert_eq!(leaders.load(Ordering::SeqCst), 2);
+    }
+
+    /// A reader whose call outlasted its role must not take the role back
+    /// while the next reader runs a call of its own.
+    #[test]
+    fn a_former_reader_does_not_take_back_a_busy_role() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let leaders = Arc::new(AtomicUsize::new(0));
+        let pool = CallPool::default();
+        let lead = {
+            let (stop, leaders) = (stop.clone(), leaders.clone());
+            move || {
+                leaders.fetch_add(1, Ordering::SeqCst);
+                while !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        };
+        pool.start_reading(lead, Arc::new(Watchdog::new().expect("timerfd")));
+        let wait_for = |count: usize| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while leaders.load(Ordering::SeqCst) < count {
+                assert!(Instant::now() < deadline, "no worker took the reader role");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        wait_for(1);
+        // The reader runs a call; the watchdog hands the role on meanwhile.
+        let first = pool.leader_busy();
+        {
+            let mut state = pool.shared.lock();
+            pool.vacate(&mut state);
+        }
+        wait_for(2);
+        // The new reader runs a call of its own when the first call ends.
+        let second = pool.leader_busy();
+        let former_keeps_role = pool.leader_done(first);
+        let current_keeps_role = pool.leader_done(second);
+        stop.store(true, Ordering::SeqCst);
+        assert!(!former_keeps_role, "the former reader gave the role up");
+        assert!(current_keeps_role, "the current reader keeps it");
     }
 
     #[test]

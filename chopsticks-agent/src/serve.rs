@@ -306,9 +306,9 @@ fn lead(agent: &Agent) {
                     continue;
                 }
                 drop(state);
-                pool.leader_busy();
+                let generation = pool.leader_busy();
                 job();
-                if !pool.leader_done() {
+                if !pool.leader_done(generation) {
                     return;
                 }
                 state = agent

@@ -168,6 +168,43 @@ async fn a_killed_sshd_fails_pending_calls_fast() {
     assert!(after_kill < Duration::from_secs(5), "took {after_kill:?}");
 }
 
+/// The cached agent's metadata once no upload is in flight: other tests
+/// connecting as the same user at the same time may each have found the
+/// cache empty and still be uploading (`.agent-HASH.XXXXXX`), and their
+/// rename replaces the file.
+async fn settled(cached: &std::path::Path) -> std::fs::Metadata {
+    use std::os::unix::fs::MetadataExt;
+    let name = cached
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .to_string();
+    let dir = cached.parent().expect("cache dir");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let uploading = std::fs::read_dir(dir)
+            .expect("read cache dir")
+            .flatten()
+            .any(|entry| {
+                entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!(".{name}."))
+            });
+        let before = std::fs::metadata(cached).expect("the agent is cached");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let after = std::fs::metadata(cached).expect("the agent is cached");
+        if !uploading && before.ino() == after.ino() {
+            return after;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "uploads into {} never settled",
+            dir.display()
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_second_connect_reuses_the_cached_agent() {
     let Some(sshd) = sshd_or_skip("cache", 1) else {
@@ -180,7 +217,7 @@ async fn a_second_connect_reuses_the_cached_agent() {
         .expect("home");
     let hash = &chopsticks::identity::agent_file().expect("hash").sha256;
     let cached = std::path::Path::new(&home).join(format!(".cache/chopsticks/agent-{hash}"));
-    let before = std::fs::metadata(&cached).expect("the agent is cached");
+    let before = settled(&cached).await;
     tun.close().await.expect("close");
     let started = Instant::now();
     assert_eq!(tun.call(add, (2, 3)).await.expect("reconnect"), 5);

@@ -134,6 +134,32 @@ async fn new_containers_mount_the_agent_read_only_from_one_shared_volume() {
 }
 
 #[tokio::test]
+async fn a_mount_over_the_agent_path_falls_back_to_uploading_the_agent() {
+    if docker_or_skip().is_none() {
+        return;
+    }
+    let id = &chopsticks::identity::agent_file().expect("hash").sha256[..32];
+    let host_dir = std::env::temp_dir().join(unique("clash"));
+    std::fs::create_dir_all(&host_dir).expect("mkdir");
+    let name = unique("clash");
+    // The Engine refuses the payload volume on a path the user mounts too.
+    let tun = tunnel(
+        Docker::new(&name)
+            .image(TOOLS_IMAGE)
+            .mount(format!("{}:/.chopsticks/{id}", host_dir.display())),
+    );
+    let answer = tun.call(add, (2, 2)).await;
+    let uploaded = host_dir.join("agent").exists();
+    let closed = tun.close().await;
+    let removed = gone(&name).await;
+    let _ = std::fs::remove_dir_all(&host_dir);
+    assert_eq!(answer.expect("a call through an uploaded agent"), 4);
+    assert!(uploaded, "the agent went through the user's mount");
+    closed.expect("close");
+    assert!(removed, "{name} removed");
+}
+
+#[tokio::test]
 async fn a_group_of_containers() {
     if docker_or_skip().is_none() {
         return;

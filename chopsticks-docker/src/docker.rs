@@ -386,19 +386,23 @@ impl Transport for Docker {
                     }));
                 }
                 // Without the shared volume, the payload is uploaded into the container.
-                let volume =
+                let mut volume =
                     crate::volume::ensure(&engine, self.engine.as_deref(), image, &payload)
                         .await
                         .ok();
-                let id = self
-                    .create(
-                        &engine,
-                        image,
-                        &payload,
-                        self.agent_env(command),
-                        volume.as_deref(),
-                    )
-                    .await?;
+                let env = self.agent_env(command);
+                let created = self
+                    .create(&engine, image, &payload, env.clone(), volume.as_deref())
+                    .await;
+                let id = match created {
+                    // The Engine took the volume but not the mount (a policy, a
+                    // clash with the user's mounts): the payload is uploaded instead.
+                    Err(DockerError::Refused { .. }) if volume.is_some() => {
+                        volume = None;
+                        self.create(&engine, image, &payload, env, None).await?
+                    }
+                    created => created?,
+                };
                 let started = async {
                     let attach = AttachContainerOptions {
                         stdin: true,

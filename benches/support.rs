@@ -35,19 +35,6 @@ pub fn write_source(path: &Path, mib: usize) {
     file.sync_all().expect("sync");
 }
 
-/// This process's peak resident memory (`VmHWM`) in KiB.
-pub fn peak_resident_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmHWM:"))
-                .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn noop() {}
 
 /// The mean time of `trips` sequential trivial calls on `tunnel`, after

@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use chopsticks::{Local, Tunnel};
 
-use support::{env_number, median, peak_resident_kib, write_source};
+use chopsticks_testkit::peak_resident_kib;
+use support::{env_number, median, write_source};
 
 fn cpu_seconds() -> f64 {
     // SAFETY: getrusage writes into the struct it is given.

@@ -13,6 +13,7 @@ use chopsticks::progress::ProgressEvent;
 use chopsticks::{Direction, Error, Local, Sudo, Tunnel};
 
 use crate::support::{Corrupting, is_root};
+use chopsticks_testkit::peak_resident_kib;
 
 /// A scratch directory, removed when dropped.
 pub struct Scratch(PathBuf);
@@ -479,18 +480,6 @@ async fn progress_reports_every_byte_in_order() {
         .expect("put");
     assert_eq!(last.load(Ordering::Relaxed), 2 * 1024 * 1024 + 5);
     assert_eq!(*events.lock().expect("lock"), ["started", "finished"]);
-}
-
-fn peak_resident_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmHWM:"))
-                .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 #[tokio::test]

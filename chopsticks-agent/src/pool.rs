@@ -300,38 +300,70 @@ mod tests {
         );
     }
 
-    /// A worker woken for the vacant reader role must not strand a job that
-    /// was queued while it was on its way (nobody else was woken for it).
-    #[test]
-    fn a_job_queued_while_the_reader_role_falls_vacant_still_runs() {
-        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-        let stop = Arc::new(AtomicBool::new(false));
-        let leaders = Arc::new(AtomicUsize::new(0));
-        let pool = CallPool::default();
-        let lead = {
-            let (stop, leaders) = (stop.clone(), leaders.clone());
-            // A reader blocked on input that never comes.
-            move || {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// A pool whose readers block on input that never comes, counting the
+    /// workers that took the reader role. Dropping it lets them go.
+    struct BlockedReaders {
+        pool: CallPool,
+        stop: Arc<AtomicBool>,
+        leaders: Arc<AtomicUsize>,
+    }
+
+    impl BlockedReaders {
+        fn start() -> BlockedReaders {
+            let readers = BlockedReaders {
+                pool: CallPool::default(),
+                stop: Arc::new(AtomicBool::new(false)),
+                leaders: Arc::new(AtomicUsize::new(0)),
+            };
+            let (stop, leaders) = (readers.stop.clone(), readers.leaders.clone());
+            let lead = move || {
                 leaders.fetch_add(1, Ordering::SeqCst);
                 while !stop.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(5));
                 }
-            }
-        };
-        let watchdog = Arc::new(Watchdog::new().expect("timerfd"));
-        pool.start_reading(lead, watchdog);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while leaders.load(Ordering::SeqCst) == 0 {
-            assert!(Instant::now() < deadline, "no worker took the reader role");
-            std::thread::sleep(Duration::from_millis(1));
+            };
+            let watchdog = Arc::new(Watchdog::new().expect("timerfd"));
+            readers.pool.start_reading(lead, watchdog);
+            assert!(readers.wait_for(1) >= 1, "no worker took the reader role");
+            readers
         }
+
+        /// Waits up to 5 s for `count` workers to have taken the role; returns how many did.
+        fn wait_for(&self, count: usize) -> usize {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.leaders.load(Ordering::SeqCst) < count && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            self.leaders.load(Ordering::SeqCst)
+        }
+
+        /// The watchdog's hand-over: the role falls vacant and a worker is woken for it.
+        fn vacate(&self) -> MutexGuard<'_, State> {
+            let mut state = self.pool.shared.lock();
+            self.pool.vacate(&mut state);
+            state
+        }
+    }
+
+    impl Drop for BlockedReaders {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// A worker woken for the vacant reader role must not strand a job that
+    /// was queued while it was on its way (nobody else was woken for it).
+    #[test]
+    fn a_job_queued_while_the_reader_role_falls_vacant_still_runs() {
+        let readers = BlockedReaders::start();
         let (done, finished) = mpsc::channel();
         {
             // The reader runs a long call: the role falls vacant and one worker
             // is woken for it; a job arrives before that worker runs. `submit`
             // sees a searching worker and wakes nobody else.
-            let mut state = pool.shared.lock();
-            pool.vacate(&mut state);
+            let mut state = readers.vacate();
             assert_eq!(state.searching, 1);
             state.queue.push_back(Box::new(move || {
                 let _ = done.send(());
@@ -339,53 +371,24 @@ mod tests {
         }
         let outcome = finished.recv_timeout(Duration::from_secs(5));
         // The woken worker took the role (it may start leading after the job ran).
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while leaders.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        stop.store(true, Ordering::SeqCst);
+        let leaders = readers.wait_for(2);
         outcome.expect("the queued job ran while another worker took the reader role");
-        assert_eq!(leaders.load(Ordering::SeqCst), 2);
+        assert_eq!(leaders, 2);
     }
 
     /// A reader whose call outlasted its role must not take the role back
     /// while the next reader runs a call of its own.
     #[test]
     fn a_former_reader_does_not_take_back_a_busy_role() {
-        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-        let stop = Arc::new(AtomicBool::new(false));
-        let leaders = Arc::new(AtomicUsize::new(0));
-        let pool = CallPool::default();
-        let lead = {
-            let (stop, leaders) = (stop.clone(), leaders.clone());
-            move || {
-                leaders.fetch_add(1, Ordering::SeqCst);
-                while !stop.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }
-        };
-        pool.start_reading(lead, Arc::new(Watchdog::new().expect("timerfd")));
-        let wait_for = |count: usize| {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while leaders.load(Ordering::SeqCst) < count {
-                assert!(Instant::now() < deadline, "no worker took the reader role");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        };
-        wait_for(1);
+        let readers = BlockedReaders::start();
         // The reader runs a call; the watchdog hands the role on meanwhile.
-        let first = pool.leader_busy();
-        {
-            let mut state = pool.shared.lock();
-            pool.vacate(&mut state);
-        }
-        wait_for(2);
+        let first = readers.pool.leader_busy();
+        drop(readers.vacate());
+        assert!(readers.wait_for(2) >= 2, "no worker took the reader role");
         // The new reader runs a call of its own when the first call ends.
-        let second = pool.leader_busy();
-        let former_keeps_role = pool.leader_done(first);
-        let current_keeps_role = pool.leader_done(second);
-        stop.store(true, Ordering::SeqCst);
+        let second = readers.pool.leader_busy();
+        let former_keeps_role = readers.pool.leader_done(first);
+        let current_keeps_role = readers.pool.leader_done(second);
         assert!(!former_keeps_role, "the former reader gave the role up");
         assert!(current_keeps_role, "the current reader keeps it");
     }

@@ -16,6 +16,7 @@ use futures_util::StreamExt;
 use crate::DockerError;
 use crate::attach::pipes;
 use crate::payload::Payload;
+use crate::remembered::Remembered;
 
 /// The label every container and volume chopsticks creates carries, so
 /// leftovers can be found (`docker ps -a --filter label=chopsticks`): `agent`
@@ -474,11 +475,11 @@ impl Transport for Docker {
                     .map_err(|error| self.explain("inspecting the container", error))?
                     .id
                     .unwrap_or_else(|| self.name.clone());
-                if !known_placed(&id, &payload.dir) {
+                if !PLACED.contains(&id, &payload.dir) {
                     if !self.placed(&engine, &id, &payload).await? {
                         self.place(&engine, &id, &payload).await?;
                     }
-                    remember_placed(&id, &payload.dir);
+                    PLACED.insert(&id, &payload.dir);
                 }
                 let exec = exec.map_err(|error| self.explain("creating the exec", error))?;
                 let started = engine
@@ -526,28 +527,13 @@ fn cannot_start(container: &str, image: &str, stderr_tail: &[String]) -> Option<
 }
 
 /// Containers (by id) known to hold a payload directory, in this process.
-static PLACED: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
-
-fn known_placed(id: &str, dir: &str) -> bool {
-    PLACED
-        .lock()
-        .unwrap_or_else(|poison| poison.into_inner())
-        .iter()
-        .any(|(known, placed)| known == id && placed == dir)
-}
-
-fn remember_placed(id: &str, dir: &str) {
-    let mut placed = PLACED.lock().unwrap_or_else(|poison| poison.into_inner());
-    // Bounded: a long-lived controller entering many containers keeps the latest.
-    if placed.len() >= 1024 {
-        placed.remove(0);
-    }
-    placed.push((id.to_string(), dir.to_string()));
-}
+/// Containers (by id) known to hold the payload (by directory), so a later
+/// exec into them skips the look, which reads the container's filesystem.
+static PLACED: Remembered = Remembered::new(1024);
 
 /// Removes a container, forcing it to stop first, with its anonymous volumes
 /// (as `docker run --rm` does).
-async fn remove(engine: &bollard::Docker, id: &str) {
+pub(crate) async fn remove(engine: &bollard::Docker, id: &str) {
     let options = RemoveContainerOptions {
         force: true,
         v: true,

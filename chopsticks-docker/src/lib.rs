@@ -21,6 +21,7 @@
 mod attach;
 mod docker;
 mod payload;
+mod remembered;
 mod volume;
 
 pub use docker::{Docker, LABEL};

@@ -30,12 +30,12 @@ use std::collections::HashMap;
 use bollard::errors::Error;
 use bollard::models::{ContainerCreateBody, HostConfig, Volume, VolumeCreateOptions};
 use bollard::query_parameters::{
-    CreateContainerOptions, InspectContainerOptions, RemoveContainerOptions, RemoveVolumeOptions,
-    UploadToContainerOptions,
+    CreateContainerOptions, InspectContainerOptions, RemoveVolumeOptions, UploadToContainerOptions,
 };
 
-use crate::docker::LABEL;
+use crate::docker::{LABEL, remove};
 use crate::payload::Payload;
+use crate::remembered::Remembered;
 
 /// The value of [`LABEL`] on payload volumes.
 pub(crate) const PAYLOAD_LABEL: &str = "payload";
@@ -50,27 +50,11 @@ fn marker_name(payload: &Payload) -> String {
     format!("{}.complete", volume_name(payload))
 }
 
-/// Engines that refused a payload volume in this process: uploads from then on.
-static REFUSED: std::sync::Mutex<Vec<Option<String>>> = std::sync::Mutex::new(Vec::new());
-
-/// Payload volumes known complete in this process, by Engine address.
-static KNOWN: std::sync::Mutex<Vec<(Option<String>, String)>> = std::sync::Mutex::new(Vec::new());
-
-fn known(engine: Option<&str>, volume: &str) -> bool {
-    KNOWN
-        .lock()
-        .unwrap_or_else(|poison| poison.into_inner())
-        .iter()
-        .any(|(address, known)| address.as_deref() == engine && known == volume)
-}
-
-fn remember(engine: Option<&str>, volume: &str) {
-    let mut known = KNOWN.lock().unwrap_or_else(|poison| poison.into_inner());
-    if known.len() >= 64 {
-        known.remove(0);
-    }
-    known.push((engine.map(str::to_string), volume.to_string()));
-}
+/// Engines (by address, "" for the default) that refused a payload volume
+/// in this process, and payload volumes known complete: later tunnels skip
+/// the requests.
+static REFUSED: Remembered = Remembered::new(64);
+static KNOWN: Remembered = Remembered::new(64);
 
 /// The label on the marker naming when the payload volume it vouches for was created.
 fn created_label() -> String {
@@ -99,34 +83,30 @@ pub(crate) async fn ensure(
     // Tunnels of one process fill one at a time; the others then find the volume complete.
     static FILLING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let volume = volume_name(payload);
-    if known(address, &volume) {
+    let address = address.unwrap_or_default();
+    if KNOWN.contains(address, &volume) {
         return Ok(volume);
     }
-    let refused = REFUSED
-        .lock()
-        .unwrap_or_else(|poison| poison.into_inner())
-        .iter()
-        .any(|refused| refused.as_deref() == address);
-    if refused {
+    if REFUSED.contains(address, &volume) {
         return Err(Error::DockerResponseServerError {
             status_code: 403,
             message: "this Engine refused a payload volume before".into(),
         });
     }
     if is_complete(engine, payload).await? {
-        remember(address, &volume);
+        KNOWN.insert(address, &volume);
         return Ok(volume);
     }
     let _filling = FILLING.lock().await;
     if is_complete(engine, payload).await? {
-        remember(address, &volume);
+        KNOWN.insert(address, &volume);
         return Ok(volume);
     }
     // Its own task: a cancelled connect must not leave the helper behind.
     let filled = tokio::spawn(fill(engine.clone(), image.to_string(), payload.clone()));
     match filled.await {
         Ok(Ok(())) => {
-            remember(address, &volume);
+            KNOWN.insert(address, &volume);
             Ok(volume)
         }
         Ok(Err(error)) => {
@@ -139,10 +119,7 @@ pub(crate) async fn ensure(
                 }
             );
             if !busy {
-                REFUSED
-                    .lock()
-                    .unwrap_or_else(|poison| poison.into_inner())
-                    .push(address.map(str::to_string));
+                REFUSED.insert(address, &volume);
             }
             Err(error)
         }
@@ -284,7 +261,7 @@ async fn fill(engine: bollard::Docker, image: String, payload: Payload) -> Resul
         Ok::<_, Error>(())
     }
     .await;
-    remove_helper(&engine, &created.id).await;
+    remove(&engine, &created.id).await;
     filled
 }
 
@@ -305,15 +282,6 @@ async fn remove_stale_helper(engine: &bollard::Docker, name: &str) -> bool {
     if unix_now().saturating_sub(started) < STALE_HELPER_SECS {
         return false;
     }
-    remove_helper(engine, name).await;
+    remove(engine, name).await;
     true
-}
-
-async fn remove_helper(engine: &bollard::Docker, id: &str) {
-    let options = RemoveContainerOptions {
-        force: true,
-        v: true,
-        ..RemoveContainerOptions::default()
-    };
-    let _ = engine.remove_container(id, Some(options)).await;
 }

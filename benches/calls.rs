@@ -1,13 +1,27 @@
-//! Criterion benchmarks of the local transport, each beside its floor measured in the same run.
+//! Criterion benchmarks of calls, each beside its floor measured in the same run,
+//! on the local transport and, with the `ssh` feature, over ssh to the test
+//! kit's loopback sshd.
 //!
-//! - `round_trip`: a trivial call against a raw 64-byte ping-pong with a tokio child on pipes
+//! - `round_trip`: a trivial call against a raw 64-byte ping-pong through an echo
 //! - `pipelined`: calls per second with 1, 16, 64 and 256 calls in flight on one tunnel
-//! - `connect`: connect + first call with a warm cache, against spawning the echo child + one ping
-//! - `payload`: 64 MiB arguments and results, against 64 MiB echoed through a raw pipe
-//! - `group`: connect + one call on 10, 20 and 100 local tunnels at once
+//! - `sizes`: arguments and results of 16 B to 16 MiB, against echoing as many bytes
+//! - `payload_64MiB`: 64 MiB arguments and results, against 64 MiB echoed
+//! - `connect`: connect + first call, against starting the echo + one ping; the
+//!   shell bootstrap with a warm and a cold (empty) agent cache
+//! - `group`: connect + one call on 10, 20 (and locally 100) tunnels at once
 //!
-//! Run pinned (`taskset -c 0 cargo bench --bench calls`) and unpinned; see BENCHMARKS.md.
+//! The echo is a child process copying stdin to stdout: locally a tokio
+//! program on pipes, over ssh `ssh HOST cat`. Groups are named
+//! `local/...` and `ssh/...`.
+//!
+//! ```text
+//! cargo bench --bench calls                       # local only
+//! cargo bench --features ssh --bench calls        # local and ssh (needs openssh-server)
+//! cargo bench --features ssh --bench calls -- ssh/round_trip
+//! taskset -c 0 cargo bench --bench calls          # pinned; see BENCHMARKS.md
+//! ```
 
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -15,10 +29,11 @@ use chopsticks::{Group, Local, Tunnel};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
 use serde_bytes::ByteBuf;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, ChildStdin, ChildStdout};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 const ECHO_MARKER: &str = "CHOPSTICKS_BENCH_ECHO";
 const MIB64: usize = 64 << 20;
+const SIZES: [usize; 5] = [16, 1 << 10, 64 << 10, 1 << 20, 16 << 20];
 
 fn noop() {}
 
@@ -38,7 +53,11 @@ fn echo_vec(data: Vec<u8>) -> Vec<u8> {
     data
 }
 
-/// The floor: a tokio child that echoes whatever arrives on fd 0 to fd 1.
+fn bytes_of(len: u64) -> ByteBuf {
+    ByteBuf::from(vec![0x5au8; len as usize])
+}
+
+/// The local floor: a tokio child that echoes whatever arrives on fd 0 to fd 1.
 fn run_echo_child() -> ! {
     use std::os::fd::{FromRawFd, OwnedFd};
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -63,32 +82,142 @@ fn run_echo_child() -> ! {
     std::process::exit(0)
 }
 
+/// Where the benches run.
+enum Target {
+    Local,
+    #[cfg(feature = "ssh")]
+    Ssh(chopsticks_testkit::Sshd),
+}
+
+impl Target {
+    fn name(&self) -> &'static str {
+        match self {
+            Target::Local => "local",
+            #[cfg(feature = "ssh")]
+            Target::Ssh(_) => "ssh",
+        }
+    }
+
+    /// A tunnel to host `index`: distinct names locally, distinct aliases over ssh.
+    fn tunnel(&self, index: usize) -> Tunnel {
+        match self {
+            Target::Local => Tunnel::new(Local::named(format!("h{index}"))),
+            #[cfg(feature = "ssh")]
+            Target::Ssh(sshd) => Tunnel::builder(
+                chopsticks::Ssh::new(sshd.alias(index)).config_file(sshd.client_config()),
+            )
+            .stderr(chopsticks::stderr::discard())
+            .build(),
+        }
+    }
+
+    /// A tunnel that starts through the shell bootstrap with its agent cache
+    /// under `cache` (over ssh: the login user's cache; `cache` is unused).
+    fn bootstrapped(&self, cache: &Path) -> Tunnel {
+        match self {
+            Target::Local => Tunnel::new(
+                Local::named("booted")
+                    .shell_bootstrap(true)
+                    .env("XDG_CACHE_HOME", cache.display().to_string()),
+            ),
+            #[cfg(feature = "ssh")]
+            Target::Ssh(_) => self.tunnel(0),
+        }
+    }
+
+    /// Empties the agent cache `bootstrapped` uses.
+    fn empty_cache(&self, cache: &Path) {
+        match self {
+            Target::Local => {
+                let _ = std::fs::remove_dir_all(cache);
+            }
+            #[cfg(feature = "ssh")]
+            Target::Ssh(sshd) => {
+                let status = std::process::Command::new("ssh")
+                    .arg("-F")
+                    .arg(sshd.client_config())
+                    .arg(sshd.alias(0))
+                    .arg(r#"rm -rf -- "${XDG_CACHE_HOME:-$HOME/.cache}/chopsticks""#)
+                    .status()
+                    .expect("ssh");
+                assert!(status.success(), "emptying the remote agent cache");
+            }
+        }
+    }
+
+    /// The floor's echo: a local child on pipes, or `ssh HOST cat`.
+    fn echo(&self) -> Echo {
+        let mut command = match self {
+            Target::Local => {
+                let mut command = Command::new("/proc/self/exe");
+                command.env(ECHO_MARKER, "1");
+                command
+            }
+            #[cfg(feature = "ssh")]
+            Target::Ssh(sshd) => {
+                let mut command = Command::new("ssh");
+                command
+                    .arg("-F")
+                    .arg(sshd.client_config())
+                    .arg(sshd.alias(0))
+                    .arg("cat");
+                command
+            }
+        };
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn the echo");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        Echo {
+            _child: child,
+            stdin,
+            stdout,
+        }
+    }
+
+    fn group_sizes(&self) -> &'static [usize] {
+        match self {
+            Target::Local => &[10, 20, 100],
+            #[cfg(feature = "ssh")]
+            Target::Ssh(_) => &[10, 20],
+        }
+    }
+}
+
 struct Echo {
     _child: Child,
     stdin: ChildStdin,
     stdout: ChildStdout,
 }
 
-fn spawn_echo() -> Echo {
-    let mut child = tokio::process::Command::new("/proc/self/exe")
-        .env(ECHO_MARKER, "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn echo child");
-    let stdin = child.stdin.take().expect("stdin");
-    let stdout = child.stdout.take().expect("stdout");
-    Echo {
-        _child: child,
-        stdin,
-        stdout,
-    }
-}
-
 async fn ping(echo: &mut Echo, buffer: &mut [u8]) {
     echo.stdin.write_all(buffer).await.expect("write");
     echo.stdout.read_exact(buffer).await.expect("read");
+}
+
+/// Writes `data` to the echo while reading as many bytes back.
+async fn echo_through(echo: &mut Echo, data: &[u8]) {
+    let (reader, writer) = (&mut echo.stdout, &mut echo.stdin);
+    let send = async {
+        writer.write_all(data).await.expect("write");
+    };
+    let receive = async {
+        let mut buffer = vec![0u8; 1 << 20];
+        let mut left = data.len();
+        while left > 0 {
+            let read = reader
+                .read(&mut buffer[..left.min(1 << 20)])
+                .await
+                .expect("read");
+            assert!(read > 0, "the echo ended early");
+            left -= read;
+        }
+    };
+    tokio::join!(send, receive);
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -98,27 +227,31 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-fn round_trip(c: &mut Criterion) {
+fn connected(rt: &tokio::runtime::Runtime, target: &Target) -> Tunnel {
+    let tun = target.tunnel(0);
+    rt.block_on(tun.connect()).expect("connect");
+    tun
+}
+
+fn round_trip(c: &mut Criterion, target: &Target) {
     let rt = runtime();
-    let mut group = c.benchmark_group("round_trip");
-    let mut echo = rt.block_on(async { spawn_echo() });
+    let mut group = c.benchmark_group(format!("{}/round_trip", target.name()));
+    let mut echo = rt.block_on(async { target.echo() });
     let mut buffer = [7u8; 64];
-    group.bench_function("raw_pipe_ping_pong_64B", |b| {
+    group.bench_function("raw_echo_ping_pong_64B", |b| {
         b.iter(|| rt.block_on(ping(&mut echo, &mut buffer)))
     });
-    let tun = Tunnel::new(Local::new());
-    rt.block_on(tun.connect()).expect("connect");
+    let tun = connected(&rt, target);
     group.bench_function("chopsticks_trivial_call", |b| {
         b.iter(|| rt.block_on(tun.call(noop, ())).expect("call"))
     });
     group.finish();
 }
 
-fn pipelined(c: &mut Criterion) {
+fn pipelined(c: &mut Criterion, target: &Target) {
     let rt = runtime();
-    let tun = Tunnel::new(Local::new());
-    rt.block_on(tun.connect()).expect("connect");
-    let mut group = c.benchmark_group("pipelined");
+    let tun = connected(&rt, target);
+    let mut group = c.benchmark_group(format!("{}/pipelined", target.name()));
     for in_flight in [1usize, 16, 64, 256] {
         group.throughput(Throughput::Elements(in_flight as u64));
         group.bench_with_input(BenchmarkId::new("calls", in_flight), &in_flight, |b, &n| {
@@ -135,67 +268,51 @@ fn pipelined(c: &mut Criterion) {
     group.finish();
 }
 
-fn connect(c: &mut Criterion) {
+fn sizes(c: &mut Criterion, target: &Target) {
     let rt = runtime();
-    let mut group = c.benchmark_group("connect");
-    group
-        .sample_size(30)
-        .measurement_time(Duration::from_secs(8));
-    let mut buffer = [7u8; 64];
-    group.bench_function("raw_spawn_echo_and_ping", |b| {
-        b.iter(|| {
-            rt.block_on(async {
-                let mut echo = spawn_echo();
-                ping(&mut echo, &mut buffer).await;
+    let tun = connected(&rt, target);
+    let mut echo = rt.block_on(async { target.echo() });
+    let mut group = c.benchmark_group(format!("{}/sizes", target.name()));
+    group.sample_size(20);
+    for size in SIZES {
+        group.throughput(Throughput::Bytes(size as u64));
+        let data = vec![0x5au8; size];
+        group.bench_with_input(BenchmarkId::new("raw_echo", size), &data, |b, data| {
+            b.iter(|| rt.block_on(echo_through(&mut echo, data)))
+        });
+        let bytes = ByteBuf::from(data);
+        group.bench_with_input(BenchmarkId::new("argument", size), &bytes, |b, bytes| {
+            b.iter_batched(
+                || bytes.clone(),
+                |bytes| rt.block_on(tun.call(byte_len, (bytes,))).expect("call"),
+                BatchSize::LargeInput,
+            )
+        });
+        group.bench_with_input(BenchmarkId::new("result", size), &size, |b, &size| {
+            b.iter(|| {
+                rt.block_on(tun.call(bytes_of, (size as u64,)))
+                    .expect("call")
             })
-        })
-    });
-    group.bench_function("chopsticks_connect_and_first_call", |b| {
-        b.iter(|| {
-            rt.block_on(async {
-                let tun = Tunnel::new(Local::new());
-                tun.call(noop, ()).await.expect("call");
-            })
-        })
-    });
+        });
+    }
     group.finish();
 }
 
-fn payload(c: &mut Criterion) {
+fn payload(c: &mut Criterion, target: &Target) {
     let rt = runtime();
-    let tun = Tunnel::new(Local::new());
-    rt.block_on(tun.connect()).expect("connect");
-    let mut group = c.benchmark_group("payload_64MiB");
+    let tun = connected(&rt, target);
+    let mut group = c.benchmark_group(format!("{}/payload_64MiB", target.name()));
     group
         .sample_size(10)
         .measurement_time(Duration::from_secs(10));
     group.throughput(Throughput::Bytes(MIB64 as u64));
-    let mut echo = rt.block_on(async { spawn_echo() });
+    let mut echo = rt.block_on(async { target.echo() });
     let data = vec![0x5au8; MIB64];
-    group.bench_function("raw_pipe_echo", |b| {
-        b.iter(|| {
-            rt.block_on(async {
-                let (reader, writer) = (&mut echo.stdout, &mut echo.stdin);
-                let send = async {
-                    writer.write_all(&data).await.expect("write");
-                };
-                let receive = async {
-                    let mut buffer = vec![0u8; 1 << 20];
-                    let mut left = MIB64;
-                    while left > 0 {
-                        let read = reader
-                            .read(&mut buffer[..left.min(1 << 20)])
-                            .await
-                            .expect("read");
-                        left -= read;
-                    }
-                };
-                tokio::join!(send, receive);
-            })
-        })
+    group.bench_function("raw_echo", |b| {
+        b.iter(|| rt.block_on(echo_through(&mut echo, &data)))
     });
     let bytes = ByteBuf::from(data.clone());
-    // Arguments are cloned outside the timed part: the raw pipe sends from an existing buffer too.
+    // Arguments are cloned outside the timed part: the echo sends from an existing buffer too.
     let large = BatchSize::LargeInput;
     group.bench_function("chopsticks_bytes_argument", |b| {
         b.iter_batched(
@@ -228,21 +345,66 @@ fn payload(c: &mut Criterion) {
     group.finish();
 }
 
-fn group(c: &mut Criterion) {
+fn connect(c: &mut Criterion, target: &Target) {
     let rt = runtime();
-    let mut group = c.benchmark_group("group");
+    let mut group = c.benchmark_group(format!("{}/connect", target.name()));
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(8));
+    let mut buffer = [7u8; 64];
+    group.bench_function("raw_start_echo_and_ping", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let mut echo = target.echo();
+                ping(&mut echo, &mut buffer).await;
+            })
+        })
+    });
+    group.bench_function("chopsticks_connect_and_first_call", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let tun = target.tunnel(0);
+                tun.call(noop, ()).await.expect("call");
+            })
+        })
+    });
+    let cache = tempfile::tempdir().expect("cache directory");
+    rt.block_on(target.bootstrapped(cache.path()).call(noop, ()))
+        .expect("fill the agent cache");
+    group.bench_function("chopsticks_bootstrap_warm_cache", |b| {
+        b.iter(|| {
+            let tun = target.bootstrapped(cache.path());
+            rt.block_on(tun.call(noop, ())).expect("call");
+        })
+    });
+    group.bench_function("chopsticks_bootstrap_cold_cache", |b| {
+        b.iter_batched(
+            || {
+                target.empty_cache(cache.path());
+                target.bootstrapped(cache.path())
+            },
+            |tun| rt.block_on(tun.call(noop, ())).expect("call"),
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+fn group(c: &mut Criterion, target: &Target) {
+    let rt = runtime();
+    let mut group = c.benchmark_group(format!("{}/group", target.name()));
     group
         .sample_size(10)
         .measurement_time(Duration::from_secs(10));
-    for hosts in [10usize, 20, 100] {
+    for &hosts in target.group_sizes() {
         group.bench_with_input(
             BenchmarkId::new("connect_and_call", hosts),
             &hosts,
             |b, &n| {
                 b.iter(|| {
                     rt.block_on(async {
-                        let tunnels = (0..n).map(|i| Tunnel::new(Local::named(format!("h{i}"))));
-                        let fleet = Group::new(tunnels).expect("unique hosts");
+                        let fleet =
+                            Group::new((0..n).map(|i| target.tunnel(i))).expect("unique hosts");
                         fleet.call(noop, ()).await.into_result().expect("calls");
                     })
                 })
@@ -258,11 +420,21 @@ fn main() {
     }
     let started = Instant::now();
     let mut criterion = Criterion::default().configure_from_args();
-    round_trip(&mut criterion);
-    pipelined(&mut criterion);
-    connect(&mut criterion);
-    payload(&mut criterion);
-    group(&mut criterion);
+    #[allow(unused_mut)]
+    let mut targets = vec![Target::Local];
+    #[cfg(feature = "ssh")]
+    targets.push(Target::Ssh(
+        chopsticks_testkit::Sshd::start("bench-calls", 20)
+            .expect("an sshd for the ssh benches (scripts/test.sh installs openssh-server)"),
+    ));
+    for target in &targets {
+        round_trip(&mut criterion, target);
+        pipelined(&mut criterion, target);
+        sizes(&mut criterion, target);
+        payload(&mut criterion, target);
+        connect(&mut criterion, target);
+        group(&mut criterion, target);
+    }
     criterion.final_summary();
     eprintln!("bench run took {:?}", started.elapsed());
 }

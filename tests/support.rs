@@ -66,6 +66,7 @@ impl Transport for FakeAgent {
     }
 }
 
+#[cfg(any(feature = "ssh", feature = "docker"))]
 fn sleep_secs(secs: u64) -> u64 {
     std::thread::sleep(Duration::from_secs(secs));
     secs
@@ -74,6 +75,7 @@ fn sleep_secs(secs: u64) -> u64 {
 /// Connects `tunnel`, starts a 30 s call on it, runs `kill` while the call is
 /// under way, and returns the call's error and how long after `kill` it came.
 /// Panics if the call hangs for 10 s.
+#[cfg(any(feature = "ssh", feature = "docker"))]
 pub async fn pending_call_error_after(
     tunnel: &chopsticks::Tunnel,
     kill: impl FnOnce(),

@@ -117,3 +117,37 @@ async fn killing_the_agent_fails_pending_calls_fast_and_names_host_and_stderr() 
     let next = tun.call(pid, ()).await.expect("reconnects");
     assert_ne!(next, agent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_kills_a_frozen_agent_and_fails_the_calls_in_flight() {
+    let tun = Tunnel::new(Local::named("frozen"));
+    let agent = tun.call(pid, ()).await.expect("pid");
+    let call = tokio::spawn({
+        let tun = tun.clone();
+        async move { tun.call(speak_then_sleep, ()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(agent as i32, libc::SIGSTOP) }, 0);
+    let closing = Instant::now();
+    tun.close().await.expect("close");
+    assert!(
+        closing.elapsed() < Duration::from_secs(8),
+        "close took {:?}",
+        closing.elapsed()
+    );
+    let error = tokio::time::timeout(Duration::from_secs(2), call)
+        .await
+        .expect("the call in flight fails once close gives up waiting")
+        .expect("join")
+        .expect_err("the call cannot succeed");
+    assert!(
+        matches!(&error, Error::Disconnected { host, .. } if host == "frozen"),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("killed"), "{error}");
+    assert!(
+        wait_gone(agent, Duration::from_secs(2)).await,
+        "the frozen agent {agent} was not killed"
+    );
+}

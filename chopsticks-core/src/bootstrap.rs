@@ -84,7 +84,7 @@ case $filemode in
   -*) verify "$agent" "$filesize" && run cached; rm -f -- "$agent";;
   ?*) rm -f -- "$agent";;
 esac
-tmp=$(mktemp "$dir/.agent-$hash.XXXXXX") || fail "cannot create a temporary file in $dir"
+tmp=$(mktemp -- "$dir/.agent-$hash.XXXXXX") || fail "cannot create a temporary file in $dir"
 trap 'rm -f -- "$tmp"' EXIT HUP INT TERM
 say send
 head -c "$size" > "$tmp"
@@ -92,7 +92,7 @@ read -r _ _ _ _ received _ <<EOF
 $(ls -ln -- "$tmp")
 EOF
 verify "$tmp" "$received" || { rm -f -- "$tmp"; fail "the uploaded agent did not match its size and checksum"; }
-chmod 700 "$tmp" && mv -f -- "$tmp" "$agent" || { rm -f -- "$tmp"; fail "cannot install the agent in $dir"; }
+chmod 700 -- "$tmp" && mv -f -- "$tmp" "$agent" || { rm -f -- "$tmp"; fail "cannot install the agent in $dir"; }
 run uploaded
 "#;
 

@@ -134,13 +134,17 @@ impl Tunnel {
     }
 
     /// Stops the agent: asks it to exit, waits up to 5 s, then kills it.
-    /// The next call starts a new agent.
+    /// Calls still in flight then fail with [`Error::Disconnected`]. The next
+    /// call starts a new agent.
     pub async fn close(&self) -> Result<()> {
         let _serialized = self.inner.connecting.lock().await;
         let connection = self.lock_current().take();
         if let Some(connection) = connection {
             if !connection.shutdown(DEFAULT_CLOSE_TIMEOUT).await {
                 tracing::warn!(host = %self.inner.host, "the agent did not exit within the close timeout; killing it");
+                connection.kill(
+                    "the tunnel was closed and the agent, which did not exit in time, was killed",
+                );
             }
         }
         Ok(())

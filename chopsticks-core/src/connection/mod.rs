@@ -194,17 +194,16 @@ pub(crate) struct Connection {
     next_id: AtomicU64,
     hello: Hello,
     reader: JoinHandle<()>,
-    _kill: oneshot::Sender<()>,
+    /// Owns the agent's stdin; aborting it closes the stdin even while a
+    /// write is blocked (for an exec, closing stdin is how the agent ends).
+    writer: JoinHandle<()>,
+    /// Dropping or sending on it makes the supervisor kill the agent.
+    kill: std::sync::Mutex<Option<oneshot::Sender<()>>>,
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        self.reader.abort();
-        self.shared.close(Closure {
-            protocol_violation: false,
-            reason: "the tunnel was closed".into(),
-            stderr_tail: Vec::new(),
-        });
+        self.kill("the tunnel was closed");
     }
 }
 
@@ -219,7 +218,7 @@ impl Connection {
     ) -> Connection {
         let (outbox, outbox_receiver) = Outbox::new();
         let writer_shared = shared.clone();
-        tokio::spawn(async move {
+        let writer = tokio::spawn(async move {
             if let Err(error) = write_frames(outbox_receiver, &mut stdin).await {
                 // Calls must not wait for replies to requests that never left.
                 writer_shared
@@ -234,7 +233,8 @@ impl Connection {
             next_id: AtomicU64::new(1),
             hello,
             reader,
-            _kill: kill,
+            writer,
+            kill: std::sync::Mutex::new(Some(kill)),
         }
     }
 
@@ -359,6 +359,24 @@ impl Connection {
             reason: "the connection was dropped".into(),
             stderr_tail: Vec::new(),
         }
+    }
+
+    /// Kills the agent and fails every pending call and stream now, even
+    /// while other handles to this connection (calls in flight) remain.
+    pub(crate) fn kill(&self, reason: &str) {
+        self.reader.abort();
+        self.writer.abort();
+        self.shared.close(Closure {
+            protocol_violation: false,
+            reason: reason.into(),
+            stderr_tail: Vec::new(),
+        });
+        let sender = self
+            .kill
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        drop(sender);
     }
 
     /// Asks the agent to exit and waits for it, at most `bound`.

@@ -38,7 +38,7 @@ pub(crate) async fn connect(
                 .into(),
         ));
     }
-    let depth = agent_env::depth() + 1;
+    let depth = agent_env::depth().saturating_add(1);
     if depth > MAX_DEPTH {
         return Err(spawn_error(format!(
             "tunnels are nested {depth} agents deep, over the limit of {MAX_DEPTH}; a remote function \
@@ -223,6 +223,9 @@ async fn ended_early(transport: &dyn Transport, shared: &Shared) -> Error {
     }
 }
 
+/// How long a killed agent may take to end before its supervisor stops waiting.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
 /// Owns the process: records how it ended, and kills it when the connection goes away.
 async fn supervise(
     mut process: Box<dyn AgentProcess>,
@@ -234,7 +237,15 @@ async fn supervise(
         status = process.wait() => status,
         _ = kill_requested => {
             let _ = process.start_kill();
-            process.wait().await
+            // A transport whose kill cannot be forced (an exec ends when its
+            // stdin closes) must not keep this task waiting forever.
+            match tokio::time::timeout(KILL_WAIT, process.wait()).await {
+                Ok(status) => status,
+                Err(_) => {
+                    tracing::warn!("the agent did not end within {KILL_WAIT:?} of being killed");
+                    Ok(ExitReport::default())
+                }
+            }
         }
     };
     exit.send_replace(Some(status.unwrap_or_default()));

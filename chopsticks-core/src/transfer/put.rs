@@ -135,6 +135,7 @@ fn send_file(
     stop: &AtomicBool,
     (progress, host): (Option<SharedProgress>, String),
 ) -> Result<files::Checksum, FileError> {
+    let runtime = tokio::runtime::Handle::current();
     let mut hasher = blake3::Hasher::new();
     let mut sent = 0u64;
     while sent < size {
@@ -159,11 +160,12 @@ fn send_file(
         }
         hasher.update(&chunk);
         sent += read as u64;
+        let frame = OutFrame::chunk(id, crate::buffer::chunk_bytes(chunk));
         if outbox
-            .send_bulk_blocking(OutFrame::chunk(id, crate::buffer::chunk_bytes(chunk)))
+            .send_bulk_blocking_unless(frame, stop, &runtime)
             .is_err()
         {
-            // The connection closed; the waiting reply says why.
+            // The connection closed (the waiting reply says why), or the put was withdrawn.
             return Ok([0; 32]);
         }
         advanced(&progress, &host, sent, size);
@@ -173,6 +175,6 @@ fn send_file(
         id,
         checksum: checksum.to_vec(),
     };
-    let _ = outbox.send_bulk_blocking(OutFrame::message(&end));
+    let _ = outbox.send_bulk_blocking_unless(OutFrame::message(&end), stop, &runtime);
     Ok(checksum)
 }

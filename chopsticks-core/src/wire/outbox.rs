@@ -63,6 +63,32 @@ impl Outbox {
         self.bulk.blocking_send(frame).map_err(|_| OutboxClosed)
     }
 
+    /// Like [`send_bulk_blocking`](Self::send_bulk_blocking), for a blocking
+    /// thread of `runtime` that must give up once `stop` is set: while the
+    /// queue is full (the agent stopped reading, say), `stop` is looked at
+    /// every 100 ms. Giving up reads as [`OutboxClosed`].
+    pub fn send_bulk_blocking_unless(
+        &self,
+        frame: OutFrame,
+        stop: &std::sync::atomic::AtomicBool,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<(), OutboxClosed> {
+        const STOP_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+        loop {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(OutboxClosed);
+            }
+            match runtime.block_on(tokio::time::timeout(STOP_CHECK, self.bulk.reserve())) {
+                Ok(Ok(permit)) => {
+                    permit.send(frame);
+                    return Ok(());
+                }
+                Ok(Err(_)) => return Err(OutboxClosed),
+                Err(_) => continue,
+            }
+        }
+    }
+
     /// Sends a message carrying `data`: inline when small, otherwise the
     /// message with `Payload::Streamed` followed by chunk frames, all through
     /// the bulk queue so that the message precedes its chunks.

@@ -216,6 +216,33 @@ async fn a_killed_container_fails_pending_calls_fast_and_is_removed() {
 }
 
 #[tokio::test]
+async fn a_connect_cut_short_at_any_point_leaves_no_container() {
+    if docker_or_skip().is_none() {
+        return;
+    }
+    // With the payload volume filled, the cuts fall into creating and starting.
+    let warm = unique("cut-warm");
+    let tun = tunnel(Docker::new(&warm).image(TOOLS_IMAGE));
+    tun.call(add, (1, 2)).await.expect("warm-up connect");
+    tun.close().await.expect("close");
+    for cut_ms in [5u64, 15, 30, 45, 60, 80, 100, 150] {
+        let name = unique(&format!("cut-{cut_ms}"));
+        let tun = Tunnel::builder(Docker::new(&name).image(TOOLS_IMAGE))
+            .connect_timeout(Duration::from_millis(cut_ms))
+            .stderr(chopsticks::stderr::discard())
+            .build();
+        let outcome = tun.connect().await;
+        drop(tun);
+        // An Engine still creating the container when the cut came finishes first.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            gone(&name).await,
+            "a connect cut at {cut_ms} ms ({outcome:?}) left {name} behind"
+        );
+    }
+}
+
+#[tokio::test]
 async fn engine_and_image_problems_are_clear_and_leave_nothing() {
     if docker_or_skip().is_none() {
         return;

@@ -280,9 +280,22 @@ impl Docker {
             name: Some(self.name.clone()),
             ..CreateContainerOptions::default()
         };
-        let created = engine
-            .create_container(Some(options), body)
+        // The request runs as its own task: if this connect is cancelled
+        // while the Engine creates the container, the task removes it.
+        let (reply, created) = tokio::sync::oneshot::channel();
+        let requester = engine.clone();
+        tokio::spawn(async move {
+            let created = requester.create_container(Some(options), body).await;
+            if let Err(Ok(orphan)) = reply.send(created) {
+                remove(&requester, &orphan.id).await;
+            }
+        });
+        let created = created
             .await
+            .map_err(|_| DockerError::Engine {
+                container: self.name.clone(),
+                message: "the request to create the container was lost".into(),
+            })?
             .map_err(|error| self.explain("creating the container", error))?;
         Ok(created.id)
     }
@@ -404,6 +417,13 @@ impl Transport for Docker {
                     }
                     created => created?,
                 };
+                // A connect that times out or is cancelled from here on must
+                // not leave the container behind (a later connect would meet
+                // its name).
+                let mut unfinished = RemoveUnlessStarted {
+                    engine: Some(engine.clone()),
+                    id: id.clone(),
+                };
                 let started = async {
                     let attach = AttachContainerOptions {
                         stdin: true,
@@ -437,10 +457,12 @@ impl Transport for Docker {
                 let attached = match started.await {
                     Ok(attached) => attached,
                     Err(error) => {
+                        unfinished.engine = None;
                         remove(&engine, &id).await;
                         return Err(Box::new(error));
                     }
                 };
+                unfinished.engine = None;
                 let process = ContainerProcess {
                     engine: engine.clone(),
                     id: id.clone(),
@@ -542,6 +564,25 @@ pub(crate) async fn remove(engine: &bollard::Docker, id: &str) {
     let _ = engine.remove_container(id, Some(options)).await;
 }
 
+/// Removes a created container when dropped armed, in the background: the
+/// connect that created it was cancelled before the agent started.
+struct RemoveUnlessStarted {
+    /// `None` once the container is started (or removed another way).
+    engine: Option<bollard::Docker>,
+    id: String,
+}
+
+impl Drop for RemoveUnlessStarted {
+    fn drop(&mut self) {
+        if let (Some(engine), Ok(runtime)) =
+            (self.engine.take(), tokio::runtime::Handle::try_current())
+        {
+            let id = std::mem::take(&mut self.id);
+            runtime.spawn(async move { remove(&engine, &id).await });
+        }
+    }
+}
+
 /// The agent's container (or exec), as the tunnel's process.
 struct ContainerProcess {
     engine: bollard::Docker,
@@ -581,18 +622,26 @@ impl AgentProcess for ContainerProcess {
 
     async fn wait(&mut self) -> io::Result<ExitReport> {
         let report = match &self.exec {
-            Some(exec) => loop {
-                match self.engine.inspect_exec(exec).await {
-                    Ok(state) if state.running == Some(false) => {
-                        break ExitReport {
-                            code: state.exit_code.map(|code| code as i32),
-                            signal: None,
-                        };
+            // The Engine has no wait for an exec: ask, quickly at first (an
+            // agent that fails to start ends at once), then every half second.
+            Some(exec) => {
+                let mut pause = std::time::Duration::from_millis(20);
+                loop {
+                    match self.engine.inspect_exec(exec).await {
+                        Ok(state) if state.running == Some(false) => {
+                            break ExitReport {
+                                code: state.exit_code.map(|code| code as i32),
+                                signal: None,
+                            };
+                        }
+                        Ok(_) => {
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(std::time::Duration::from_millis(500));
+                        }
+                        Err(_) => break ExitReport::default(),
                     }
-                    Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
-                    Err(_) => break ExitReport::default(),
                 }
-            },
+            }
             None => {
                 let mut waiting = self
                     .engine

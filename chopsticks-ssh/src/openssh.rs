@@ -116,7 +116,8 @@ impl Ssh {
 
     /// Shares one connection between tunnels and reconnects (`ControlMaster=auto`),
     /// keeping it open `persist` after the last one closes. The control socket
-    /// lives in a private directory, `/tmp/chopsticks-ssh-UID` (mode 0700).
+    /// lives in a private directory, `$TMPDIR/chopsticks-ssh-UID` (mode 0700;
+    /// under `/tmp` when `TMPDIR` holds characters ssh would split or expand).
     pub fn control_persist(mut self, persist: Duration) -> Ssh {
         self.control_persist = Some(persist);
         self
@@ -191,12 +192,27 @@ impl Ssh {
     }
 }
 
-/// `/tmp/chopsticks-ssh-UID`, created 0700 and checked to be ours and private.
+/// `$TMPDIR/chopsticks-ssh-UID` (or `/tmp/...`), created 0700 and checked
+/// to be ours and private.
 fn control_dir() -> Result<PathBuf, String> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };
-    let dir = std::env::temp_dir().join(format!("chopsticks-ssh-{uid}"));
+    // ssh splits `-o` values on blanks and expands `%` in ControlPath, so a
+    // TMPDIR with anything but plain path characters is not used for it.
+    let plain = |path: &std::path::Path| {
+        path.to_str().is_some_and(|text| {
+            text.bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || b"/._-+,@~".contains(&byte))
+        })
+    };
+    let temp = std::env::temp_dir();
+    let base = if plain(&temp) {
+        temp
+    } else {
+        PathBuf::from("/tmp")
+    };
+    let dir = base.join(format!("chopsticks-ssh-{uid}"));
     match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => {}
         Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}

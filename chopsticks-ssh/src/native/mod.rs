@@ -203,6 +203,7 @@ impl NativeSsh {
             }
         })?;
         let _ = stream.set_nodelay(true);
+        give_up_after_unacknowledged(&stream, DEAD_PEER_TIMEOUT);
         let mut session = Session::new().map_err(|e| self.fail("creating a session", e))?;
         session.set_timeout(self.connect_timeout.as_millis().min(u32::MAX as u128) as u32);
         session.set_tcp_stream(stream);
@@ -377,5 +378,29 @@ impl AgentProcess for NativeProcess {
             Some(exit) => Ok(exit.await.unwrap_or_default()),
             None => Ok(ExitReport::default()),
         }
+    }
+}
+
+/// How long sent data may stay unacknowledged before the connection counts as
+/// dead: the pump sends a keep-alive after 15 s without traffic, so a host
+/// that vanishes is noticed within about this long plus 15 s (the `Ssh`
+/// backend's `ServerAliveInterval` × `ServerAliveCountMax`).
+const DEAD_PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Sets `TCP_USER_TIMEOUT`, so a write to a host that stopped answering fails
+/// after `timeout` instead of after TCP's retransmissions (about 15 minutes).
+fn give_up_after_unacknowledged(stream: &TcpStream, timeout: std::time::Duration) {
+    use std::os::fd::AsRawFd;
+    let millis = timeout.as_millis().min(u32::MAX as u128) as libc::c_uint;
+    // SAFETY: the option value points at a c_uint of the length given, for
+    // the duration of the call, on a socket the stream owns.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&millis as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        );
     }
 }

@@ -5,7 +5,14 @@
 //! ```text
 //! cargo bench --features full --bench compare -- local [--quick]
 //! cargo bench --features full --bench compare -- ssh --ssh-config CFG --ssh-host A [--ssh-host B ...]
+//! cargo bench --features full --bench compare -- native --port P --user U --key KEY --known-hosts FILE
 //! cargo bench --features full --bench compare -- sshd 20   # a loopback sshd until stdin closes
+//! ```
+//!
+//! `ssh` runs ours through the OpenSSH client (`Ssh`), `native` through
+//! libssh2 (`NativeSsh`) to 127.0.0.1, both against the same sshd.
+//!
+//! ```text
 //! ```
 
 #[allow(dead_code)]
@@ -15,7 +22,7 @@ use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use chopsticks::{Group, Local, Ssh, Tunnel};
+use chopsticks::{Group, Local, NativeSsh, Ssh, Tunnel};
 use support::{median, write_source};
 
 fn noop() {}
@@ -29,6 +36,11 @@ struct Options {
     config: Option<PathBuf>,
     hosts: Vec<String>,
     quick: bool,
+    /// For `native`: port, user, private key and known_hosts of the sshd.
+    port: u16,
+    user: String,
+    key: PathBuf,
+    known_hosts: PathBuf,
 }
 
 fn options() -> Options {
@@ -38,13 +50,23 @@ fn options() -> Options {
         config: None,
         hosts: Vec::new(),
         quick: false,
+        port: 22,
+        user: String::new(),
+        key: PathBuf::new(),
+        known_hosts: PathBuf::new(),
     };
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "local" | "ssh" => options.transport = arg,
+            "local" | "ssh" | "native" => options.transport = arg,
             "--quick" => options.quick = true,
             "--ssh-config" => options.config = args.next().map(PathBuf::from),
             "--ssh-host" => options.hosts.extend(args.next()),
+            "--port" => options.port = args.next().and_then(|p| p.parse().ok()).unwrap_or(22),
+            "--user" => options.user = args.next().unwrap_or_default(),
+            "--key" => options.key = args.next().map(PathBuf::from).unwrap_or_default(),
+            "--known-hosts" => {
+                options.known_hosts = args.next().map(PathBuf::from).unwrap_or_default()
+            }
             _ => {}
         }
     }
@@ -52,15 +74,24 @@ fn options() -> Options {
 }
 
 fn tunnel(options: &Options, index: usize) -> Tunnel {
-    let builder = if options.transport == "ssh" {
-        let host = &options.hosts[index % options.hosts.len().max(1)];
-        let mut ssh = Ssh::new(host);
-        if let Some(config) = &options.config {
-            ssh = ssh.config_file(config);
+    let builder = match options.transport.as_str() {
+        "ssh" => {
+            let host = &options.hosts[index % options.hosts.len().max(1)];
+            let mut ssh = Ssh::new(host);
+            if let Some(config) = &options.config {
+                ssh = ssh.config_file(config);
+            }
+            Tunnel::builder(ssh)
         }
-        Tunnel::builder(ssh)
-    } else {
-        Tunnel::builder(Local::named(format!("local-{index}")))
+        "native" => Tunnel::builder(
+            NativeSsh::new("127.0.0.1")
+                .named(format!("native-{index}"))
+                .port(options.port)
+                .user(&options.user)
+                .identity_file(&options.key)
+                .known_hosts(&options.known_hosts),
+        ),
+        _ => Tunnel::builder(Local::named(format!("local-{index}"))),
     };
     builder.stderr(chopsticks::stderr::discard()).build()
 }
@@ -84,6 +115,10 @@ fn main() {
         let sshd = chopsticks_testkit::Sshd::start("compare", count).expect("sshd");
         println!("config {}", sshd.client_config().display());
         println!("pid {}", sshd.pid().unwrap_or(0));
+        println!("port {}", sshd.port());
+        println!("user {}", sshd.user());
+        println!("key {}", sshd.client_key().display());
+        println!("known_hosts {}", sshd.known_hosts().display());
         for alias in sshd.aliases() {
             println!("alias {alias}");
         }
@@ -223,14 +258,23 @@ fn main() {
     runtime.block_on(group.close());
 
     println!(
-        "{{\"library\": \"chopsticks-rs\", \"version\": \"{}\", \"transport\": \"{}\", \
+        "{{\"library\": \"{}\", \"version\": \"{}\", \"transport\": \"{}\", \
          \"connect_first_call_ms\": {:.3}, \"trivial_us_median\": {:.2}, \"trivial_us_p99\": {:.2}, \
          \"calls_per_s\": {:.0}, \"calls_mode\": \"pipelined-64\", \"arg64_mb_s\": {:.1}, \
          \"put_mb_s\": {:.1}, \"fetch_mb_s\": {:.1}, \"put_unsynced_mb_s\": {:.1}, \
          \"fetch_unsynced_mb_s\": {:.1}, \"transfer_method\": \"Tunnel::put/fetch\", \
          \"fanout20_s\": {:.4}, \"fanout_hosts\": {hosts}}}",
+        if options.transport == "native" {
+            "chopsticks-rs-libssh2"
+        } else {
+            "chopsticks-rs"
+        },
         env!("CARGO_PKG_VERSION"),
-        options.transport,
+        if options.transport == "native" {
+            "ssh"
+        } else {
+            &options.transport
+        },
         median(connects),
         median(latencies.clone()),
         percentile(latencies, 0.99),

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One run of the five workloads for chopsticks (this crate) and its Python
 # peers chopsticks 1.0, mitogen and execnet, over a local subprocess and over
-# ssh to a loopback sshd, once unpinned and once with every process pinned to
-# CPU 0. Writes target/compare/results.md (the tables) and the raw JSON.
+# ssh to a loopback sshd (ours through both the OpenSSH client and libssh2),
+# once unpinned and once with every process pinned to CPU 0. Writes target/compare/results.md (the tables) and the raw JSON.
 #
 #   bench/compare/run.sh            # full sizes (about 10 minutes)
 #   bench/compare/run.sh --quick    # small sizes, to check the set-up
@@ -44,6 +44,11 @@ for _ in $(seq 100); do
 done
 grep -q '^ready' "$out/sshd.txt" || { echo "the sshd fixture did not start"; cat "$out/sshd.txt"; exit 1; }
 config=$(sed -n 's/^config //p' "$out/sshd.txt")
+native=(native
+  --port "$(sed -n 's/^port //p' "$out/sshd.txt")"
+  --user "$(sed -n 's/^user //p' "$out/sshd.txt")"
+  --key "$(sed -n 's/^key //p' "$out/sshd.txt")"
+  --known-hosts "$(sed -n 's/^known_hosts //p' "$out/sshd.txt")")
 sshd=$(sed -n 's/^pid //p' "$out/sshd.txt")
 all_cpus=$(taskset -p "$sshd" | sed 's/.*: //')
 hosts=()
@@ -63,6 +68,10 @@ for pinning in unpinned pinned; do
     [ "$transport" = ssh ] && args+=(--ssh-config "$config" "${hosts[@]}")
     echo "== $pinning $transport: chopsticks-rs" >&2
     "${pin[@]}" "$ours" "${args[@]}" "${quick[@]}" > "$out/$pinning-$transport-chopsticks-rs.json"
+    if [ "$transport" = ssh ]; then
+      echo "== $pinning $transport: chopsticks-rs through libssh2 (NativeSsh)" >&2
+      "${pin[@]}" "$ours" "${native[@]}" "${quick[@]}" > "$out/$pinning-ssh-chopsticks-rs-libssh2.json"
+    fi
     for library in chopsticks mitogen execnet; do
       echo "== $pinning $transport: $library" >&2
       if ! "${pin[@]}" "$venv/bin/python" bench/compare/peers.py "$library" "${args[@]}" "${quick[@]}" \

@@ -3,7 +3,9 @@ import json
 import os
 import sys
 
-LIBRARIES = ["chopsticks-rs", "chopsticks", "mitogen", "execnet"]
+OURS = ["chopsticks-rs", "chopsticks-rs-libssh2"]
+PEERS = ["chopsticks", "mitogen", "execnet"]
+LIBRARIES = OURS + PEERS
 # (field, label, better: "low" or "high", format)
 ROWS = [
     ("trivial_us_median", "trivial call, median (µs)", "low", "{:.1f}"),
@@ -29,7 +31,7 @@ def load(directory, pinning, transport):
         except (OSError, ValueError):
             results[library] = {"error": "no result"}
     # The peers never sync what they write: their unsynced figure is their only one.
-    for library in LIBRARIES[1:]:
+    for library in PEERS:
         for field in ("put", "fetch"):
             value = results[library].get(f"{field}_mb_s")
             if value is not None:
@@ -56,21 +58,26 @@ def ratio(ours, best, better):
 
 def table(directory, pinning, transport):
     results = load(directory, pinning, transport)
+    # libssh2 (`NativeSsh`) runs over ssh only.
+    ours = [library for library in OURS if "error" not in results[library]] or OURS[:1]
+    shown = ours + PEERS
     lines = [f"### {transport}, {pinning}", ""]
-    lines.append("| workload | " + " | ".join(LIBRARIES) + " | ours vs best peer |")
-    lines.append("|---" * (len(LIBRARIES) + 2) + "|")
+    ratios = " | ".join(f"{library} vs best peer" for library in ours)
+    lines.append("| workload | " + " | ".join(shown) + f" | {ratios} |")
+    lines.append("|---" * (len(shown) + 1 + len(ours)) + "|")
     for field, label, better, form in ROWS:
         cells = []
         values = {}
-        for library in LIBRARIES:
+        for library in shown:
             value = results[library].get(field)
             values[library] = value
             cells.append(form.format(value) if isinstance(value, (int, float)) else "–")
-        peers = [values[l] for l in LIBRARIES[1:] if isinstance(values[l], (int, float))]
+        peers = [values[l] for l in PEERS if isinstance(values[l], (int, float))]
         best = (min(peers) if better == "low" else max(peers)) if peers else None
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio(values['chopsticks-rs'], best, better)} |")
+        compared = " | ".join(ratio(values[library], best, better) for library in ours)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {compared} |")
     notes = []
-    for library in LIBRARIES:
+    for library in shown:
         result = results[library]
         for key in ("calls_mode", "transfer_method", "notes_trivial", "error"):
             if result.get(key):

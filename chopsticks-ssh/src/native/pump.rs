@@ -145,6 +145,7 @@ impl Pump {
             (false, false, false, false);
         let mut stdout = Some(&self.stdout);
         let mut stderr = Some(&self.stderr);
+        let mut rechecks = 0;
         loop {
             let mut progress = false;
             // Controller → channel.
@@ -212,13 +213,34 @@ impl Pump {
                 break;
             }
             if progress {
+                rechecks = 0;
                 continue;
             }
+            // libssh2 reads every packet the socket holds on any call: a
+            // stderr read or a write can take in stdout data, or the window
+            // a blocked write waits for, after this pass looked for it. Then
+            // the socket stays quiet and poll would sleep on work already
+            // here, so look again first (a few times at most: data of a
+            // kind no read takes must not make this spin).
+            if rechecks < 3 && self.holds_work(&input, &output, &errors) {
+                rechecks += 1;
+                continue;
+            }
+            rechecks = 0;
             if !self.wait(&input, input_done, &output, &errors) {
                 break;
             }
         }
         self.finish()
+    }
+
+    /// Whether libssh2 already holds what another pass could move: channel
+    /// data read off the socket, or window for input waiting to be written.
+    fn holds_work(&self, input: &Pending, output: &Pending, errors: &Pending) -> bool {
+        let readable =
+            output.is_empty() && errors.is_empty() && self.channel.read_window().available > 0;
+        let writable = !input.is_empty() && self.channel.write_window().remaining > 0;
+        readable || writable
     }
 
     /// Waits in poll(2) until the socket or a pipe can move data; false when killed.

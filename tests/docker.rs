@@ -233,10 +233,16 @@ async fn a_connect_cut_short_at_any_point_leaves_no_container() {
             .build();
         let outcome = tun.connect().await;
         drop(tun);
-        // An Engine still creating the container when the cut came finishes first.
+        // An Engine still creating the container when the cut came finishes
+        // first; the container must be gone and stay gone.
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(
             gone(&name).await,
+            "a connect cut at {cut_ms} ms ({outcome:?}) left {name} behind"
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(
+            !container_exists(&name),
             "a connect cut at {cut_ms} ms ({outcome:?}) left {name} behind"
         );
     }

@@ -59,10 +59,12 @@ EOF
 owned() { [ -d "$dir" ] && [ ! -L "$dir" ] && [ -O "$dir" ] && [ -w "$dir" ] && [ -x "$dir" ]; }
 private() { case $dirmode in d????-??-*) return 0;; esac; return 1; }
 dir=${XDG_CACHE_HOME:-${HOME:-/nonexistent}/.cache}/chopsticks
-[ -d "$dir" ] || mkdir -p -m 700 -- "$dir" 2>/dev/null
+# Only an absolute directory is a cache; anything else falls back below.
+case $dir in /*) [ -d "$dir" ] || mkdir -p -m 700 -- "$dir" 2>/dev/null;; *) dir=;; esac
 inspect
 if ! { owned && private; }; then
   dir=${TMPDIR:-/tmp}/chopsticks-$(id -u)
+  case $dir in /*) ;; *) dir=/tmp/chopsticks-$(id -u);; esac
   mkdir -m 700 -- "$dir" 2>/dev/null
   inspect
   owned || fail "cache directory $dir is not a directory owned by $(id -un)"
@@ -92,7 +94,7 @@ read -r _ _ _ _ received _ <<EOF
 $(ls -ln -- "$tmp")
 EOF
 verify "$tmp" "$received" || { rm -f -- "$tmp"; fail "the uploaded agent did not match its size and checksum"; }
-chmod 700 -- "$tmp" && mv -f -- "$tmp" "$agent" || { rm -f -- "$tmp"; fail "cannot install the agent in $dir"; }
+chmod 700 "$tmp" && mv -f -- "$tmp" "$agent" || { rm -f -- "$tmp"; fail "cannot install the agent in $dir"; }
 run uploaded
 "#;
 

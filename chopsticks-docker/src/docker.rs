@@ -457,8 +457,8 @@ impl Transport for Docker {
                 let attached = match started.await {
                     Ok(attached) => attached,
                     Err(error) => {
-                        unfinished.engine = None;
                         remove(&engine, &id).await;
+                        unfinished.engine = None;
                         return Err(Box::new(error));
                     }
                 };
@@ -623,7 +623,8 @@ impl AgentProcess for ContainerProcess {
     async fn wait(&mut self) -> io::Result<ExitReport> {
         let report = match &self.exec {
             // The Engine has no wait for an exec: ask, quickly at first (an
-            // agent that fails to start ends at once), then every half second.
+            // agent that fails to start ends at once), then every 100 ms, within
+            // the time a broken connection waits for the exit status.
             Some(exec) => {
                 let mut pause = std::time::Duration::from_millis(20);
                 loop {
@@ -636,7 +637,7 @@ impl AgentProcess for ContainerProcess {
                         }
                         Ok(_) => {
                             tokio::time::sleep(pause).await;
-                            pause = (pause * 2).min(std::time::Duration::from_millis(500));
+                            pause = (pause * 2).min(std::time::Duration::from_millis(100));
                         }
                         Err(_) => break ExitReport::default(),
                     }

@@ -117,7 +117,8 @@ impl Ssh {
     /// Shares one connection between tunnels and reconnects (`ControlMaster=auto`),
     /// keeping it open `persist` after the last one closes. The control socket
     /// lives in a private directory, `$TMPDIR/chopsticks-ssh-UID` (mode 0700;
-    /// under `/tmp` when `TMPDIR` holds characters ssh would split or expand).
+    /// under `/tmp` when `TMPDIR` holds characters ssh would split or expand,
+    /// or is too long for a socket path).
     pub fn control_persist(mut self, persist: Duration) -> Ssh {
         self.control_persist = Some(persist);
         self
@@ -199,15 +200,19 @@ fn control_dir() -> Result<PathBuf, String> {
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };
     // ssh splits `-o` values on blanks and expands `%` in ControlPath, so a
-    // TMPDIR with anything but plain path characters is not used for it.
+    // TMPDIR with anything but plain path characters, or too long for a
+    // socket path, is not used for it.
     let plain = |path: &std::path::Path| {
         path.to_str().is_some_and(|text| {
             text.bytes()
                 .all(|byte| byte.is_ascii_alphanumeric() || b"/._-+,@~".contains(&byte))
         })
     };
+    // A socket path holds at most 107 bytes: the directory, `/`, 40 for
+    // `%C` and the 17 ssh adds while it creates the socket.
+    let short = |path: &std::path::Path| path.as_os_str().len() + 1 + 20 + 1 + 40 + 17 <= 107;
     let temp = std::env::temp_dir();
-    let base = if plain(&temp) {
+    let base = if plain(&temp) && short(&temp) {
         temp
     } else {
         PathBuf::from("/tmp")

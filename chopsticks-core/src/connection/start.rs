@@ -234,21 +234,24 @@ async fn supervise(
     stderr_task: Option<JoinHandle<()>>,
 ) {
     let status = tokio::select! {
-        status = process.wait() => status,
+        status = process.wait() => Some(status),
         _ = kill_requested => {
             let _ = process.start_kill();
             // A transport whose kill cannot be forced (an exec ends when its
             // stdin closes) must not keep this task waiting forever.
+            // No exit status is published then: none is known.
             match tokio::time::timeout(KILL_WAIT, process.wait()).await {
-                Ok(status) => status,
+                Ok(status) => Some(status),
                 Err(_) => {
                     tracing::warn!("the agent did not end within {KILL_WAIT:?} of being killed");
-                    Ok(ExitReport::default())
+                    None
                 }
             }
         }
     };
-    exit.send_replace(Some(status.unwrap_or_default()));
+    if let Some(status) = status {
+        exit.send_replace(Some(status.unwrap_or_default()));
+    }
     if let Some(task) = stderr_task {
         // Give stderr a moment to drain; a grandchild holding it open must not keep the task alive.
         let abort = task.abort_handle();

@@ -74,18 +74,27 @@ impl Outbox {
         runtime: &tokio::runtime::Handle,
     ) -> Result<(), OutboxClosed> {
         const STOP_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
-        loop {
-            if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err(OutboxClosed);
-            }
-            match runtime.block_on(tokio::time::timeout(STOP_CHECK, self.bulk.reserve())) {
-                Ok(Ok(permit)) => {
-                    permit.send(frame);
-                    return Ok(());
+        // One `reserve` for the whole wait keeps this sender's place in the queue.
+        let permit = runtime.block_on(async {
+            let reserve = self.bulk.reserve();
+            tokio::pin!(reserve);
+            loop {
+                tokio::select! {
+                    permit = &mut reserve => break permit.ok(),
+                    _ = tokio::time::sleep(STOP_CHECK) => {
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            break None;
+                        }
+                    }
                 }
-                Ok(Err(_)) => return Err(OutboxClosed),
-                Err(_) => continue,
             }
+        });
+        match permit {
+            Some(permit) => {
+                permit.send(frame);
+                Ok(())
+            }
+            None => Err(OutboxClosed),
         }
     }
 

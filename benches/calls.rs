@@ -176,6 +176,7 @@ impl Target {
             _child: child,
             stdin,
             stdout,
+            scratch: vec![0u8; 1 << 20],
         }
     }
 
@@ -192,6 +193,8 @@ struct Echo {
     _child: Child,
     stdin: ChildStdin,
     stdout: ChildStdout,
+    /// Where echoed bytes are read back into, allocated once.
+    scratch: Vec<u8>,
 }
 
 async fn ping(echo: &mut Echo, buffer: &mut [u8]) {
@@ -201,12 +204,11 @@ async fn ping(echo: &mut Echo, buffer: &mut [u8]) {
 
 /// Writes `data` to the echo while reading as many bytes back.
 async fn echo_through(echo: &mut Echo, data: &[u8]) {
-    let (reader, writer) = (&mut echo.stdout, &mut echo.stdin);
+    let (reader, writer, buffer) = (&mut echo.stdout, &mut echo.stdin, &mut echo.scratch);
     let send = async {
         writer.write_all(data).await.expect("write");
     };
     let receive = async {
-        let mut buffer = vec![0u8; 1 << 20];
         let mut left = data.len();
         while left > 0 {
             let read = reader

@@ -11,9 +11,6 @@
 //!
 //! `ssh` runs ours through the OpenSSH client (`Ssh`), `native` through
 //! libssh2 (`NativeSsh`) to 127.0.0.1, both against the same sshd.
-//!
-//! ```text
-//! ```
 
 #[allow(dead_code)]
 mod support;

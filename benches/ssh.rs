@@ -10,7 +10,10 @@
 //! - connect: `ssh HOST true`, and libssh2 connect + handshake + auth + `true`;
 //! - round trip: 64 bytes through `ssh HOST cat`, and through a libssh2 channel running `cat`;
 //! - throughput: `ssh HOST 'cat > DST' < SRC` and `ssh HOST 'cat SRC' > DST`,
-//!   the latter also followed by an fsync of DST (a fetch is durable before it returns).
+//!   each also followed by an fsync of DST (a put or fetch is durable before
+//!   it returns), less the time of `ssh HOST true`: each starts a new
+//!   connection, while ours run on a connected tunnel. Ours are timed synced
+//!   (against the fsynced copy) and with `.sync(false)` (against the plain one).
 
 #[allow(dead_code)]
 mod support;
@@ -226,22 +229,10 @@ fn main() {
     write_source(&source, mib);
     let bytes = (mib as u64) << 20;
     let transfer_rounds = env_number("CHOPSTICKS_BENCH_TRANSFER_ROUNDS", 3);
-    let (
-        mut raw_put,
-        mut raw_fetch,
-        mut put_openssh,
-        mut fetch_openssh,
-        mut put_native,
-        mut fetch_native,
-    ) = (
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-    );
-    let mut raw_fetch_durable = Vec::new();
+    let (mut raw_put, mut raw_put_durable, mut raw_fetch, mut raw_fetch_durable) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Per backend: put and fetch, synced (the default) and `.sync(false)`.
+    let mut ours: [[Vec<Duration>; 4]; 2] = Default::default();
     let openssh_tunnel = openssh(&sshd, sshd.alias(0));
     let native_tunnel = native(&sshd, "native");
     runtime.block_on(openssh_tunnel.connect()).expect("connect");
@@ -259,6 +250,11 @@ fn main() {
             .expect("ssh cat >");
         assert!(status.success());
         raw_put.push(started.elapsed());
+        // The same copy made durable, as a put is before it returns.
+        std::fs::File::open(&target)
+            .and_then(|file| file.sync_all())
+            .expect("fsync");
+        raw_put_durable.push(started.elapsed());
         settle();
         let started = Instant::now();
         let status = ssh_command(&sshd, &format!("cat '{}'", source.display()))
@@ -272,22 +268,26 @@ fn main() {
             .and_then(|file| file.sync_all())
             .expect("fsync");
         raw_fetch_durable.push(started.elapsed());
-        for (tunnel, puts, fetches) in [
-            (&openssh_tunnel, &mut put_openssh, &mut fetch_openssh),
-            (&native_tunnel, &mut put_native, &mut fetch_native),
+        let [openssh_times, native_times] = &mut ours;
+        for (tunnel, times) in [
+            (&openssh_tunnel, openssh_times),
+            (&native_tunnel, native_times),
         ] {
-            settle();
-            let started = Instant::now();
-            runtime
-                .block_on(tunnel.put(&source, &target).into_future())
-                .expect("put");
-            puts.push(started.elapsed());
-            settle();
-            let started = Instant::now();
-            runtime
-                .block_on(tunnel.fetch(&source, &target).into_future())
-                .expect("fetch");
-            fetches.push(started.elapsed());
+            for sync in [true, false] {
+                let slot = if sync { 0 } else { 2 };
+                settle();
+                let started = Instant::now();
+                runtime
+                    .block_on(tunnel.put(&source, &target).sync(sync).into_future())
+                    .expect("put");
+                times[slot].push(started.elapsed());
+                settle();
+                let started = Instant::now();
+                runtime
+                    .block_on(tunnel.fetch(&source, &target).sync(sync).into_future())
+                    .expect("fetch");
+                times[slot + 1].push(started.elapsed());
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -349,30 +349,36 @@ fn main() {
         us(ours_native_trip),
         us(ours_native_trip) / us(raw_native)
     );
-    println!("{mib} MiB file, median of {transfer_rounds}");
-    let (raw_put, raw_fetch, raw_fetch_durable) = (
-        median(raw_put),
-        median(raw_fetch),
-        median(raw_fetch_durable),
+    // Each floor starts a new ssh connection; its data phase is the time
+    // less the median `ssh HOST true` of this run.
+    let data_phase = |raw: Vec<Duration>| median(raw).saturating_sub(ssh_true);
+    let floors = [
+        data_phase(raw_put_durable),
+        data_phase(raw_fetch_durable),
+        data_phase(raw_put),
+        data_phase(raw_fetch),
+    ];
+    println!(
+        "{mib} MiB file, median of {transfer_rounds}; floors less the {:.0} ms of `ssh HOST true`",
+        ms(ssh_true)
     );
     println!(
-        "  ssh 'cat > DST' < SRC    {:8.0} MB/s | ssh 'cat SRC' > DST {:8.0} MB/s, then fsync {:8.0} MB/s",
-        rate(raw_put),
-        rate(raw_fetch),
-        rate(raw_fetch_durable)
+        "  ssh 'cat > DST' < SRC  {:6.0} MB/s, then fsync {:6.0} MB/s | ssh 'cat SRC' > DST {:6.0} MB/s, then fsync {:6.0} MB/s",
+        rate(floors[2]),
+        rate(floors[0]),
+        rate(floors[3]),
+        rate(floors[1])
     );
-    for (name, puts, fetches) in [
-        ("Ssh", put_openssh, fetch_openssh),
-        ("NativeSsh", put_native, fetch_native),
-    ] {
-        let (put, fetch) = (median(puts), median(fetches));
+    for (name, times) in [("Ssh", &ours[0]), ("NativeSsh", &ours[1])] {
+        let ours = times.clone().map(median);
         println!(
-            "  {name:<10} put {:8.0} MB/s = {:.2}x | fetch {:8.0} MB/s = {:.2}x ({:.2}x with fsync)",
-            rate(put),
-            rate(put) / rate(raw_put),
-            rate(fetch),
-            rate(fetch) / rate(raw_fetch),
-            rate(fetch) / rate(raw_fetch_durable)
+            "  {name:<10} put {:6.0} MB/s = {:.2}x the fsynced copy, .sync(false) {:.2}x the plain one | fetch {:6.0} MB/s = {:.2}x, .sync(false) {:.2}x",
+            rate(ours[0]),
+            rate(ours[0]) / rate(floors[0]),
+            rate(ours[2]) / rate(floors[2]),
+            rate(ours[1]),
+            rate(ours[1]) / rate(floors[1]),
+            rate(ours[3]) / rate(floors[3]),
         );
     }
     println!("20 hosts: Group connect + one call");

@@ -70,7 +70,10 @@ for pinning in unpinned pinned; do
     "${pin[@]}" "$ours" "${args[@]}" "${quick[@]}" > "$out/$pinning-$transport-chopsticks-rs.json"
     if [ "$transport" = ssh ]; then
       echo "== $pinning $transport: chopsticks-rs through libssh2 (NativeSsh)" >&2
-      "${pin[@]}" "$ours" "${native[@]}" "${quick[@]}" > "$out/$pinning-ssh-chopsticks-rs-libssh2.json"
+      if ! "${pin[@]}" "$ours" "${native[@]}" "${quick[@]}" > "$out/$pinning-ssh-chopsticks-rs-libssh2.json"; then
+        echo '{"library": "chopsticks-rs-libssh2", "transport": "ssh", "error": "the run failed; see the log above"}' \
+          > "$out/$pinning-ssh-chopsticks-rs-libssh2.json"
+      fi
     fi
     for library in chopsticks mitogen execnet; do
       echo "== $pinning $transport: $library" >&2

@@ -6,9 +6,10 @@
 //! ([`AgentCommand::to_shell_command`]). The script:
 //!
 //! 1. refuses a target whose `uname -sm` differs from the controller's;
-//! 2. picks `${XDG_CACHE_HOME:-$HOME/.cache}/chopsticks` if it is a directory
-//!    owned by the user and not writable by group or others, else a
-//!    `/tmp/chopsticks-UID` directory that must be owned by the user with mode 0700;
+//! 2. picks `${XDG_CACHE_HOME:-$HOME/.cache}/chopsticks` if it is an absolute
+//!    path to a directory owned by the user and not writable by group or
+//!    others, else a `${TMPDIR:-/tmp}/chopsticks-UID` directory (absolute, or
+//!    under `/tmp`) that must be owned by the user with mode 0700;
 //! 3. on a cache hit, verifies size and SHA-256 of `agent-HASH` and execs it;
 //!    a corrupt entry is deleted, never executed. SHA-256 comes from
 //!    `openssl dgst` where installed (it uses the CPU's SHA extensions, several

@@ -125,6 +125,24 @@ async fn an_unsafe_cache_directory_is_not_used() {
 }
 
 #[tokio::test]
+async fn a_relative_cache_directory_is_not_used() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let relative = PathBuf::from(format!("relative-cache-{}", std::process::id()));
+    let tmp = root.path().join("tmp");
+    std::fs::create_dir(&tmp).expect("mkdir");
+
+    let tun = bootstrapped(&relative, &tmp);
+    tun.call(pid, ())
+        .await
+        .expect("falls back to a private directory");
+    let created = relative.exists();
+    let _ = std::fs::remove_dir_all(&relative);
+    assert!(!created, "created a cache under the working directory");
+    let fallback = tmp.join(format!("chopsticks-{}", uid()));
+    assert!(same_as_this_program(&cached_agent(&fallback)));
+}
+
+#[tokio::test]
 async fn a_fallback_directory_with_a_loose_mode_is_refused() {
     let root = tempfile::tempdir().expect("tempdir");
     // XDG_CACHE_HOME is a file, so the usual cache directory cannot be made.

@@ -26,6 +26,7 @@ mod diagnose;
 #[cfg(feature = "libssh2")]
 mod native;
 mod openssh;
+mod pipes;
 
 #[cfg(feature = "libssh2")]
 pub use native::NativeSsh;

@@ -252,7 +252,19 @@ impl Transport for Ssh {
                 program: self.program.display().to_string(),
                 source,
             })?;
-        Ok(Pipes::from_child(child)?)
+        let mut child = child;
+        // Larger pipes to and from `ssh`, within the controller's budget.
+        let missing = |name| std::io::Error::other(format!("the ssh child's {name} was not piped"));
+        let stdin = child.stdin.take().ok_or_else(|| missing("stdin"))?;
+        let stdout = child.stdout.take().ok_or_else(|| missing("stdout"))?;
+        let stderr = child.stderr.take();
+        Ok(Pipes {
+            stdin: Box::new(crate::pipes::Enlarged::new(stdin)),
+            stdout: Box::new(crate::pipes::Enlarged::new(stdout)),
+            stderr: stderr
+                .map(|pipe| Box::new(pipe) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            process: Box::new(child),
+        })
     }
 
     fn diagnose(&self, stderr_tail: &[String]) -> Option<BoxError> {

@@ -85,30 +85,50 @@ pub fn chunk(len: usize) -> Vec<u8> {
 /// A filled chunk as `Bytes`; the buffer is kept for [`chunk`] when the last
 /// clone is dropped (released after [`SPARE_IDLE`] without use).
 pub fn chunk_bytes(buffer: Vec<u8>) -> Bytes {
-    Bytes::from_owner(RecycledChunk(buffer))
+    Bytes::from_owner(Lent {
+        buffer,
+        hand_back: keep_chunk,
+    })
 }
 
-struct RecycledChunk(Vec<u8>);
+/// A large payload as `Bytes`; the buffer is offered as the spare ([`give`])
+/// when the last clone (the last chunk sent of it) is dropped.
+pub fn spare_bytes(buffer: Vec<u8>) -> Bytes {
+    Bytes::from_owner(Lent {
+        buffer,
+        hand_back: give,
+    })
+}
 
-impl AsRef<[u8]> for RecycledChunk {
+/// A buffer lent out as `Bytes`, handed back when its last clone is dropped.
+struct Lent {
+    buffer: Vec<u8>,
+    hand_back: fn(Vec<u8>),
+}
+
+impl AsRef<[u8]> for Lent {
     fn as_ref(&self) -> &[u8] {
-        &self.0
+        &self.buffer
     }
 }
 
-impl Drop for RecycledChunk {
+impl Drop for Lent {
     fn drop(&mut self) {
-        let buffer = std::mem::take(&mut self.0);
-        {
-            let mut chunks = CHUNKS.lock().unwrap_or_else(|poison| poison.into_inner());
-            if chunks.0.len() >= SPARE_CHUNKS {
-                return;
-            }
-            chunks.0.push(buffer);
-            chunks.1 = Some(Instant::now());
-        }
-        schedule_release();
+        (self.hand_back)(std::mem::take(&mut self.buffer));
     }
+}
+
+/// Keeps a chunk buffer for [`chunk`], up to [`SPARE_CHUNKS`] of them.
+fn keep_chunk(buffer: Vec<u8>) {
+    {
+        let mut chunks = CHUNKS.lock().unwrap_or_else(|poison| poison.into_inner());
+        if chunks.0.len() >= SPARE_CHUNKS {
+            return;
+        }
+        chunks.0.push(buffer);
+        chunks.1 = Some(Instant::now());
+    }
+    schedule_release();
 }
 
 /// Releases the spare buffer and the kept chunks if they have not been used

@@ -252,19 +252,15 @@ impl Transport for Ssh {
                 program: self.program.display().to_string(),
                 source,
             })?;
-        let mut child = child;
         // Larger pipes to and from `ssh`, within the controller's budget.
-        let missing = |name| std::io::Error::other(format!("the ssh child's {name} was not piped"));
-        let stdin = child.stdin.take().ok_or_else(|| missing("stdin"))?;
-        let stdout = child.stdout.take().ok_or_else(|| missing("stdout"))?;
-        let stderr = child.stderr.take();
-        Ok(Pipes {
-            stdin: Box::new(crate::pipes::Enlarged::new(stdin)),
-            stdout: Box::new(crate::pipes::Enlarged::new(stdout)),
-            stderr: stderr
-                .map(|pipe| Box::new(pipe) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-            process: Box::new(child),
-        })
+        let shares = (
+            child.stdin.as_ref().and_then(crate::pipes::enlarge),
+            child.stdout.as_ref().and_then(crate::pipes::enlarge),
+        );
+        let mut pipes = Pipes::from_child(child)?;
+        pipes.stdin = Box::new(crate::pipes::Holding::new(pipes.stdin, shares.0));
+        pipes.stdout = Box::new(crate::pipes::Holding::new(pipes.stdout, shares.1));
+        Ok(pipes)
     }
 
     fn diagnose(&self, stderr_tail: &[String]) -> Option<BoxError> {

@@ -25,7 +25,7 @@ pub(crate) const BUDGET_BYTES: usize = 16 << 20;
 static ENLARGED: AtomicUsize = AtomicUsize::new(0);
 
 /// A share of the budget, given back when the pipe end it belongs to is dropped.
-struct Share(usize);
+pub(crate) struct Share(usize);
 
 impl Drop for Share {
     fn drop(&mut self) {
@@ -33,8 +33,9 @@ impl Drop for Share {
     }
 }
 
-/// Enlarges the pipe behind `fd` if the budget allows; the share must live as long as the pipe end.
-fn enlarge(fd: &impl AsRawFd) -> Option<Share> {
+/// Enlarges the pipe behind `fd` if the budget allows; the share must live
+/// as long as the pipe end ([`Holding`]).
+pub(crate) fn enlarge(fd: &impl AsRawFd) -> Option<Share> {
     let taken = ENLARGED.fetch_add(PIPE_BYTES, Ordering::Relaxed);
     let share = Share(PIPE_BYTES);
     if taken + PIPE_BYTES > BUDGET_BYTES {
@@ -52,22 +53,21 @@ fn enlarge(fd: &impl AsRawFd) -> Option<Share> {
 }
 
 /// A pipe end that holds its share of the budget.
-pub(crate) struct Enlarged<P> {
+pub(crate) struct Holding<P> {
     pipe: P,
     _share: Option<Share>,
 }
 
-impl<P: AsRawFd> Enlarged<P> {
-    pub(crate) fn new(pipe: P) -> Enlarged<P> {
-        let share = enlarge(&pipe);
-        Enlarged {
+impl<P> Holding<P> {
+    pub(crate) fn new(pipe: P, share: Option<Share>) -> Holding<P> {
+        Holding {
             pipe,
             _share: share,
         }
     }
 }
 
-impl<P: AsyncRead + Unpin> AsyncRead for Enlarged<P> {
+impl<P: AsyncRead + Unpin> AsyncRead for Holding<P> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -77,7 +77,7 @@ impl<P: AsyncRead + Unpin> AsyncRead for Enlarged<P> {
     }
 }
 
-impl<P: AsyncWrite + Unpin> AsyncWrite for Enlarged<P> {
+impl<P: AsyncWrite + Unpin> AsyncWrite for Holding<P> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::io;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -117,7 +117,7 @@ impl Outbox {
         self.send_bulk(OutFrame::message(&message(Payload::Streamed { len })))
             .await?;
         // When the writer drops the last chunk, the buffer becomes the process's spare.
-        let data = Bytes::from_owner(Recycled(data));
+        let data = crate::buffer::spare_bytes(data);
         let mut start = 0;
         while start < data.len() {
             let end = (start + CHUNK_LEN).min(data.len());
@@ -131,21 +131,6 @@ impl Outbox {
     /// Whether the writer has stopped.
     pub fn is_closed(&self) -> bool {
         self.urgent.is_closed()
-    }
-}
-
-/// A payload buffer that returns to the spare slot when its last chunk is written.
-struct Recycled(Vec<u8>);
-
-impl AsRef<[u8]> for Recycled {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl Drop for Recycled {
-    fn drop(&mut self) {
-        crate::buffer::give(std::mem::take(&mut self.0));
     }
 }
 

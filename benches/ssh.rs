@@ -4,7 +4,11 @@
 //! ```text
 //! cargo bench --features full --bench ssh
 //! CHOPSTICKS_BENCH_MIB=256 cargo bench --features full --bench ssh
+//! CHOPSTICKS_BENCH_CIPHERS=chacha20-poly1305@openssh.com cargo bench --features full --bench ssh
 //! ```
+//!
+//! `CHOPSTICKS_BENCH_CIPHERS` sets the ciphers NativeSsh and its libssh2
+//! floors offer (default: libssh2's own list).
 //!
 //! Floors:
 //! - connect: `ssh HOST true`, and libssh2 connect + handshake + auth + `true`;
@@ -36,17 +40,24 @@ fn openssh(sshd: &Sshd, alias: &str) -> Tunnel {
         .build()
 }
 
+/// The ciphers NativeSsh and the libssh2 floors offer, if not libssh2's own.
+fn ciphers() -> Option<String> {
+    std::env::var("CHOPSTICKS_BENCH_CIPHERS").ok()
+}
+
 fn native(sshd: &Sshd, name: &str) -> Tunnel {
-    Tunnel::builder(
-        NativeSsh::new("127.0.0.1")
-            .named(name)
-            .port(sshd.port())
-            .user(sshd.user())
-            .identity_file(sshd.client_key())
-            .known_hosts(sshd.known_hosts()),
-    )
-    .stderr(chopsticks::stderr::discard())
-    .build()
+    let mut transport = NativeSsh::new("127.0.0.1")
+        .named(name)
+        .port(sshd.port())
+        .user(sshd.user())
+        .identity_file(sshd.client_key())
+        .known_hosts(sshd.known_hosts());
+    if let Some(ciphers) = ciphers() {
+        transport = transport.ciphers(ciphers);
+    }
+    Tunnel::builder(transport)
+        .stderr(chopsticks::stderr::discard())
+        .build()
 }
 
 fn ssh_command(sshd: &Sshd, remote: &str) -> Command {
@@ -64,6 +75,12 @@ fn ssh2_session(sshd: &Sshd) -> ssh2::Session {
     stream.set_nodelay(true).expect("nodelay");
     let mut session = ssh2::Session::new().expect("session");
     session.set_tcp_stream(stream);
+    // The same kind of session as NativeSsh's: the same ciphers offered.
+    if let Some(ciphers) = ciphers() {
+        for direction in [ssh2::MethodType::CryptCs, ssh2::MethodType::CryptSc] {
+            session.method_pref(direction, &ciphers).expect("ciphers");
+        }
+    }
     session.handshake().expect("handshake");
     session
         .userauth_pubkey_file(sshd.user(), None, &sshd.client_key(), None)

@@ -133,6 +133,28 @@ async fn connection_failures_are_distinct_and_name_the_host() {
         matches!(ssh_error(&unresolvable), SshError::Resolve { .. }),
         "{unresolvable}"
     );
+
+    // A cipher the client offers but this sshd does not allow. ssh reports
+    // it at its default LogLevel, INFO; the test kit's config is quieter.
+    let no_common_cipher = Tunnel::builder(
+        Ssh::new(sshd.alias(0))
+            .config_file(sshd.client_config())
+            .option("LogLevel", "INFO")
+            .option("Ciphers", "aes256-cbc"),
+    )
+    .stderr(chopsticks::stderr::discard())
+    .build()
+    .connect()
+    .await
+    .expect_err("no common cipher");
+    assert!(
+        matches!(ssh_error(&no_common_cipher), SshError::Negotiation { .. }),
+        "{no_common_cipher}"
+    );
+    assert!(
+        no_common_cipher.to_string().contains(sshd.alias(0)),
+        "{no_common_cipher}"
+    );
 }
 
 #[tokio::test]

@@ -120,6 +120,43 @@ async fn native_connection_failures_are_distinct() {
 }
 
 #[tokio::test]
+async fn the_chosen_ciphers_are_the_ones_offered() {
+    let Some(sshd) = sshd_or_skip("native-ciphers", 1) else {
+        return;
+    };
+    // Unknown names are dropped; what is left is offered and accepted.
+    let chosen = tunnel(native(&sshd).ciphers("no-such-cipher,aes128-ctr"));
+    assert_eq!(chosen.call(add, (1, 2)).await.expect("aes128-ctr"), 3);
+
+    // A cipher libssh2 knows but this sshd does not allow: the offer
+    // reached the server, which refuses it.
+    let refused = tunnel(native(&sshd).ciphers("aes256-cbc"))
+        .connect()
+        .await
+        .expect_err("a cipher the server does not allow");
+    assert!(
+        matches!(ssh_error(&refused), SshError::Negotiation { .. }),
+        "{refused}"
+    );
+
+    let unknown = tunnel(native(&sshd).ciphers("no-such-cipher"))
+        .connect()
+        .await
+        .expect_err("no cipher libssh2 knows");
+    assert!(
+        matches!(
+            ssh_error(&unknown),
+            SshError::Native {
+                phase: "choosing ciphers",
+                ..
+            }
+        ),
+        "{unknown}"
+    );
+    assert!(unknown.to_string().contains("127.0.0.1"), "{unknown}");
+}
+
+#[tokio::test]
 async fn a_killed_sshd_fails_native_calls_fast() {
     let Some(mut sshd) = sshd_or_skip("native-killed", 1) else {
         return;

@@ -39,6 +39,9 @@ pub(crate) fn diagnose(host: &str, stderr_tail: &[String]) -> Option<SshError> {
     if let Some(detail) = found("No route to host").or_else(|| found("Network is unreachable")) {
         return Some(SshError::Unreachable { host, detail });
     }
+    if let Some(detail) = found("Unable to negotiate with") {
+        return Some(SshError::Negotiation { host, detail });
+    }
     if let Some(detail) = found("Connection closed by")
         .or_else(|| found("Connection reset by"))
         .or_else(|| found("kex_exchange_identification"))
@@ -59,7 +62,7 @@ mod tests {
     #[test]
     fn openssh_messages_map_to_distinct_errors() {
         type Expected = fn(&SshError) -> bool;
-        let cases: [(&str, Expected); 6] = [
+        let cases: [(&str, Expected); 7] = [
             ("root@127.0.0.1: Permission denied (publickey).", |e| {
                 matches!(e, SshError::Authentication { .. })
             }),
@@ -81,6 +84,11 @@ mod tests {
             (
                 "ssh: connect to host 10.0.0.1 port 22: No route to host",
                 |e| matches!(e, SshError::Unreachable { .. }),
+            ),
+            (
+                "Unable to negotiate with 127.0.0.1 port 22: no matching cipher found. \
+                 Their offer: aes128-ctr",
+                |e| matches!(e, SshError::Negotiation { .. }),
             ),
         ];
         for (text, expected) in cases {

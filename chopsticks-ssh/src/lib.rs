@@ -98,6 +98,18 @@ pub enum SshError {
         /// What the client printed.
         detail: String,
     },
+    /// The client and the server share no cipher, key exchange, MAC or
+    /// host-key algorithm.
+    #[error(
+        "{host} and this client agree on no algorithm ({detail}); allow a common cipher, \
+         key exchange or host key type on one side"
+    )]
+    Negotiation {
+        /// The host.
+        host: String,
+        /// What the client printed.
+        detail: String,
+    },
     /// The host name cannot be used.
     #[error("{host:?} is not a usable host: {reason}")]
     InvalidHost {
@@ -146,6 +158,7 @@ impl SshError {
             | SshError::Timeout { host, .. }
             | SshError::Unreachable { host, .. }
             | SshError::Closed { host, .. }
+            | SshError::Negotiation { host, .. }
             | SshError::InvalidHost { host, .. }
             | SshError::Native { host, .. } => host,
             SshError::ClientMissing { .. } | SshError::ControlDir { .. } => "",

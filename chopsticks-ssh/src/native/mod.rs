@@ -15,7 +15,7 @@ use std::time::Duration;
 use chopsticks_core::{
     AgentCommand, AgentProcess, BoxError, ExitReport, Pipes, Transport, async_trait,
 };
-use ssh2::{CheckResult, KnownHostFileKind, Session};
+use ssh2::{CheckResult, KnownHostFileKind, MethodType, Session};
 
 use crate::SshError;
 
@@ -74,6 +74,7 @@ pub struct NativeSsh {
     auth: Vec<Auth>,
     known_hosts: Option<PathBuf>,
     connect_timeout: Duration,
+    ciphers: Option<String>,
 }
 
 impl NativeSsh {
@@ -88,7 +89,21 @@ impl NativeSsh {
             auth: Vec::new(),
             known_hosts: None,
             connect_timeout: Duration::from_secs(10),
+            ciphers: None,
         }
+    }
+
+    /// The ciphers to offer, most preferred first, comma-separated as in
+    /// `ssh_config`'s `Ciphers` (default: libssh2's list, which starts with
+    /// `chacha20-poly1305@openssh.com`). Names libssh2 does not know are
+    /// dropped; a list with none it knows fails the connect.
+    ///
+    /// libssh2 runs AES one 16-byte block per call into OpenSSL, so its
+    /// AES-GCM and AES-CTR move bulk data slower than its ChaCha20-Poly1305
+    /// on CPUs with AES instructions (BENCHMARKS.md).
+    pub fn ciphers(mut self, ciphers: impl Into<String>) -> NativeSsh {
+        self.ciphers = Some(ciphers.into());
+        self
     }
 
     /// The port (default 22).
@@ -207,9 +222,22 @@ impl NativeSsh {
         let mut session = Session::new().map_err(|e| self.fail("creating a session", e))?;
         session.set_timeout(self.connect_timeout.as_millis().min(u32::MAX as u128) as u32);
         session.set_tcp_stream(stream);
-        session.handshake().map_err(|e| SshError::Closed {
-            host: host.clone(),
-            detail: format!("handshake: {e}"),
+        if let Some(ciphers) = &self.ciphers {
+            for direction in [MethodType::CryptCs, MethodType::CryptSc] {
+                session
+                    .method_pref(direction, ciphers)
+                    .map_err(|e| self.fail("choosing ciphers", e))?;
+            }
+        }
+        session.handshake().map_err(|error| {
+            let detail = format!("handshake: {error}");
+            let host = host.clone();
+            // LIBSSH2_ERROR_KEX_FAILURE: no algorithm in common.
+            if error.code() == ssh2::ErrorCode::Session(-5) {
+                SshError::Negotiation { host, detail }
+            } else {
+                SshError::Closed { host, detail }
+            }
         })?;
         self.check_host_key(&session)?;
         self.authenticate(&session)?;

@@ -1,4 +1,5 @@
-//! Larger pipes between the controller and its `ssh` children, within a budget.
+//! Larger pipes between the controller and its `ssh` children (and
+//! `NativeSsh`'s pump threads), within a budget.
 //!
 //! `ssh` moves data in pieces of 16–32 KiB; with the kernel's 64 KiB pipes it
 //! stalls on a full pipe far more often than the tunnel takes its data, and a
@@ -17,12 +18,22 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The size asked for each enlarged pipe.
-const PIPE_BYTES: usize = 1 << 20;
+pub(crate) const PIPE_BYTES: usize = 1 << 20;
 /// The most pipe capacity one controller enlarges at a time (a quarter of
 /// the default soft limit).
 pub(crate) const BUDGET_BYTES: usize = 16 << 20;
 
 static ENLARGED: AtomicUsize = AtomicUsize::new(0);
+
+/// Serialises the unit tests that count the budget.
+#[cfg(test)]
+pub(crate) static BUDGET_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The budget enlarged pipes hold now.
+#[cfg(test)]
+pub(crate) fn enlarged_bytes() -> usize {
+    ENLARGED.load(Ordering::Relaxed)
+}
 
 /// A share of the budget, given back when the pipe end it belongs to is dropped.
 pub(crate) struct Share(usize);
@@ -129,6 +140,7 @@ mod tests {
 
     #[test]
     fn the_budget_is_given_back_and_never_exceeded() {
+        let _serial = BUDGET_TESTS.lock();
         let pipes: Vec<_> = (0..(BUDGET_BYTES / PIPE_BYTES) + 4)
             .map(|_| {
                 let reader = pipe_reader();
@@ -141,6 +153,6 @@ mod tests {
             "{granted} pipes enlarged"
         );
         drop(pipes);
-        assert_eq!(ENLARGED.load(Ordering::Relaxed), 0);
+        assert_eq!(enlarged_bytes(), 0);
     }
 }

@@ -357,6 +357,7 @@ impl Transport for NativeSsh {
             stdout: ends.stdout_write,
             stderr: ends.stderr_write,
             kill: ends.kill_read,
+            _pipe_shares: ends.shares,
         };
         std::thread::Builder::new()
             .name("chopsticks-ssh2".into())

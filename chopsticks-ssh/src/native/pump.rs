@@ -18,6 +18,8 @@ pub(super) struct PumpEnds {
     pub(super) stderr_write: OwnedFd,
     pub(super) kill_read: OwnedFd,
     pub(super) kill_write: OwnedFd,
+    /// The enlarged pipes' shares of the controller's pipe budget.
+    pub(super) shares: Vec<crate::pipes::Share>,
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -36,10 +38,11 @@ impl PumpEnds {
         let (stdout_read, stdout_write) = pipe()?;
         let (stderr_read, stderr_write) = pipe()?;
         let (kill_read, kill_write) = pipe()?;
-        for fd in [&stdin_read, &stdout_write] {
-            // SAFETY: F_SETPIPE_SZ on an open pipe has no memory-safety preconditions.
-            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
-        }
+        // Larger pipes, within the budget every tunnel of this controller shares.
+        let shares = [&stdin_read, &stdout_write]
+            .into_iter()
+            .filter_map(crate::pipes::enlarge)
+            .collect();
         Ok(PumpEnds {
             stdin_read,
             stdin_write,
@@ -49,6 +52,7 @@ impl PumpEnds {
             stderr_write,
             kill_read,
             kill_write,
+            shares,
         })
     }
 }
@@ -102,6 +106,8 @@ pub(super) struct Pump {
     pub(super) stdout: OwnedFd,
     pub(super) stderr: OwnedFd,
     pub(super) kill: OwnedFd,
+    /// Held while the pump owns the enlarged pipe ends.
+    pub(super) _pipe_shares: Vec<crate::pipes::Share>,
 }
 
 fn would_block(error: &io::Error) -> bool {
@@ -341,4 +347,37 @@ fn signal_number(name: &str) -> Option<i32> {
         "TERM" => libc::SIGTERM,
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipes::{BUDGET_BYTES, BUDGET_TESTS, PIPE_BYTES, enlarged_bytes};
+
+    fn pipe_size(fd: &OwnedFd) -> usize {
+        // SAFETY: F_GETPIPE_SZ on an open pipe has no memory-safety preconditions.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) as usize }
+    }
+
+    #[test]
+    fn pump_pipes_are_enlarged_within_the_shared_budget() {
+        let _serial = BUDGET_TESTS.lock();
+        let tunnels: Vec<PumpEnds> = (0..BUDGET_BYTES / PIPE_BYTES)
+            .map(|_| PumpEnds::new().expect("pipes"))
+            .collect();
+        let enlarged = tunnels
+            .iter()
+            .flat_map(|ends| [&ends.stdin_read, &ends.stdout_write])
+            .filter(|fd| pipe_size(fd) >= PIPE_BYTES)
+            .count();
+        let shares: usize = tunnels.iter().map(|ends| ends.shares.len()).sum();
+        assert!(shares > 0, "the first tunnels get larger pipes");
+        assert_eq!(enlarged, shares, "only pipes holding a share are enlarged");
+        assert!(
+            enlarged * PIPE_BYTES <= BUDGET_BYTES,
+            "{enlarged} pipes enlarged"
+        );
+        drop(tunnels);
+        assert_eq!(enlarged_bytes(), 0, "the budget is given back");
+    }
 }

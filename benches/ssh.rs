@@ -17,7 +17,12 @@
 //!   each also followed by an fsync of DST (a put or fetch is durable before
 //!   it returns), less the time of `ssh HOST true`: each starts a new
 //!   connection, while ours run on a connected tunnel. Ours are timed synced
-//!   (against the fsynced copy) and with `.sync(false)` (against the plain one).
+//!   (against the fsynced copy) and with `.sync(false)` (against the plain one);
+//! - throughput through libssh2 itself: the same two copies through a channel
+//!   of a connected libssh2 session, the ceiling for NativeSsh.
+//!
+//! Round trips are timed from `block_on` on the main thread, as in
+//! `#[tokio::main]`, and from a task spawned on the runtime.
 
 #[allow(dead_code)]
 mod support;
@@ -86,6 +91,54 @@ fn ssh2_session(sshd: &Sshd) -> ssh2::Session {
         .userauth_pubkey_file(sshd.user(), None, &sshd.client_key(), None)
         .expect("auth");
     session
+}
+
+/// Copies `source` into `target` on the host through a libssh2 channel running `cat`.
+fn libssh2_put(session: &ssh2::Session, source: &std::path::Path, target: &std::path::Path) {
+    let mut channel = session.channel_session().expect("channel");
+    channel
+        .exec(&format!("cat > '{}'", target.display()))
+        .expect("exec");
+    let mut file = std::fs::File::open(source).expect("open");
+    let mut buffer = vec![0u8; 256 * 1024];
+    loop {
+        let read = file.read(&mut buffer).expect("read");
+        if read == 0 {
+            break;
+        }
+        channel.write_all(&buffer[..read]).expect("write");
+    }
+    channel.send_eof().expect("eof");
+    channel.wait_eof().expect("wait eof");
+    channel.wait_close().expect("close");
+    assert_eq!(channel.exit_status().expect("status"), 0);
+}
+
+/// Copies `source` on the host into `target` through a libssh2 channel running `cat`.
+fn libssh2_fetch(session: &ssh2::Session, source: &std::path::Path, target: &std::path::Path) {
+    let mut channel = session.channel_session().expect("channel");
+    channel
+        .exec(&format!("cat '{}'", source.display()))
+        .expect("exec");
+    let mut file = std::fs::File::create(target).expect("create");
+    let mut buffer = vec![0u8; 256 * 1024];
+    loop {
+        let read = channel.read(&mut buffer).expect("read");
+        if read == 0 {
+            break;
+        }
+        file.write_all(&buffer[..read]).expect("write");
+    }
+    channel.wait_close().expect("close");
+    assert_eq!(channel.exit_status().expect("status"), 0);
+}
+
+/// The mean of `trips` calls, made from a task spawned on `runtime`.
+fn mean_call_spawned(runtime: &tokio::runtime::Runtime, tunnel: &Tunnel, trips: usize) -> Duration {
+    let tunnel = tunnel.clone();
+    runtime
+        .block_on(runtime.spawn(async move { mean_call(&tunnel, trips).await }))
+        .expect("spawned calls")
 }
 
 fn main() {
@@ -212,7 +265,9 @@ fn main() {
         let _ = child.wait().await;
         each
     });
-    let ours_openssh_trip = runtime.block_on(mean_call(&openssh(&sshd, sshd.alias(0)), trips));
+    let openssh_trips = openssh(&sshd, sshd.alias(0));
+    let ours_openssh_trip = runtime.block_on(mean_call(&openssh_trips, trips));
+    let ours_openssh_spawned = mean_call_spawned(&runtime, &openssh_trips, trips);
     let raw_native = {
         let session = ssh2_session(&sshd);
         let mut channel = session.channel_session().expect("channel");
@@ -230,7 +285,9 @@ fn main() {
         }
         started.elapsed() / trips as u32
     };
-    let ours_native_trip = runtime.block_on(mean_call(&native(&sshd, "native"), trips));
+    let native_trips = native(&sshd, "native");
+    let ours_native_trip = runtime.block_on(mean_call(&native_trips, trips));
+    let ours_native_spawned = mean_call_spawned(&runtime, &native_trips, trips);
 
     // Throughput.
     let dir = std::env::temp_dir().join(format!("chopsticks-ssh-bench-{}", std::process::id()));
@@ -248,6 +305,9 @@ fn main() {
     let transfer_rounds = env_number("CHOPSTICKS_BENCH_TRANSFER_ROUNDS", 3);
     let (mut raw_put, mut raw_put_durable, mut raw_fetch, mut raw_fetch_durable) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // libssh2 itself: put, fetch, each plain and fsynced.
+    let mut libssh2_floor: [Vec<Duration>; 4] = Default::default();
+    let libssh2_session = ssh2_session(&sshd);
     // Per backend: put and fetch, synced (the default) and `.sync(false)`.
     let mut ours: [[Vec<Duration>; 4]; 2] = Default::default();
     let openssh_tunnel = openssh(&sshd, sshd.alias(0));
@@ -285,6 +345,21 @@ fn main() {
             .and_then(|file| file.sync_all())
             .expect("fsync");
         raw_fetch_durable.push(started.elapsed());
+        for put in [true, false] {
+            settle();
+            let started = Instant::now();
+            if put {
+                libssh2_put(&libssh2_session, &source, &target);
+            } else {
+                libssh2_fetch(&libssh2_session, &source, &target);
+            }
+            let slot = if put { 0 } else { 1 };
+            libssh2_floor[slot].push(started.elapsed());
+            std::fs::File::open(&target)
+                .and_then(|file| file.sync_all())
+                .expect("fsync");
+            libssh2_floor[slot + 2].push(started.elapsed());
+        }
         let [openssh_times, native_times] = &mut ours;
         for (tunnel, times) in [
             (&openssh_tunnel, openssh_times),
@@ -366,6 +441,13 @@ fn main() {
         us(ours_native_trip),
         us(ours_native_trip) / us(raw_native)
     );
+    println!(
+        "  from a spawned task: Ssh call {:8.1} µs = {:.2}x | NativeSsh call {:8.1} µs = {:.2}x",
+        us(ours_openssh_spawned),
+        us(ours_openssh_spawned) / us(raw_openssh),
+        us(ours_native_spawned),
+        us(ours_native_spawned) / us(raw_native)
+    );
     // Each floor starts a new ssh connection; its data phase is the time
     // less the median `ssh HOST true` of this run.
     let data_phase = |raw: Vec<Duration>| median(raw).saturating_sub(ssh_true);
@@ -386,6 +468,14 @@ fn main() {
         rate(floors[3]),
         rate(floors[1])
     );
+    let libssh2_floor = libssh2_floor.map(median);
+    println!(
+        "  libssh2 channel 'cat > DST' {:6.0} MB/s, then fsync {:6.0} MB/s | 'cat SRC' > DST {:6.0} MB/s, then fsync {:6.0} MB/s",
+        rate(libssh2_floor[0]),
+        rate(libssh2_floor[2]),
+        rate(libssh2_floor[1]),
+        rate(libssh2_floor[3])
+    );
     for (name, times) in [("Ssh", &ours[0]), ("NativeSsh", &ours[1])] {
         let ours = times.clone().map(median);
         println!(
@@ -398,6 +488,14 @@ fn main() {
             rate(ours[3]) / rate(floors[3]),
         );
     }
+    let native = ours[1].clone().map(median);
+    println!(
+        "  NativeSsh against libssh2's own copies: put {:.2}x synced, {:.2}x .sync(false) | fetch {:.2}x synced, {:.2}x .sync(false)",
+        rate(native[0]) / rate(libssh2_floor[2]),
+        rate(native[2]) / rate(libssh2_floor[0]),
+        rate(native[1]) / rate(libssh2_floor[3]),
+        rate(native[3]) / rate(libssh2_floor[1]),
+    );
     println!("20 hosts: Group connect + one call");
     println!(
         "  Ssh {:8.0} ms | NativeSsh {:8.0} ms",

@@ -547,7 +547,7 @@ async fn send_outcome(outbox: &Outbox, id: u64, outcome: CallOutcome) {
     };
     let _ = match outcome {
         Ok(value) if value.len() > INLINE_LIMIT => outbox
-            .send_payload(id, value, |value| Message::Return { id, value })
+            .send_payload(id, value, |value| Message::Return { id, value }, false)
             .await
             .map(drop),
         outcome => outbox.send(reply(id, outcome)),

@@ -194,8 +194,9 @@ pub(crate) struct Connection {
     next_id: AtomicU64,
     hello: Hello,
     reader: JoinHandle<()>,
-    /// Owns the agent's stdin; aborting it closes the stdin even while a
-    /// write is blocked (for an exec, closing stdin is how the agent ends).
+    /// Writes queued frames to the agent's stdin, which it closes when it
+    /// ends; a kill aborts it and closes the stdin even while a write is
+    /// blocked (for an exec, closing stdin is how the agent ends).
     writer: JoinHandle<()>,
     /// Dropping or sending on it makes the supervisor kill the agent.
     kill: std::sync::Mutex<Option<oneshot::Sender<()>>>,
@@ -212,14 +213,16 @@ impl Connection {
     fn start(
         shared: Arc<Shared>,
         frames: Frames,
-        mut stdin: Box<dyn AsyncWrite + Send + Unpin>,
+        stdin: Box<dyn AsyncWrite + Send + Unpin>,
         hello: Hello,
         kill: oneshot::Sender<()>,
     ) -> Connection {
-        let (outbox, outbox_receiver) = Outbox::new();
+        let (outbox, outbox_receiver, mut sink) = Outbox::with_direct_writes(stdin);
         let writer_shared = shared.clone();
         let writer = tokio::spawn(async move {
-            if let Err(error) = write_frames(outbox_receiver, &mut stdin).await {
+            let written = write_frames(outbox_receiver, &mut sink).await;
+            sink.close();
+            if let Err(error) = written {
                 // Calls must not wait for replies to requests that never left.
                 writer_shared
                     .close_explained(false, format!("writing to the agent failed: {error}"))
@@ -274,15 +277,23 @@ impl Connection {
             streamed: args.len() > INLINE_LIMIT,
             finished: false,
         };
+        // Alone, the call is written at once if the writer is idle; with
+        // others in flight it is queued, and queued calls share writes.
+        let alone = self.shared.lock().waiters.len() == 1;
         // A closed outbox means the reader is failing this call right now.
         let _ = self
             .outbox
-            .send_payload(id, args, |args| Message::Call {
+            .send_payload(
                 id,
-                function: function.clone(),
-                mode,
                 args,
-            })
+                |args| Message::Call {
+                    id,
+                    function: function.clone(),
+                    mode,
+                    args,
+                },
+                alone,
+            )
             .await;
         let reply = receiver.await;
         guard.finished = true;
@@ -366,6 +377,7 @@ impl Connection {
     pub(crate) fn kill(&self, reason: &str) {
         self.reader.abort();
         self.writer.abort();
+        self.outbox.close_sink();
         self.shared.close(Closure {
             protocol_violation: false,
             reason: reason.into(),

@@ -43,6 +43,7 @@ use tokio_util::codec::{Decoder, LengthDelimitedCodec};
 
 use crate::protocol::{CallMode, FunctionRef, Message, Payload};
 
+pub mod direct;
 mod outbox;
 
 pub use outbox::{Assemblies, Outbox, OutboxClosed, OutboxReceiver, write_frames};
@@ -451,15 +452,20 @@ mod tests {
         let expected = data.clone();
         let sender = tokio::spawn(async move {
             let streamed = outbox
-                .send_payload(5, data, |args| Message::Call {
-                    id: 5,
-                    function: FunctionRef::Offset {
-                        offset: 0,
-                        name: "f".into(),
+                .send_payload(
+                    5,
+                    data,
+                    |args| Message::Call {
+                        id: 5,
+                        function: FunctionRef::Offset {
+                            offset: 0,
+                            name: "f".into(),
+                        },
+                        mode: CallMode::Blocking,
+                        args,
                     },
-                    mode: CallMode::Blocking,
-                    args,
-                })
+                    false,
+                )
                 .await
                 .expect("send");
             assert!(streamed);

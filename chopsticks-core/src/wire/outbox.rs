@@ -3,11 +3,13 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use super::direct::{DirectWriter, SharedSink, Sink};
 use super::{
     BATCH_LEN, BULK_QUEUE_LEN, CHUNK_LEN, DIRECT_WRITE_LEN, INLINE_LIMIT, MAX_PAYLOAD_LEN, OutFrame,
 };
@@ -18,6 +20,8 @@ use crate::protocol::{Message, Payload};
 pub struct Outbox {
     urgent: mpsc::UnboundedSender<OutFrame>,
     bulk: mpsc::Sender<OutFrame>,
+    /// Set when small frames may be written by the sender's thread.
+    direct: Option<Arc<DirectWriter>>,
 }
 
 /// The receiving half of an [`Outbox`], drained by [`write_frames`].
@@ -25,6 +29,7 @@ pub struct Outbox {
 pub struct OutboxReceiver {
     urgent: mpsc::UnboundedReceiver<OutFrame>,
     bulk: mpsc::Receiver<OutFrame>,
+    direct: Option<Arc<DirectWriter>>,
 }
 
 /// The writer has stopped; nothing more can be sent on this connection.
@@ -40,17 +45,66 @@ impl Outbox {
             Outbox {
                 urgent: urgent_tx,
                 bulk: bulk_tx,
+                direct: None,
             },
             OutboxReceiver {
                 urgent: urgent_rx,
                 bulk: bulk_rx,
+                direct: None,
             },
         )
     }
 
+    /// A new outbox for `sink` whose small frames may be written by the
+    /// sender's own thread when the writer is idle
+    /// ([`send_or_write_now`](Self::send_or_write_now)), with the receiver
+    /// and the writer's handle on the sink, both for [`write_frames`].
+    pub fn with_direct_writes(sink: Sink) -> (Outbox, OutboxReceiver, SharedSink) {
+        let (mut outbox, mut receiver) = Outbox::new();
+        let direct = DirectWriter::new(sink);
+        outbox.direct = Some(direct.clone());
+        receiver.direct = Some(direct.clone());
+        (outbox, receiver, SharedSink(direct))
+    }
+
     /// Queues a small frame ahead of any bulk data.
     pub fn send(&self, frame: OutFrame) -> Result<(), OutboxClosed> {
-        self.urgent.send(frame).map_err(|_| OutboxClosed)
+        self.send_small(frame, false)
+    }
+
+    /// Like [`send`](Self::send), but when the outbox allows direct writes
+    /// and the writer is idle with nothing queued, the frame is written at
+    /// once by this thread (see [`direct`](super::direct)).
+    pub fn send_or_write_now(&self, frame: OutFrame) -> Result<(), OutboxClosed> {
+        self.send_small(frame, true)
+    }
+
+    fn send_small(&self, frame: OutFrame, write_now: bool) -> Result<(), OutboxClosed> {
+        let Some(direct) = &self.direct else {
+            return self.urgent.send(frame).map_err(|_| OutboxClosed);
+        };
+        // Every small frame is counted by the direct writer, so that none
+        // written at once can overtake one queued before it.
+        let bytes = write_now
+            .then(|| frame.contiguous().map(|_| frame.head.clone()))
+            .flatten();
+        direct.send(
+            bytes.as_deref(),
+            || self.urgent.send(frame).map_err(|_| OutboxClosed),
+            || {
+                self.urgent
+                    .send(OutFrame::empty())
+                    .map_err(|_| OutboxClosed)
+            },
+        )
+    }
+
+    /// Shuts the sink of an outbox with direct writes: the agent sees the
+    /// end of its input, even while the writer task is blocked on it.
+    pub fn close_sink(&self) {
+        if let Some(direct) = &self.direct {
+            direct.close();
+        }
     }
 
     /// Queues a frame behind earlier bulk data, waiting while the bulk queue is full.
@@ -102,15 +156,21 @@ impl Outbox {
     /// message with `Payload::Streamed` followed by chunk frames, all through
     /// the bulk queue so that the message precedes its chunks.
     ///
+    /// `write_now` asks for an inline message to be written at once when
+    /// the writer is idle ([`send_or_write_now`](Self::send_or_write_now)).
     /// Returns whether the payload was streamed.
     pub async fn send_payload(
         &self,
         id: u64,
         data: Vec<u8>,
         message: impl FnOnce(Payload) -> Message,
+        write_now: bool,
     ) -> Result<bool, OutboxClosed> {
         if data.len() <= INLINE_LIMIT {
-            self.send(OutFrame::message(&message(Payload::Inline(data))))?;
+            self.send_small(
+                OutFrame::message(&message(Payload::Inline(data))),
+                write_now,
+            )?;
             return Ok(false);
         }
         let len = data.len() as u64;
@@ -148,14 +208,19 @@ where
             Some(frame) = receiver.bulk.recv() => (frame, true),
             else => break,
         };
+        receiver.taken(!first_is_bulk);
         append(&mut batch, first, writer).await?;
         while batch.len() < BATCH_LEN {
             match receiver.urgent.try_recv() {
-                Ok(frame) => append(&mut batch, frame, writer).await?,
+                Ok(frame) => {
+                    receiver.taken(true);
+                    append(&mut batch, frame, writer).await?
+                }
                 Err(_) => break,
             }
         }
         if !first_is_bulk && let Ok(frame) = receiver.bulk.try_recv() {
+            receiver.taken(false);
             append(&mut batch, frame, writer).await?;
         }
         if !batch.is_empty() {
@@ -165,6 +230,15 @@ where
         writer.flush().await?;
     }
     writer.flush().await
+}
+
+impl OutboxReceiver {
+    /// The writer took a frame (`small`: from the urgent queue).
+    fn taken(&self, small: bool) {
+        if let Some(direct) = &self.direct {
+            direct.taken(small);
+        }
+    }
 }
 
 async fn append<W>(batch: &mut BytesMut, frame: OutFrame, writer: &mut W) -> io::Result<()>

@@ -165,7 +165,10 @@ impl AgentProcess for tokio::process::Child {
 
 /// The pipes of a started agent process.
 pub struct Pipes {
-    /// Writes to the process's standard input.
+    /// Writes to the process's standard input. Besides the tunnel's writer
+    /// task, a caller's thread may poll it (with a no-op waker, one
+    /// nonblocking write) to send a lone call at once, always inside the
+    /// runtime's context; it must not block.
     pub stdin: Box<dyn AsyncWrite + Send + Unpin>,
     /// Reads the process's standard output.
     pub stdout: Box<dyn AsyncRead + Send + Unpin>,

@@ -167,6 +167,14 @@ impl SharedSink {
     }
 }
 
+/// The writer task dropped before it finished (its runtime shut down, say)
+/// still shuts the stream, as dropping the sink itself would.
+impl Drop for SharedSink {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
 impl AsyncWrite for SharedSink {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -288,6 +296,17 @@ mod tests {
         let (sink, mut agent) = tokio::io::duplex(64);
         let (outbox, _receiver, _shared) = Outbox::with_direct_writes(Box::new(sink));
         outbox.close_sink();
+        let mut rest = Vec::new();
+        agent.read_to_end(&mut rest).await.expect("read");
+        assert!(rest.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_writer_dropped_unfinished_still_ends_the_agents_input() {
+        let (sink, mut agent) = tokio::io::duplex(64);
+        // The outbox (and its share of the sink) outlives the writer's handle.
+        let (_outbox, receiver, shared) = Outbox::with_direct_writes(Box::new(sink));
+        drop((receiver, shared));
         let mut rest = Vec::new();
         agent.read_to_end(&mut rest).await.expect("read");
         assert!(rest.is_empty());

@@ -12,7 +12,7 @@ fn noisy(round: u32) -> u32 {
     let raw = b"raw write noise\n";
     // SAFETY: writes a valid buffer to fd 1.
     unsafe { libc::write(1, raw.as_ptr().cast(), raw.len()) };
-    if round % 100 == 0 {
+    if round.is_multiple_of(100) {
         let _ = std::process::Command::new("sh")
             .arg("-c")
             .arg("echo child noise")

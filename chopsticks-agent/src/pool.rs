@@ -209,20 +209,20 @@ impl CallPool {
     fn work(&self) {
         let mut state = self.shared.lock();
         loop {
-            if state.reader == ReaderRole::Vacant {
-                if let Some(lead) = state.lead.clone() {
-                    state.reader = ReaderRole::Held;
-                    state.searching -= 1;
-                    // A submitter may have counted on this worker for a queued job.
-                    if !state.queue.is_empty() && state.searching == 0 {
-                        self.wake_one(&mut state);
-                    }
-                    drop(state);
-                    lead();
-                    state = self.shared.lock();
-                    state.searching += 1;
-                    continue;
+            if state.reader == ReaderRole::Vacant
+                && let Some(lead) = state.lead.clone()
+            {
+                state.reader = ReaderRole::Held;
+                state.searching -= 1;
+                // A submitter may have counted on this worker for a queued job.
+                if !state.queue.is_empty() && state.searching == 0 {
+                    self.wake_one(&mut state);
                 }
+                drop(state);
+                lead();
+                state = self.shared.lock();
+                state.searching += 1;
+                continue;
             }
             if let Some(job) = state.queue.pop_front() {
                 state.searching -= 1;

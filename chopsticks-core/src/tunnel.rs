@@ -139,13 +139,13 @@ impl Tunnel {
     pub async fn close(&self) -> Result<()> {
         let _serialized = self.inner.connecting.lock().await;
         let connection = self.lock_current().take();
-        if let Some(connection) = connection {
-            if !connection.shutdown(DEFAULT_CLOSE_TIMEOUT).await {
-                tracing::warn!(host = %self.inner.host, "the agent did not exit within the close timeout; killing it");
-                connection.kill(
-                    "the tunnel was closed and the agent, which did not exit in time, was killed",
-                );
-            }
+        if let Some(connection) = connection
+            && !connection.shutdown(DEFAULT_CLOSE_TIMEOUT).await
+        {
+            tracing::warn!(host = %self.inner.host, "the agent did not exit within the close timeout; killing it");
+            connection.kill(
+                "the tunnel was closed and the agent, which did not exit in time, was killed",
+            );
         }
         Ok(())
     }

@@ -1,4 +1,5 @@
-//! Memory: an idle agent stays small, and returns to small after moving a large payload.
+//! Memory: an idle agent stays small, and returns to small after moving a
+//! large payload; its pipes are large only while bulk data moves.
 
 use std::time::Duration;
 
@@ -49,4 +50,44 @@ async fn an_idle_agent_holds_under_ten_megabytes_even_after_a_large_call() {
         after < TEN_MB_IN_KIB,
         "the agent still uses {after} KiB after idling"
     );
+}
+
+/// The largest kernel buffer among this process's pipes.
+fn largest_pipe() -> usize {
+    let entries = std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd");
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .map(|fd| {
+            // SAFETY: F_GETPIPE_SZ only reads; it fails on anything but a pipe.
+            unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) }
+        })
+        .filter_map(|size| usize::try_from(size).ok())
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn the_agents_pipes_are_large_only_while_bulk_data_moves() {
+    let tun = Tunnel::new(Local::new());
+    let before = tun.call(largest_pipe, ()).await.expect("call");
+    assert!(
+        before < 1 << 20,
+        "an agent that moved no bulk data holds a {before}-byte pipe"
+    );
+    // A streamed argument and a streamed result: chunks both ways.
+    let echoed = tun
+        .call(std::convert::identity::<Vec<u8>>, (vec![7u8; 4 << 20],))
+        .await
+        .expect("bulk call");
+    assert_eq!(echoed.len(), 4 << 20);
+    let busy = tun.call(largest_pipe, ()).await.expect("call");
+    assert!(
+        busy >= 1 << 20,
+        "after bulk data the largest pipe holds {busy} bytes"
+    );
+    // The idle task gives the pages back a tick after bulk data stops.
+    tokio::time::sleep(chopsticks::buffer::SPARE_IDLE * 2 + Duration::from_millis(500)).await;
+    let after = tun.call(largest_pipe, ()).await.expect("call");
+    assert_eq!(after, before, "the pipes went back to their size");
 }

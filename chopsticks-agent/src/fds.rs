@@ -34,11 +34,10 @@ pub(crate) fn take_protocol_fds() -> io::Result<ProtocolFds> {
     // SAFETY: setting a signal disposition to SIG_IGN has no memory-safety preconditions.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     let input = dup_private(0)?;
-    if file_type(&input)? == libc::S_IFIFO {
-        // Lets the controller keep writing bulk data while a chunk is being stored.
-        enlarge_pipe(&input);
-    }
     let output = dup_private(1)?;
+    // Enlarged while bulk data moves: the controller keeps writing while a
+    // chunk is stored, and chunks leave in fewer steps.
+    crate::pipe_size::remember(&[&input, &output]);
     // SAFETY: the path is a valid NUL-terminated string.
     let null = check(unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })?;
     // SAFETY: `null` is open and owned here.
@@ -78,25 +77,12 @@ fn file_type(fd: &OwnedFd) -> io::Result<libc::mode_t> {
     Ok(stat.st_mode & libc::S_IFMT)
 }
 
-/// The pipe buffer size the agent asks for (the unprivileged maximum by default).
-const PIPE_BUFFER: libc::c_int = 1 << 20;
-
-/// Enlarges a pipe's kernel buffer, so bulk data moves in fewer, larger steps.
-/// Failure is harmless: the pipe keeps its default size.
-fn enlarge_pipe(fd: &OwnedFd) {
-    // SAFETY: F_SETPIPE_SZ on an open pipe descriptor has no memory-safety preconditions.
-    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BUFFER) };
-}
-
 /// Wraps the output descriptor for the runtime: a pipe or a socket.
 pub(crate) fn writer(fd: OwnedFd) -> io::Result<crate::output::Sink> {
     match file_type(&fd)? {
-        libc::S_IFIFO => {
-            enlarge_pipe(&fd);
-            Ok(crate::output::Sink::Pipe(
-                tokio::net::unix::pipe::Sender::from_owned_fd(fd)?,
-            ))
-        }
+        libc::S_IFIFO => Ok(crate::output::Sink::Pipe(
+            tokio::net::unix::pipe::Sender::from_owned_fd(fd)?,
+        )),
         libc::S_IFSOCK => Ok(crate::output::Sink::Socket(socket(fd)?)),
         _ => Err(io::Error::other(
             "the agent's stdout must be a pipe or a socket",

@@ -23,6 +23,7 @@
 mod fds;
 mod files;
 mod output;
+mod pipe_size;
 mod pool;
 mod reader;
 mod serve;

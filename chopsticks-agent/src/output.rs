@@ -125,6 +125,10 @@ impl AsyncWrite for OutputWriter {
         bytes: &[u8],
     ) -> Poll<io::Result<usize>> {
         let output = &*self.0;
+        if bytes.len() > chopsticks_core::wire::INLINE_LIMIT {
+            // A chunk or a large frame: bulk data is leaving.
+            crate::pipe_size::bulk();
+        }
         loop {
             let mut state = output.lock();
             state.busy = true;

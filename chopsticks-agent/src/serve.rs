@@ -221,7 +221,8 @@ static CALLS_FINISHED: AtomicU64 = AtomicU64::new(0);
 
 /// Once calls have stopped for [`SPARE_IDLE`](chopsticks_core::buffer::SPARE_IDLE),
 /// drops the spare buffer and hands freed heap memory back to the system, so
-/// an idle agent stays small whichever threads freed its payloads.
+/// an idle agent stays small whichever threads freed its payloads. Enlarged
+/// pipes go back to their size a tick after bulk data stops.
 async fn release_memory_when_idle() {
     let idle = chopsticks_core::buffer::SPARE_IDLE;
     let mut tick = tokio::time::interval(idle / 2);
@@ -230,6 +231,7 @@ async fn release_memory_when_idle() {
     let mut trimmed = true;
     loop {
         tick.tick().await;
+        crate::pipe_size::shrink_if_quiet();
         let finished = CALLS_FINISHED.load(Ordering::Relaxed);
         if finished != seen {
             seen = finished;
@@ -392,25 +394,28 @@ fn lead(agent: &Agent) {
                 }));
                 None
             }
-            Frame::Chunk { id, data } => match state.puts.get(&id) {
-                Some(put) => {
-                    if !put.write(data) {
-                        // The writer failed and replied; later chunks are ignored.
-                        state.puts.remove(&id);
-                    }
-                    None
-                }
-                None => match state.assemblies.add(id, &data) {
-                    Ok(Some(args)) => {
-                        if let Some((function, mode)) = state.awaiting_payload.remove(&id) {
-                            agent.dispatch.start(id, &function, mode, args);
+            Frame::Chunk { id, data } => {
+                crate::pipe_size::bulk();
+                match state.puts.get(&id) {
+                    Some(put) => {
+                        if !put.write(data) {
+                            // The writer failed and replied; later chunks are ignored.
+                            state.puts.remove(&id);
                         }
                         None
                     }
-                    Ok(None) => None,
-                    Err(message) => Some(message),
-                },
-            },
+                    None => match state.assemblies.add(id, &data) {
+                        Ok(Some(args)) => {
+                            if let Some((function, mode)) = state.awaiting_payload.remove(&id) {
+                                agent.dispatch.start(id, &function, mode, args);
+                            }
+                            None
+                        }
+                        Ok(None) => None,
+                        Err(message) => Some(message),
+                    },
+                }
+            }
             Frame::Message(Message::Cancel { id }) => {
                 state.assemblies.cancel(id);
                 state.puts.remove(&id);

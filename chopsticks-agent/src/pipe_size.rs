@@ -38,8 +38,11 @@ pub(crate) fn remember(fds: &[&OwnedFd]) {
         .filter_map(|fd| {
             // SAFETY: F_GETPIPE_SZ only reads; it fails on anything but a pipe.
             let original = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) };
+            if original <= 0 || original >= LARGE {
+                return None;
+            }
             let fd = fd.try_clone().ok()?;
-            (original > 0 && original < LARGE).then_some(Pipe { fd, original })
+            Some(Pipe { fd, original })
         })
         .collect();
     let _ = PIPES.set(pipes);

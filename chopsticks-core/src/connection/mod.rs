@@ -270,7 +270,7 @@ impl Connection {
                 ),
             });
         }
-        let (id, receiver) = self.register()?;
+        let (id, receiver, alone) = self.register_alone()?;
         let mut guard = CallGuard {
             connection: self,
             id,
@@ -279,7 +279,6 @@ impl Connection {
         };
         // Alone, the call is written at once if the writer is idle; with
         // others in flight it is queued, and queued calls share writes.
-        let alone = self.shared.lock().waiters.len() == 1;
         // A closed outbox means the reader is failing this call right now.
         let _ = self
             .outbox
@@ -312,6 +311,13 @@ impl Connection {
 
     /// A new request id with a waiter for its reply; fails if the connection is closed.
     pub(crate) fn register(&self) -> Result<(u64, oneshot::Receiver<Reply>)> {
+        self.register_alone()
+            .map(|(id, receiver, _alone)| (id, receiver))
+    }
+
+    /// Like [`register`](Self::register), also saying whether no other
+    /// request is waiting for a reply.
+    fn register_alone(&self) -> Result<(u64, oneshot::Receiver<Reply>, bool)> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = oneshot::channel();
         let mut pending = self.shared.lock();
@@ -319,7 +325,7 @@ impl Connection {
             return Err(closure.to_error(&self.shared.host));
         }
         pending.waiters.insert(id, sender);
-        Ok((id, receiver))
+        Ok((id, receiver, pending.waiters.len() == 1))
     }
 
     /// Routes the head and chunks of fetch `id` to the returned receiver,

@@ -12,13 +12,14 @@
 //!
 //! The state, under one lock:
 //!
-//! - `busy`: the writer task holds a frame it has taken from a queue and has
-//!   not yet flushed. It is set when the writer takes a frame and cleared by
-//!   the flush that ends each batch, which `write_frames` makes only after
-//!   whole frames.
-//! - `queued`: small frames queued and not yet taken. Queueing happens under
-//!   the same lock, so a direct write never overtakes a small frame sent
-//!   before it (a call before its cancel, calls before a shutdown).
+//! - `busy`: the writer task has written part of a batch and not yet
+//!   flushed it. Its writes set it and the flush that ends each batch clears
+//!   it; `write_frames` flushes only after whole frames.
+//! - `queued`: small frames queued and not yet written. Queueing happens
+//!   under the same lock, so a direct write never overtakes a small frame
+//!   sent before it (a call before its cancel, calls before a shutdown). The
+//!   writer counts them off once per batch, after writing it and before the
+//!   flush, so one lock serves the whole batch.
 //! - `tail`: the unwritten end of a direct write the pipe cut short, written
 //!   before anything else.
 //!
@@ -118,13 +119,11 @@ impl DirectWriter {
         queue_frame()
     }
 
-    /// The writer task took a frame from a queue: it is busy until its next flush.
-    pub(super) fn taken(&self, small: bool) {
+    /// The writer task wrote `small_frames` queued small frames; it is busy
+    /// (its writes set `busy`) until the flush that ends the batch.
+    pub(super) fn written(&self, small_frames: usize) {
         let mut state = self.lock();
-        state.busy = true;
-        if small {
-            state.queued = state.queued.saturating_sub(1);
-        }
+        state.queued = state.queued.saturating_sub(small_frames);
     }
 
     /// Shuts the stream: the agent sees the end of its input.

@@ -208,35 +208,39 @@ where
             Some(frame) = receiver.bulk.recv() => (frame, true),
             else => break,
         };
-        receiver.taken(!first_is_bulk);
+        let mut small_frames = usize::from(!first_is_bulk);
         append(&mut batch, first, writer).await?;
         while batch.len() < BATCH_LEN {
             match receiver.urgent.try_recv() {
                 Ok(frame) => {
-                    receiver.taken(true);
+                    small_frames += 1;
                     append(&mut batch, frame, writer).await?
                 }
                 Err(_) => break,
             }
         }
         if !first_is_bulk && let Ok(frame) = receiver.bulk.try_recv() {
-            receiver.taken(false);
             append(&mut batch, frame, writer).await?;
         }
         if !batch.is_empty() {
             writer.write_all(&batch).await?;
             batch.clear();
         }
+        // Written; only the flush that ends the batch is left.
+        receiver.written(small_frames);
         writer.flush().await?;
     }
     writer.flush().await
 }
 
 impl OutboxReceiver {
-    /// The writer took a frame (`small`: from the urgent queue).
-    fn taken(&self, small: bool) {
-        if let Some(direct) = &self.direct {
-            direct.taken(small);
+    /// The writer has written `small_frames` frames from the urgent queue
+    /// and has not yet flushed them.
+    fn written(&self, small_frames: usize) {
+        if let Some(direct) = &self.direct
+            && small_frames > 0
+        {
+            direct.written(small_frames);
         }
     }
 }

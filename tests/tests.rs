@@ -2,6 +2,8 @@
 //!
 //! Modules:
 //! - `calls`: arities, closures, async functions, concurrency, large payloads, nesting
+//! - `controller_killed`: a controller SIGKILLed mid-put, mid-call and mid-fetch, locally and
+//!   over ssh (and its sshd session killed instead): the agent goes and leaves nothing staged
 //! - `lifecycle`: lazy connect, close and reconnect, drop, agent exit on EOF, killed agents
 //! - `hygiene`: stdout writes cannot corrupt the stream; stderr forwarding
 //! - `failures`: panics, timeouts, cancellation, the nesting limit
@@ -21,6 +23,7 @@ mod support;
 
 mod bootstrap;
 mod calls;
+mod controller_killed;
 mod custom_transport;
 #[cfg(feature = "docker")]
 mod docker;

@@ -38,10 +38,38 @@ enum Piece {
 /// A put whose data is arriving: the reader's end of its writer's queue.
 ///
 /// The writer (a pool job) hashes and stores the chunks, so reading goes on
-/// while the disk works. Dropping this without [`end`](Self::end) (a
-/// cancel, the agent exiting) makes the writer drop the staged data.
+/// while the disk works. Dropping this and every [`PutHandle`] without
+/// [`end`](Self::end) (a cancel, the agent exiting) makes the writer drop
+/// the staged data.
 pub(crate) struct IncomingPut {
     pieces: SyncSender<Piece>,
+    /// Disconnects once the writer has dropped its file (committed or not).
+    writer_gone: Receiver<()>,
+}
+
+/// Another sending end of a put's queue, for handing over one chunk
+/// without holding the table of puts.
+pub(crate) struct PutHandle(SyncSender<Piece>);
+
+impl PutHandle {
+    /// Hands the next chunk to the writer. False once the writer has stopped
+    /// (it failed and replied); the rest of the put is then ignored.
+    pub(crate) fn write(&self, data: Bytes) -> bool {
+        self.0.send(Piece::Data(data)).is_ok()
+    }
+}
+
+/// A put given up on: its writer drops the staged data once it sees that.
+pub(crate) struct AbandonedPut {
+    writer_gone: Receiver<()>,
+}
+
+impl AbandonedPut {
+    /// Waits until the writer has dropped its file, or `deadline` passes.
+    pub(crate) fn wait_until(self, deadline: std::time::Instant) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let _ = self.writer_gone.recv_timeout(left);
+    }
 }
 
 /// What a `Put` message asks for.
@@ -89,24 +117,37 @@ impl IncomingPut {
             request.mode
         };
         let (pieces, queue) = std::sync::mpsc::sync_channel(PUT_QUEUE_LEN);
+        let (gone, writer_gone) = std::sync::mpsc::sync_channel(0);
         let writer = Writer {
             file,
             size: request.size,
             mode,
             mtime: request.mtime,
+            _gone: gone,
         };
-        Ok((IncomingPut { pieces }, move || writer.run(queue)))
+        let incoming = IncomingPut {
+            pieces,
+            writer_gone,
+        };
+        Ok((incoming, move || writer.run(queue)))
     }
 
-    /// Hands the next chunk to the writer. False once the writer has stopped
-    /// (it failed and replied); the rest of the put is then ignored.
-    pub(crate) fn write(&self, data: Bytes) -> bool {
-        self.pieces.send(Piece::Data(data)).is_ok()
+    /// A second sending end, for one chunk.
+    pub(crate) fn handle(&self) -> PutHandle {
+        PutHandle(self.pieces.clone())
     }
 
     /// All data has arrived: the writer verifies and commits.
     pub(crate) fn end(self, checksum: Vec<u8>) {
         let _ = self.pieces.send(Piece::End(checksum));
+    }
+
+    /// Gives the put up: once the chunks already queued are written, the
+    /// writer drops the staged data.
+    pub(crate) fn abandon(self) -> AbandonedPut {
+        AbandonedPut {
+            writer_gone: self.writer_gone,
+        }
     }
 }
 
@@ -116,6 +157,9 @@ struct Writer {
     size: u64,
     mode: u32,
     mtime: Option<FileTime>,
+    /// Dropped after `file` (fields drop in order): tells an exiting agent
+    /// that the staged data is gone.
+    _gone: SyncSender<()>,
 }
 
 impl Writer {

@@ -66,10 +66,21 @@ extern "C" fn enter_if_agent() {
     let code = std::panic::catch_unwind(|| match serve::run(depth) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("chopsticks agent: {error}");
+            warn(format_args!("{error}"));
             71
         }
     })
     .unwrap_or(70);
     std::process::exit(code);
+}
+
+/// Writes `chopsticks agent: MESSAGE` to stderr, ignoring failure.
+///
+/// The agent's stderr is a pipe to its controller, which may be gone (killed,
+/// its ssh session cut). SIGPIPE is ignored, so a write then fails with
+/// `EPIPE`, and `eprintln!` would panic on it. No output path of the agent
+/// may panic, so every message goes through here.
+pub(crate) fn warn(message: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "chopsticks agent: {message}");
 }

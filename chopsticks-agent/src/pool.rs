@@ -197,7 +197,9 @@ impl CallPool {
         state.reader_generation += 1;
         if state.searching == 0 && !self.wake_one(state) && state.workers == 0 {
             // No thread could be started: the role stays vacant for the next worker.
-            eprintln!("chopsticks agent: no thread could be started to read the protocol input");
+            crate::warn(format_args!(
+                "no thread could be started to read the protocol input"
+            ));
         }
     }
 

@@ -191,8 +191,8 @@ async fn serve(
             reader,
             assemblies: Assemblies::default(),
             awaiting_payload: HashMap::new(),
-            puts: HashMap::new(),
         }),
+        puts: Mutex::default(),
         exit,
     });
     let watchdog = Arc::new(Watchdog::new().map_err(AgentError::Runtime)?);
@@ -207,13 +207,22 @@ async fn serve(
         })
         .map_err(AgentError::Runtime)?;
     let leading = agent.clone();
-    agent
-        .dispatch
-        .pool
-        .start_reading(move || lead(&leading), watchdog);
+    agent.dispatch.pool.start_reading(
+        move || {
+            // Whatever unwinds out of the reader, the agent still ends.
+            if std::panic::catch_unwind(AssertUnwindSafe(|| lead(&leading))).is_err() {
+                crate::warn(format_args!("the reader failed; exiting"));
+                finish(&leading, 70);
+            }
+        },
+        watchdog,
+    );
 
-    // The reader role does everything else; this task only learns when to exit.
-    Ok(exit_code.recv().await.unwrap_or(0))
+    // The reader role does everything else; this task only learns when to
+    // exit, and drops unfinished puts (their staged data) before it does.
+    let code = exit_code.recv().await.unwrap_or(0);
+    agent.drop_unfinished_puts();
+    Ok(code)
 }
 
 /// Calls finished so far, to tell an idle agent from a busy one.
@@ -255,8 +264,35 @@ async fn release_memory_when_idle() {
 struct Agent {
     dispatch: Dispatch,
     reader: Mutex<ReadState>,
+    /// Puts whose data is arriving, by id. Apart from the reader's state, so
+    /// that the agent can drop them on its way out while the reader is blocked.
+    puts: Mutex<HashMap<u64, IncomingPut>>,
     /// The exit code, once the input has ended, broken or asked for shutdown.
     exit: tokio::sync::mpsc::UnboundedSender<i32>,
+}
+
+/// How long an exiting agent waits for the writers of unfinished puts to
+/// drop their staged files.
+const STAGED_DROP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Agent {
+    fn puts(&self) -> std::sync::MutexGuard<'_, HashMap<u64, IncomingPut>> {
+        self.puts
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Drops every unfinished put and waits (at most [`STAGED_DROP_WAIT`])
+    /// until their writers have removed what they staged. An unnamed
+    /// `O_TMPFILE` would vanish with the process anyway; a named staging
+    /// file would not.
+    fn drop_unfinished_puts(&self) {
+        let abandoned: Vec<_> = self.puts().drain().map(|(_, put)| put.abandon()).collect();
+        let deadline = std::time::Instant::now() + STAGED_DROP_WAIT;
+        for writer in abandoned {
+            writer.wait_until(deadline);
+        }
+    }
 }
 
 /// What only the reader touches: the input and the payloads being reassembled.
@@ -264,8 +300,6 @@ struct ReadState {
     reader: Reader,
     assemblies: Assemblies,
     awaiting_payload: HashMap<u64, (FunctionRef, CallMode)>,
-    /// Puts whose data is arriving, by id.
-    puts: HashMap<u64, IncomingPut>,
 }
 
 /// The reader role: runs on a pool thread, reads frames and dispatches calls.
@@ -285,12 +319,12 @@ fn lead(agent: &Agent) {
     loop {
         let frame = match state.reader.next_frame() {
             Ok(Some(frame)) => frame,
-            Ok(None) => return finish(agent, &mut state, 0),
+            Ok(None) => return finish(agent, 0),
             Err(error) => {
-                eprintln!(
-                    "chopsticks agent: the controller's input is unreadable ({error}); exiting"
-                );
-                return finish(agent, &mut state, 2);
+                crate::warn(format_args!(
+                    "the controller's input is unreadable ({error}); exiting"
+                ));
+                return finish(agent, 2);
             }
         };
         let violation = match frame {
@@ -358,7 +392,7 @@ fn lead(agent: &Agent) {
                 };
                 match IncomingPut::start(request) {
                     Ok((put, writer)) => {
-                        state.puts.insert(id, put);
+                        agent.puts().insert(id, put);
                         let outbox = agent.dispatch.outbox.clone();
                         pool.submit(move || {
                             let outcome = writer();
@@ -375,7 +409,8 @@ fn lead(agent: &Agent) {
                 None
             }
             Frame::Message(Message::PutEnd { id, checksum }) => {
-                if let Some(put) = state.puts.remove(&id) {
+                let put = agent.puts().remove(&id);
+                if let Some(put) = put {
                     put.end(checksum);
                 }
                 None
@@ -396,11 +431,14 @@ fn lead(agent: &Agent) {
             }
             Frame::Chunk { id, data } => {
                 crate::pipe_size::bulk();
-                match state.puts.get(&id) {
+                // The chunk is handed over without the lock: a writer behind on
+                // a slow disk must not hold up the exit path, which needs it.
+                let put = agent.puts().get(&id).map(IncomingPut::handle);
+                match put {
                     Some(put) => {
+                        // False when the writer failed and replied; later chunks are ignored.
                         if !put.write(data) {
-                            // The writer failed and replied; later chunks are ignored.
-                            state.puts.remove(&id);
+                            agent.puts().remove(&id);
                         }
                         None
                     }
@@ -418,7 +456,7 @@ fn lead(agent: &Agent) {
             }
             Frame::Message(Message::Cancel { id }) => {
                 state.assemblies.cancel(id);
-                state.puts.remove(&id);
+                agent.puts().remove(&id);
                 state.awaiting_payload.remove(&id);
                 match lock(&agent.dispatch.running).remove(&id) {
                     Some(RunningCall::Task(handle)) => handle.abort(),
@@ -429,22 +467,22 @@ fn lead(agent: &Agent) {
                 }
                 None
             }
-            Frame::Message(Message::Shutdown) => return finish(agent, &mut state, 0),
+            Frame::Message(Message::Shutdown) => return finish(agent, 0),
             Frame::Message(other) => Some(format!(
                 "the controller sent {other:?}, which only an agent may send"
             )),
         };
         if let Some(message) = violation {
-            eprintln!("chopsticks agent: protocol violation: {message}; exiting");
-            return finish(agent, &mut state, 2);
+            crate::warn(format_args!("protocol violation: {message}; exiting"));
+            return finish(agent, 2);
         }
     }
 }
 
-/// Ends the agent with `code`, dropping unfinished puts (and their staged
-/// data) first. The reader role stays taken, so nothing reads any more.
-fn finish(agent: &Agent, state: &mut ReadState, code: i32) {
-    state.puts.clear();
+/// Ends the agent with `code`: the serve task drops unfinished puts (and
+/// their staged data) and exits. The reader role stays taken, so nothing
+/// reads any more.
+fn finish(agent: &Agent, code: i32) {
     let _ = agent.exit.send(code);
 }
 

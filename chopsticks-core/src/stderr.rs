@@ -10,8 +10,14 @@ use tokio::sync::watch;
 pub type StderrSink = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 /// The default sink: writes `[host] line` to this process's stderr.
+///
+/// A stderr that cannot be written (closed, or a pipe whose reader is gone)
+/// loses the line; it never panics, as `eprintln!` would.
 pub fn print_to_stderr() -> StderrSink {
-    Arc::new(|host, line| eprintln!("[{host}] {line}"))
+    Arc::new(|host, line| {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr().lock(), "[{host}] {line}");
+    })
 }
 
 /// A sink that drops lines (they still become `tracing` events and error context).

@@ -6,7 +6,8 @@
 # Needs: cargo (stable), root or sudo for apt-get when a prerequisite is missing.
 # The sudo tests create a throwaway user and the full-disk tests mount a
 # tmpfs, so they need root; the ssh tests start a real sshd (openssh-server);
-# the libssh2 backend builds against OpenSSL; the docker tests need a running
+# the libssh2 backend builds against OpenSSL; the partition tests put an sshd
+# in a network namespace (iproute2) and cut it off (iptables); the docker tests need a running
 # Docker Engine (installed and started here if missing). Under CI=true a missing
 # prerequisite fails the run instead of skipping.
 set -euo pipefail
@@ -22,6 +23,8 @@ command -v ssh >/dev/null 2>&1 || missing+=(openssh-client)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 [ -e /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
 command -v cc >/dev/null 2>&1 || missing+=(gcc)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 if ((${#missing[@]})); then
   echo "installing test prerequisites: ${missing[*]}"
   as_root=()

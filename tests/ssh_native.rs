@@ -165,4 +165,8 @@ async fn a_killed_sshd_fails_native_calls_fast() {
     let (error, after_kill) = pending_call_error_after(&tun, || sshd.kill()).await;
     assert!(matches!(error, Error::Disconnected { .. }), "{error:?}");
     assert!(after_kill < Duration::from_secs(5));
+    // No exit status came over the broken connection, and none is made up.
+    let text = error.to_string();
+    assert!(!text.contains("status 0"), "{text}");
+    assert!(text.contains("ssh connection broke"), "{text}");
 }

@@ -5,8 +5,11 @@
 //! - `controller_killed`: a controller SIGKILLed mid-put, mid-call and mid-fetch, locally and
 //!   over ssh (and its sshd session killed instead): the agent goes and leaves nothing staged
 //! - `lifecycle`: lazy connect, close and reconnect, drop, agent exit on EOF, killed agents
+//! - `heartbeat`: idle and busy tunnels stay up; a frozen agent or controller is given up
 //! - `hygiene`: stdout writes cannot corrupt the stream; stderr forwarding
 //! - `failures`: panics, timeouts, cancellation, the nesting limit
+//! - `partition`: hosts in network namespaces cut off with iptables DROP: heartbeats end both
+//!   sides, and the errors say what was seen
 //! - `protocol`: fake agents that send garbage, oversized frames, a wrong version or binary
 //! - `bootstrap`: the shell bootstrap and its cache: upload, reuse, corruption, unsafe dirs
 //! - `sudo`: the `Sudo` transport with a throwaway user
@@ -30,9 +33,12 @@ mod docker;
 mod failures;
 mod files;
 mod group;
+mod heartbeat;
 mod hygiene;
 mod lifecycle;
 mod memory;
+#[cfg(feature = "ssh")]
+mod partition;
 mod protocol;
 #[cfg(feature = "ssh")]
 mod ssh;

@@ -29,7 +29,8 @@ mod reader;
 mod serve;
 mod watchdog;
 
-use chopsticks_core::agent_env::{self, AGENT_DEPTH, AGENT_MARKER};
+use chopsticks_core::agent_env::{self, AGENT_DEPTH, AGENT_HEARTBEAT, AGENT_MARKER};
+use chopsticks_core::heartbeat;
 
 /// Errors that stop an agent before it can serve.
 #[derive(Debug, thiserror::Error)]
@@ -56,14 +57,20 @@ extern "C" fn enter_if_agent() {
         .ok()
         .and_then(|depth| depth.parse().ok())
         .unwrap_or(1);
+    let heartbeat_timeout = std::env::var(AGENT_HEARTBEAT)
+        .ok()
+        .and_then(|millis| millis.parse().ok())
+        .map(std::time::Duration::from_millis)
+        .map_or(heartbeat::DEFAULT_HEARTBEAT_TIMEOUT, heartbeat::clamp);
     // SAFETY: constructors run before main, while the process has one thread,
     // so nothing can read the environment concurrently.
     unsafe {
         std::env::remove_var(AGENT_MARKER);
         std::env::remove_var(AGENT_DEPTH);
+        std::env::remove_var(AGENT_HEARTBEAT);
     }
     // A panic must not unwind into the C caller of this constructor.
-    let code = std::panic::catch_unwind(|| match serve::run(depth) {
+    let code = std::panic::catch_unwind(|| match serve::run(depth, heartbeat_timeout) {
         Ok(code) => code,
         Err(error) => {
             warn(format_args!("{error}"));

@@ -4,8 +4,13 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use bytes::BytesMut;
+use chopsticks_core::heartbeat::InputWatch;
 use chopsticks_core::wire::{Frame, FrameDecoder};
 use tokio_util::codec::Decoder;
+
+/// What the reader reports to the agent's heartbeat: waiting for the
+/// controller, or input came.
+pub(crate) static INPUT: InputWatch = InputWatch::new();
 
 /// How much room each read asks for.
 const READ_SIZE: usize = 64 * 1024;
@@ -68,9 +73,11 @@ impl Reader {
         }
         let spare = self.buffer.spare_capacity_mut();
         loop {
+            INPUT.waiting();
             // SAFETY: `spare` is writable memory of `spare.len()` bytes owned by the buffer.
             let read =
                 unsafe { libc::read(self.fd.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+            INPUT.received();
             if read < 0 {
                 let error = io::Error::last_os_error();
                 if error.kind() == io::ErrorKind::Interrupted {

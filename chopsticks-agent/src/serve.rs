@@ -7,15 +7,21 @@
 //! overlap. Running calls are kept by id, so a `Cancel` aborts an async
 //! function and discards the result of a blocking one. A panic becomes a
 //! `Fail` reply and the agent keeps serving. The agent exits when its input
-//! ends, on `Shutdown`, or on a protocol violation, without waiting for
-//! blocking calls still running.
+//! ends, on `Shutdown`, on a protocol violation, or when nothing has come
+//! from the controller for the heartbeat timeout, without waiting for
+//! blocking calls still running; unfinished puts drop their staged data
+//! first. Exit codes: 0 for an end of input or `Shutdown`, 2 for broken
+//! input, 3 for a silent controller, 70 when the reader panicked, 71 when
+//! the agent could not start.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use chopsticks_core::heartbeat::{self, SilenceClock};
 use chopsticks_core::identity::{binary_id, uname};
 use chopsticks_core::protocol::{
     CallMode, Failure, FailureKind, FunctionRef, Hello, Message, PROTOCOL_VERSION, Payload,
@@ -32,7 +38,7 @@ use crate::fds;
 use crate::files::{IncomingPut, PutRequest};
 use crate::output::{Output, OutputWriter};
 use crate::pool::CallPool;
-use crate::reader::Reader;
+use crate::reader::{INPUT, Reader};
 use crate::watchdog::Watchdog;
 
 /// A call in progress, by id, so that a `Cancel` can reach it.
@@ -97,7 +103,7 @@ impl<F: std::future::Future + Unpin> std::future::Future for InCall<F> {
 }
 
 /// Runs the agent to completion and returns its exit code.
-pub(crate) fn run(depth: u32) -> Result<i32, AgentError> {
+pub(crate) fn run(depth: u32, heartbeat_timeout: Duration) -> Result<i32, AgentError> {
     let descriptors = fds::take_protocol_fds().map_err(AgentError::Descriptors)?;
     chopsticks_core::agent_env::set_depth(depth);
     let previous_hook = std::panic::take_hook();
@@ -119,7 +125,13 @@ pub(crate) fn run(depth: u32) -> Result<i32, AgentError> {
         .thread_name("chopsticks-agent")
         .build()
         .map_err(AgentError::Runtime)?;
-    let code = io.block_on(serve(descriptors, depth, calls.handle().clone()))?;
+    let serving = serve(
+        descriptors,
+        depth,
+        heartbeat_timeout,
+        calls.handle().clone(),
+    );
+    let code = io.block_on(serving)?;
     // Exit without dropping the runtime: it would wait for blocking calls still running.
     std::process::exit(code);
 }
@@ -155,6 +167,7 @@ fn panic_failure() -> Failure {
 async fn serve(
     descriptors: fds::ProtocolFds,
     depth: u32,
+    heartbeat_timeout: Duration,
     calls: tokio::runtime::Handle,
 ) -> Result<i32, AgentError> {
     let reader = Reader::new(descriptors.input).map_err(AgentError::Descriptors)?;
@@ -206,6 +219,7 @@ async fn serve(
             }
         })
         .map_err(AgentError::Runtime)?;
+    tokio::spawn(heartbeat(agent.clone(), heartbeat_timeout));
     let leading = agent.clone();
     agent.dispatch.pool.start_reading(
         move || {
@@ -224,6 +238,31 @@ async fn serve(
     agent.drop_unfinished_puts();
     Ok(code)
 }
+
+/// Sends a heartbeat every quarter of `timeout`, and ends the agent once the
+/// reader has waited for the whole `timeout` without receiving anything:
+/// the controller is gone without closing anything (a network partition, a
+/// frozen machine), and the agent must not hold its calls and staged files
+/// for ever.
+async fn heartbeat(agent: Arc<Agent>, timeout: Duration) {
+    let beat = OutFrame::message(&Message::Heartbeat);
+    let mut ticks = tokio::time::interval(heartbeat::interval(timeout));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut silence = SilenceClock::new(std::time::Instant::now());
+    loop {
+        ticks.tick().await;
+        let _ = agent.dispatch.outbox.send(beat.clone());
+        if silence.tick(&INPUT, std::time::Instant::now()) >= timeout {
+            crate::warn(format_args!(
+                "nothing came from the controller for {timeout:?}; exiting"
+            ));
+            return finish(&agent, EXIT_SILENCE);
+        }
+    }
+}
+
+/// The exit code of an agent that gave up on a silent controller.
+const EXIT_SILENCE: i32 = 3;
 
 /// Calls finished so far, to tell an idle agent from a busy one.
 static CALLS_FINISHED: AtomicU64 = AtomicU64::new(0);
@@ -468,6 +507,7 @@ fn lead(agent: &Agent) {
                 None
             }
             Frame::Message(Message::Shutdown) => return finish(agent, 0),
+            Frame::Message(Message::Heartbeat) => None,
             Frame::Message(other) => Some(format!(
                 "the controller sent {other:?}, which only an agent may send"
             )),

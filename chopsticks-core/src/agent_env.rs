@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 pub const AGENT_MARKER: &str = "CHOPSTICKS_AGENT";
 /// The environment variable that tells an agent how deep it is nested.
 pub const AGENT_DEPTH: &str = "CHOPSTICKS_DEPTH";
+/// The environment variable that tells an agent its heartbeat timeout, in milliseconds.
+pub const AGENT_HEARTBEAT: &str = "CHOPSTICKS_HEARTBEAT_MS";
 /// How many agents deep a chain of nested tunnels may go.
 pub const MAX_DEPTH: u32 = 8;
 

@@ -1,6 +1,6 @@
 //! The shell bootstrap: place the agent file on a target that has only a POSIX `sh`.
 //!
-//! The controller runs `sh -c SCRIPT chopsticks-bootstrap HASH SIZE DEPTH "OS ARCH"`.
+//! The controller runs `sh -c SCRIPT chopsticks-bootstrap HASH SIZE DEPTH HEARTBEAT_MS "OS ARCH"`.
 //! Every value travels as a positional argument, never spliced into the
 //! script text, and transports that need one command line quote each word
 //! ([`AgentCommand::to_shell_command`]). The script:
@@ -27,17 +27,18 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::agent_env::{AGENT_DEPTH, AGENT_MARKER};
+use crate::agent_env::{AGENT_DEPTH, AGENT_HEARTBEAT, AGENT_MARKER};
 use crate::identity::{AgentFile, SELF_EXE};
 use crate::protocol::PROTOCOL_VERSION;
 use crate::transport::AgentCommand;
 
 const SCRIPT: &str = r#"set -u
-hash=$1 size=$2 depth=$3 want=$4
+hash=$1 size=$2 depth=$3 heartbeat=$4 want=$5
 say() { printf 'chopsticks-bootstrap %s\n' "$*"; }
 fail() { say error "$*"; exit 111; }
 case $hash in ''|*[!0-9a-f]*) fail "invalid agent hash";; esac
 case $size in ''|*[!0-9]*) fail "invalid agent size";; esac
+case $heartbeat in ''|*[!0-9]*) fail "invalid heartbeat timeout";; esac
 for tool in uname ls head mktemp; do
   command -v "$tool" >/dev/null 2>&1 || fail "the target has no $tool, which the bootstrap needs"
 done
@@ -78,7 +79,7 @@ verify() {
 }
 run() {
   say exec "$1"
-  export CHOPSTICKS_AGENT=@VERSION@ CHOPSTICKS_DEPTH="$depth"
+  export CHOPSTICKS_AGENT=@VERSION@ CHOPSTICKS_DEPTH="$depth" CHOPSTICKS_HEARTBEAT_MS="$heartbeat"
   trap - EXIT HUP INT TERM
   exec "$agent"
 }
@@ -99,11 +100,22 @@ chmod 700 "$tmp" && mv -f -- "$tmp" "$agent" || { rm -f -- "$tmp"; fail "cannot 
 run uploaded
 "#;
 
-/// The command that runs the shell bootstrap for `file` at nesting `depth`.
-pub(crate) fn command(file: &AgentFile, depth: u32, os: &str, arch: &str) -> AgentCommand {
+/// The command that runs the shell bootstrap for `file` at nesting `depth`,
+/// with a heartbeat timeout of `heartbeat_ms` milliseconds.
+pub(crate) fn command(
+    file: &AgentFile,
+    depth: u32,
+    heartbeat_ms: &str,
+    os: &str,
+    arch: &str,
+) -> AgentCommand {
     debug_assert_eq!(
-        (AGENT_MARKER, AGENT_DEPTH),
-        ("CHOPSTICKS_AGENT", "CHOPSTICKS_DEPTH")
+        (AGENT_MARKER, AGENT_DEPTH, AGENT_HEARTBEAT),
+        (
+            "CHOPSTICKS_AGENT",
+            "CHOPSTICKS_DEPTH",
+            "CHOPSTICKS_HEARTBEAT_MS"
+        )
     );
     AgentCommand::new("sh")
         .arg("-c")
@@ -112,6 +124,7 @@ pub(crate) fn command(file: &AgentFile, depth: u32, os: &str, arch: &str) -> Age
         .arg(file.sha256.clone())
         .arg(file.size.to_string())
         .arg(depth.to_string())
+        .arg(heartbeat_ms)
         .arg(format!("{os} {arch}"))
 }
 

@@ -53,6 +53,7 @@ mod connection;
 mod error;
 pub mod files;
 mod group;
+pub mod heartbeat;
 pub mod identity;
 pub mod progress;
 pub mod protocol;

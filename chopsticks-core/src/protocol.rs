@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::files::FileTime;
 
 /// The protocol version both ends must speak.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// One protocol message, carried CBOR-encoded in one frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +56,10 @@ pub enum Message {
     },
     /// The controller asks the agent to exit.
     Shutdown,
+    /// Either end is still there. Each end sends one every quarter of the
+    /// heartbeat timeout, and gives the other up after hearing nothing
+    /// for the whole timeout.
+    Heartbeat,
     /// Write a file on the agent: `size` bytes follow as chunk frames with
     /// this id, then [`Message::PutEnd`]. Answered with a `Return` carrying
     /// a [`FileSummary`], or a `Fail`.
@@ -314,6 +318,7 @@ mod tests {
             },
             Message::Cancel { id: 9 },
             Message::Shutdown,
+            Message::Heartbeat,
             Message::Put {
                 id: 10,
                 path: b"/srv/\xffapp".to_vec(),

@@ -142,7 +142,10 @@ pub trait AgentProcess: Send + Sync {
     fn id(&self) -> Option<u32>;
     /// Asks the process to die now, without waiting.
     fn start_kill(&mut self) -> io::Result<()>;
-    /// Waits for the process to end and reaps it.
+    /// Waits for the process to end and reaps it. An error means the
+    /// transport lost the process without learning how it ended (its
+    /// connection broke, say); its text, a clause such as "the ssh
+    /// connection broke", goes into the tunnel's errors as it is.
     async fn wait(&mut self) -> io::Result<ExitReport>;
 }
 

@@ -55,6 +55,7 @@ pub struct TunnelBuilder {
     transport: Box<dyn Transport>,
     connect_timeout: Duration,
     call_timeout: Option<Duration>,
+    heartbeat_timeout: Duration,
     stderr_sink: StderrSink,
 }
 
@@ -68,6 +69,21 @@ impl TunnelBuilder {
     /// Bounds every call that does not set its own timeout (default: unbounded).
     pub fn call_timeout(mut self, timeout: Duration) -> Self {
         self.call_timeout = Some(timeout);
+        self
+    }
+
+    /// How long either end of the tunnel waits without hearing from the
+    /// other before it gives up (default 60 s, at least 1 s).
+    ///
+    /// Each end sends a heartbeat every quarter of this while connected, so
+    /// an idle tunnel stays up. When the controller is gone without closing
+    /// anything (a network partition, a frozen machine), the agent exits
+    /// after this long and drops what it had staged; when the agent is, the
+    /// calls in flight fail with [`Error::Disconnected`] and the transport's
+    /// process (the `ssh` client, say) is killed. Time spent waiting on this
+    /// end's own disk does not count as silence.
+    pub fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
+        self.heartbeat_timeout = crate::heartbeat::clamp(timeout);
         self
     }
 
@@ -88,6 +104,7 @@ impl TunnelBuilder {
                 call_timeout: self.call_timeout,
                 options: ConnectOptions {
                     stderr_sink: self.stderr_sink,
+                    heartbeat_timeout: self.heartbeat_timeout,
                 },
                 current: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
@@ -108,6 +125,7 @@ impl Tunnel {
             transport: Box::new(transport),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             call_timeout: None,
+            heartbeat_timeout: crate::heartbeat::DEFAULT_HEARTBEAT_TIMEOUT,
             stderr_sink: stderr::print_to_stderr(),
         }
     }

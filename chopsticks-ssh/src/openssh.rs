@@ -106,9 +106,13 @@ impl Ssh {
         self
     }
 
-    /// Any `-o key=value` option, after the ones chopsticks sets (later
-    /// options do not override earlier ones in OpenSSH, so these cannot
-    /// weaken `BatchMode`).
+    /// Any `-o key=value` option.
+    ///
+    /// OpenSSH keeps the first value it sees for each key. `BatchMode=yes`
+    /// and `ClearAllForwardings=yes` come before these, so they cannot be
+    /// weakened; chopsticks' defaults (`ServerAliveInterval=15`,
+    /// `ServerAliveCountMax=4`, and `ConnectTimeout` and the `Control*`
+    /// options when set through their methods) come after, so these win.
     pub fn option(mut self, key: impl Into<String>, value: impl Into<String>) -> Ssh {
         self.options.push((key.into(), value.into()));
         self
@@ -151,6 +155,9 @@ impl Ssh {
         };
         option("BatchMode", "yes".into());
         option("ClearAllForwardings", "yes".into());
+        for (key, value) in &self.options {
+            option(key, value.clone());
+        }
         option("ServerAliveInterval", ALIVE_INTERVAL.to_string());
         option("ServerAliveCountMax", ALIVE_COUNT.to_string());
         if let Some(timeout) = self.connect_timeout {
@@ -161,9 +168,6 @@ impl Ssh {
             option("ControlMaster", "auto".into());
             option("ControlPath", format!("{}/%C", dir.display()));
             option("ControlPersist", persist.as_secs().max(1).to_string());
-        }
-        for (key, value) in &self.options {
-            option(key, value.clone());
         }
         if let Some(config) = &self.config_file {
             args.push("-F".into());

@@ -25,9 +25,10 @@
 //! ```
 
 pub mod docker;
+pub mod netns;
 
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -37,7 +38,7 @@ use std::time::{Duration, Instant};
 pub struct Sshd {
     name: String,
     dir: PathBuf,
-    port: u16,
+    listen: SocketAddr,
     server: Option<Child>,
     aliases: Vec<String>,
     user: String,
@@ -49,6 +50,16 @@ pub const SSHD: &str = "/usr/sbin/sshd";
 impl Sshd {
     /// Starts a server reachable as `count` aliases named `name-0`, `name-1`, ….
     pub fn start(name: &str, count: usize) -> Result<Sshd, String> {
+        Sshd::start_at(name, count, None)
+    }
+
+    /// Starts a server inside `host`'s network namespace, listening on its
+    /// address, port 22; the aliases reach it there.
+    pub fn start_in(host: &netns::NetnsHost, name: &str, count: usize) -> Result<Sshd, String> {
+        Sshd::start_at(name, count, Some(host))
+    }
+
+    fn start_at(name: &str, count: usize, host: Option<&netns::NetnsHost>) -> Result<Sshd, String> {
         for tool in [SSHD, "ssh", "ssh-keygen"] {
             if !tool_exists(tool) {
                 return Err(format!(
@@ -73,12 +84,21 @@ impl Sshd {
         )
         .map_err(|e| e.to_string())?;
         let mut last_error = String::new();
+        let address = host.map_or(Ipv4Addr::LOCALHOST, netns::NetnsHost::address);
         for _ in 0..5 {
-            let port = free_port()?;
-            write_server_config(&dir, port)?;
+            let port = match host {
+                Some(_) => 22,
+                None => free_port()?,
+            };
+            let listen = SocketAddr::from((address, port));
+            write_server_config(&dir, listen)?;
             let aliases: Vec<String> = (0..count).map(|i| format!("{name}-{i}")).collect();
-            write_client_config(&dir, name, &aliases, port, &user, &host_public)?;
-            let server = Command::new(SSHD)
+            write_client_config(&dir, name, &aliases, listen, &user, &host_public)?;
+            let mut command = match host {
+                Some(host) => host.command(SSHD),
+                None => Command::new(SSHD),
+            };
+            let server = command
                 .arg("-D")
                 .arg("-e")
                 .arg("-f")
@@ -91,7 +111,7 @@ impl Sshd {
             let mut sshd = Sshd {
                 name: name.to_string(),
                 dir: dir.clone(),
-                port,
+                listen,
                 server: Some(server),
                 aliases,
                 user: user.clone(),
@@ -110,7 +130,7 @@ impl Sshd {
 
     fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(10);
-        let address = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let address = self.listen;
         while Instant::now() < deadline {
             if let Some(server) = self.server.as_mut()
                 && let Ok(Some(status)) = server.try_wait()
@@ -164,9 +184,14 @@ impl Sshd {
         format!("{}-closed-port", self.name)
     }
 
-    /// The server's port on 127.0.0.1.
+    /// The server's port on 127.0.0.1 (or on its namespace's address).
     pub fn port(&self) -> u16 {
-        self.port
+        self.listen.port()
+    }
+
+    /// The server's address: 127.0.0.1, or its namespace's address.
+    pub fn address(&self) -> std::net::IpAddr {
+        self.listen.ip()
     }
 
     /// The user the client logs in as ([`LOGIN_USER`] when the tests run as root).
@@ -184,7 +209,7 @@ impl Sshd {
         self.dir.join("wrong_ed25519")
     }
 
-    /// A `known_hosts` file with the server's key for `[127.0.0.1]:PORT`.
+    /// A `known_hosts` file with the server's key for `[ADDRESS]:PORT`.
     pub fn known_hosts(&self) -> PathBuf {
         self.dir.join("known_hosts_by_address")
     }
@@ -331,10 +356,11 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| e.to_string())
 }
 
-fn write_server_config(dir: &Path, port: u16) -> Result<(), String> {
+fn write_server_config(dir: &Path, listen: SocketAddr) -> Result<(), String> {
+    let (address, port) = (listen.ip(), listen.port());
     let config = format!(
         "Port {port}\n\
-         ListenAddress 127.0.0.1\n\
+         ListenAddress {address}\n\
          HostKey {dir}/host_ed25519\n\
          PidFile {dir}/sshd.pid\n\
          AuthorizedKeysFile {dir}/authorized_keys\n\
@@ -356,10 +382,11 @@ fn write_client_config(
     dir: &Path,
     name: &str,
     aliases: &[String],
-    port: u16,
+    listen: SocketAddr,
     user: &str,
     host_public: &str,
 ) -> Result<(), String> {
+    let (address, port) = (listen.ip(), listen.port());
     let key = host_public
         .split_whitespace()
         .take(2)
@@ -372,21 +399,21 @@ fn write_client_config(
     .map_err(|e| e.to_string())?;
     std::fs::write(
         dir.join("known_hosts_by_address"),
-        format!("[127.0.0.1]:{port} {key}\n"),
+        format!("[{address}]:{port} {key}\n"),
     )
     .map_err(|e| e.to_string())?;
     std::fs::write(dir.join("known_hosts_empty"), "").map_err(|e| e.to_string())?;
     let closed = free_port()?;
     let dir = dir.display();
     let common = format!(
-        "  HostName 127.0.0.1\n  User {user}\n  IdentitiesOnly yes\n  GlobalKnownHostsFile /dev/null\n  \
+        "  User {user}\n  IdentitiesOnly yes\n  GlobalKnownHostsFile /dev/null\n  \
          StrictHostKeyChecking yes\n  HostKeyAlias chopsticks-testkit\n  BatchMode yes\n  LogLevel ERROR\n"
     );
     let config = format!(
-        "Host {aliases}\n  Port {port}\n  IdentityFile {dir}/client_ed25519\n  UserKnownHostsFile {dir}/known_hosts\n{common}\n\
-         Host {name}-wrong-key\n  Port {port}\n  IdentityFile {dir}/wrong_ed25519\n  UserKnownHostsFile {dir}/known_hosts\n{common}\n\
-         Host {name}-unknown-host\n  Port {port}\n  IdentityFile {dir}/client_ed25519\n  UserKnownHostsFile {dir}/known_hosts_empty\n{common}\n\
-         Host {name}-closed-port\n  Port {closed}\n  IdentityFile {dir}/client_ed25519\n  UserKnownHostsFile {dir}/known_hosts\n{common}",
+        "Host {aliases}\n  HostName {address}\n  Port {port}\n  IdentityFile {dir}/client_ed25519\n  UserKnownHostsFile {dir}/known_hosts\n{common}\n\
+         Host {name}-wrong-key\n  HostName {address}\n  Port {port}\n  IdentityFile {dir}/wrong_ed25519\n  UserKnownHostsFile {dir}/known_hosts\n{common}\n\
+         Host {name}-unknown-host\n  HostName {address}\n  Port {port}\n  IdentityFile {dir}/client_ed25519\n  UserKnownHostsFile {dir}/known_hosts_empty\n{common}\n\
+         Host {name}-closed-port\n  HostName 127.0.0.1\n  Port {closed}\n  IdentityFile {dir}/client_ed25519\n  UserKnownHostsFile {dir}/known_hosts\n{common}",
         aliases = aliases.join(" ")
     );
     std::fs::write(format!("{dir}/ssh_config"), config).map_err(|e| e.to_string())

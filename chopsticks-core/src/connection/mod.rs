@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::codec::FramedRead;
 
 use crate::error::{Error, Result};
+use crate::heartbeat::{self, InputWatch, SilenceClock};
 use crate::protocol::{CallMode, Failure, FunctionRef, Hello, Message, Payload};
 use crate::stderr::{StderrSink, StderrTail};
 use crate::transport::ExitReport;
@@ -69,6 +70,25 @@ impl Closure {
     }
 }
 
+/// How the agent's process ended, as its supervisor learned it.
+#[derive(Debug, Clone)]
+pub(crate) enum Ending {
+    /// The process ended with this status.
+    Exited(ExitReport),
+    /// The transport lost the process without learning how it ended (its
+    /// connection broke, say); why, as a clause.
+    Lost(Arc<str>),
+}
+
+impl std::fmt::Display for Ending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ending::Exited(status) => write!(f, "the agent process {status}"),
+            Ending::Lost(why) => f.write_str(why),
+        }
+    }
+}
+
 /// What the reader forwards to a fetch before its final reply.
 #[derive(Debug)]
 pub(crate) enum StreamEvent {
@@ -96,20 +116,27 @@ struct Shared {
     /// The agent's last stderr lines, to explain an ending.
     tail: Arc<StderrTail>,
     /// How the process ended, once it has.
-    exit: watch::Receiver<Option<ExitReport>>,
+    exit: watch::Receiver<Option<Ending>>,
+    /// What the reader reports to the heartbeat: waiting, or frames came.
+    input: InputWatch,
+    /// Dropping or sending on it makes the supervisor kill the agent.
+    kill: Mutex<Option<oneshot::Sender<()>>>,
 }
 
 impl Shared {
     fn new(
         host: Arc<str>,
         tail: Arc<StderrTail>,
-        exit: watch::Receiver<Option<ExitReport>>,
+        exit: watch::Receiver<Option<Ending>>,
+        kill: oneshot::Sender<()>,
     ) -> Shared {
         Shared {
             host,
             pending: Mutex::new(Pending::default()),
             tail,
             exit,
+            input: InputWatch::default(),
+            kill: Mutex::new(Some(kill)),
         }
     }
 
@@ -117,6 +144,16 @@ impl Shared {
         self.pending
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Makes the supervisor kill the agent's process.
+    fn kill_process(&self) {
+        let sender = self
+            .kill
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        drop(sender);
     }
 
     fn deliver(&self, id: u64, reply: Reply) {
@@ -165,12 +202,12 @@ impl Shared {
     async fn close_explained(&self, protocol_violation: bool, what: String) {
         self.tail.wait_closed(EXPLAIN_WAIT).await;
         let mut exit = self.exit.clone();
-        let status = tokio::time::timeout(EXPLAIN_WAIT, exit.wait_for(Option::is_some))
+        let ending = tokio::time::timeout(EXPLAIN_WAIT, exit.wait_for(Option::is_some))
             .await
             .ok()
-            .and_then(|status| status.ok().and_then(|status| *status));
-        let reason = match status {
-            Some(status) if !protocol_violation => format!("{what}; the agent process {status}"),
+            .and_then(|ending| ending.ok().and_then(|ending| ending.clone()));
+        let reason = match ending {
+            Some(ending) if !protocol_violation => format!("{what}; {ending}"),
             _ => what,
         };
         self.close(Closure {
@@ -185,6 +222,8 @@ impl Shared {
 #[derive(Clone)]
 pub(crate) struct ConnectOptions {
     pub(crate) stderr_sink: StderrSink,
+    /// How long either end may hear nothing from the other (already clamped).
+    pub(crate) heartbeat_timeout: Duration,
 }
 
 /// A live agent process.
@@ -198,8 +237,8 @@ pub(crate) struct Connection {
     /// ends; a kill aborts it and closes the stdin even while a write is
     /// blocked (for an exec, closing stdin is how the agent ends).
     writer: JoinHandle<()>,
-    /// Dropping or sending on it makes the supervisor kill the agent.
-    kill: std::sync::Mutex<Option<oneshot::Sender<()>>>,
+    /// Sends heartbeats and gives up on an agent that went silent.
+    heartbeat: JoinHandle<()>,
 }
 
 impl Drop for Connection {
@@ -215,7 +254,7 @@ impl Connection {
         frames: Frames,
         stdin: Box<dyn AsyncWrite + Send + Unpin>,
         hello: Hello,
-        kill: oneshot::Sender<()>,
+        heartbeat_timeout: Duration,
     ) -> Connection {
         let (outbox, outbox_receiver, mut sink) = Outbox::with_direct_writes(stdin);
         let writer_shared = shared.clone();
@@ -230,6 +269,7 @@ impl Connection {
             }
         });
         let reader = tokio::spawn(read_replies(frames, shared.clone()));
+        let heartbeat = tokio::spawn(heartbeat(shared.clone(), outbox.clone(), heartbeat_timeout));
         Connection {
             shared,
             outbox,
@@ -237,7 +277,7 @@ impl Connection {
             hello,
             reader,
             writer,
-            kill: std::sync::Mutex::new(Some(kill)),
+            heartbeat,
         }
     }
 
@@ -383,18 +423,14 @@ impl Connection {
     pub(crate) fn kill(&self, reason: &str) {
         self.reader.abort();
         self.writer.abort();
+        self.heartbeat.abort();
         self.outbox.close_sink();
         self.shared.close(Closure {
             protocol_violation: false,
             reason: reason.into(),
             stderr_tail: Vec::new(),
         });
-        let sender = self
-            .kill
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        drop(sender);
+        self.shared.kill_process();
     }
 
     /// Asks the agent to exit and waits for it, at most `bound`.
@@ -435,11 +471,46 @@ impl Drop for CallGuard<'_> {
     }
 }
 
+/// Sends a heartbeat every quarter of `timeout`, and gives the agent up
+/// once nothing has come from it for the whole `timeout` while the reader
+/// waited: every pending call fails with `Disconnected`, and the process
+/// (or the ssh client, say) is killed. Ends with the connection.
+async fn heartbeat(shared: Arc<Shared>, outbox: Outbox, timeout: Duration) {
+    let beat = OutFrame::message(&Message::Heartbeat);
+    let mut ticks = tokio::time::interval(heartbeat::interval(timeout));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut silence = SilenceClock::new(std::time::Instant::now());
+    loop {
+        ticks.tick().await;
+        if outbox.send(beat.clone()).is_err() || shared.lock().closed.is_some() {
+            return;
+        }
+        if silence.tick(&shared.input, std::time::Instant::now()) >= timeout {
+            shared.close(Closure {
+                protocol_violation: false,
+                reason: format!(
+                    "nothing came from the agent for {timeout:?}, though each end sends a \
+                     heartbeat every {:?}; the host, or the network to it, is down or stalled, \
+                     and this end of the connection was stopped",
+                    heartbeat::interval(timeout)
+                ),
+                stderr_tail: shared.tail.snapshot(),
+            });
+            outbox.close_sink();
+            shared.kill_process();
+            return;
+        }
+    }
+}
+
 /// Routes replies to waiting calls until the agent's output ends or breaks the protocol.
 async fn read_replies(mut frames: Frames, shared: Arc<Shared>) {
     let mut assemblies = Assemblies::default();
     let (violation, what) = loop {
-        let frame = match frames.next().await {
+        shared.input.waiting();
+        let next = frames.next().await;
+        shared.input.received();
+        let frame = match next {
             Some(Ok(frame)) => frame,
             Some(Err(error)) if error.kind() == std::io::ErrorKind::InvalidData => {
                 break (true, error.to_string());
@@ -460,6 +531,7 @@ async fn read_replies(mut frames: Frames, shared: Arc<Shared>) {
                 shared.deliver(id, Reply::Failed(failure));
                 Ok(())
             }
+            Frame::Message(Message::Heartbeat) => Ok(()),
             Frame::Message(Message::FetchHead { id, size }) => {
                 if let Some(stream) = shared.stream(id) {
                     let _ = stream.send(StreamEvent::Head(size)).await;

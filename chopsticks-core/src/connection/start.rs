@@ -10,14 +10,14 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::codec::FramedRead;
 
-use super::{ConnectOptions, Connection, EXPLAIN_WAIT, Frames, Shared};
-use crate::agent_env::{self, AGENT_DEPTH, AGENT_MARKER, MAX_DEPTH};
+use super::{ConnectOptions, Connection, EXPLAIN_WAIT, Ending, Frames, Shared};
+use crate::agent_env::{self, AGENT_DEPTH, AGENT_HEARTBEAT, AGENT_MARKER, MAX_DEPTH};
 use crate::bootstrap::{self, Outcome};
 use crate::error::{Error, Phase, Result};
 use crate::identity::{self, hex};
 use crate::protocol::{Hello, Message, PROTOCOL_VERSION};
 use crate::stderr::{self, StderrTail};
-use crate::transport::{AgentCommand, AgentLaunch, AgentProcess, ExitReport, Pipes, Transport};
+use crate::transport::{AgentCommand, AgentLaunch, AgentProcess, Pipes, Transport};
 use crate::wire::{Frame, FrameDecoder};
 
 /// Starts the agent through `transport`, runs the bootstrap if needed, and checks its hello.
@@ -60,11 +60,13 @@ pub(crate) async fn connect(
         ),
         _ => None,
     };
+    let heartbeat_ms = options.heartbeat_timeout.as_millis().to_string();
     let command = match agent_file {
-        Some(file) => bootstrap::command(file, depth, &os, &arch),
+        Some(file) => bootstrap::command(file, depth, &heartbeat_ms, &os, &arch),
         None => AgentCommand::new(format!("/proc/{}/exe", std::process::id()))
             .env(AGENT_MARKER, PROTOCOL_VERSION.to_string())
-            .env(AGENT_DEPTH, depth.to_string()),
+            .env(AGENT_DEPTH, depth.to_string())
+            .env(AGENT_HEARTBEAT, heartbeat_ms),
     };
     let Pipes {
         mut stdin,
@@ -96,7 +98,7 @@ pub(crate) async fn connect(
     let (exit_sender, exit) = watch::channel(None);
     let (kill, kill_requested) = oneshot::channel();
     tokio::spawn(supervise(process, kill_requested, exit_sender, stderr_task));
-    let shared = Arc::new(Shared::new(host.clone(), tail, exit));
+    let shared = Arc::new(Shared::new(host.clone(), tail, exit, kill));
 
     let mut stdout = stdout;
     if let Some(file) = agent_file {
@@ -157,7 +159,13 @@ pub(crate) async fn connect(
     };
     check_hello(&host, &hello)?;
 
-    Ok(Connection::start(shared, frames, stdin, hello, kill))
+    Ok(Connection::start(
+        shared,
+        frames,
+        stdin,
+        hello,
+        options.heartbeat_timeout,
+    ))
 }
 
 fn check_hello(host: &str, hello: &Hello) -> Result<()> {
@@ -204,12 +212,13 @@ async fn ended_early(transport: &dyn Transport, shared: &Shared) -> Error {
         };
     }
     let mut exit = shared.exit.clone();
-    let status = tokio::time::timeout(Duration::from_secs(1), exit.wait_for(Option::is_some))
+    let ending = tokio::time::timeout(Duration::from_secs(1), exit.wait_for(Option::is_some))
         .await
         .ok()
-        .and_then(|status| status.ok().and_then(|status| *status));
-    let mut message = match status {
-        Some(status) => format!("the process {status} before the agent started"),
+        .and_then(|ending| ending.ok().and_then(|ending| ending.clone()));
+    let mut message = match ending {
+        Some(Ending::Exited(status)) => format!("the process {status} before the agent started"),
+        Some(Ending::Lost(why)) => format!("{why}, before the agent started"),
         None => "the process closed its output before the agent started".to_string(),
     };
     let tail = shared.tail.snapshot();
@@ -230,7 +239,7 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 async fn supervise(
     mut process: Box<dyn AgentProcess>,
     kill_requested: oneshot::Receiver<()>,
-    exit: watch::Sender<Option<ExitReport>>,
+    exit: watch::Sender<Option<Ending>>,
     stderr_task: Option<JoinHandle<()>>,
 ) {
     let status = tokio::select! {
@@ -250,7 +259,11 @@ async fn supervise(
         }
     };
     if let Some(status) = status {
-        exit.send_replace(Some(status.unwrap_or_default()));
+        let ending = match status {
+            Ok(status) => Ending::Exited(status),
+            Err(error) => Ending::Lost(error.to_string().into()),
+        };
+        exit.send_replace(Some(ending));
     }
     if let Some(task) = stderr_task {
         // Give stderr a moment to drain; a grandchild holding it open must not keep the task alive.

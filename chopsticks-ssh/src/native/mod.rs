@@ -386,7 +386,7 @@ impl Transport for NativeSsh {
 
 /// The remote command, as seen from here: its exit status comes from the pump.
 struct NativeProcess {
-    exit: Option<tokio::sync::oneshot::Receiver<ExitReport>>,
+    exit: Option<tokio::sync::oneshot::Receiver<io::Result<ExitReport>>>,
     kill: Option<OwnedFd>,
 }
 
@@ -403,9 +403,10 @@ impl AgentProcess for NativeProcess {
     }
 
     async fn wait(&mut self) -> io::Result<ExitReport> {
+        let lost = || io::Error::other("the ssh pump thread ended without a report");
         match self.exit.take() {
-            Some(exit) => Ok(exit.await.unwrap_or_default()),
-            None => Ok(ExitReport::default()),
+            Some(exit) => exit.await.unwrap_or_else(|_| Err(lost())),
+            None => Err(lost()),
         }
     }
 }

@@ -143,7 +143,10 @@ impl Read for FdReader<'_> {
 }
 
 impl Pump {
-    pub(super) fn run(mut self) -> ExitReport {
+    /// Moves bytes until the channel ends; returns how the remote command
+    /// ended, or, when the connection broke first, an error saying so (no
+    /// exit status ever came, and none is made up).
+    pub(super) fn run(mut self) -> io::Result<ExitReport> {
         self.session.set_blocking(false);
         self.session.set_keepalive(false, 15);
         let (mut input, mut output, mut errors) = (Pending::new(), Pending::new(), Pending::new());
@@ -152,6 +155,7 @@ impl Pump {
         let mut stdout = Some(&self.stdout);
         let mut stderr = Some(&self.stderr);
         let mut rechecks = 0;
+        let mut broken: Option<String> = None;
         loop {
             let mut progress = false;
             // Controller → channel.
@@ -170,7 +174,10 @@ impl Pump {
                         progress |= written > 0;
                     }
                     Err(error) if would_block(&error) => {}
-                    Err(_) => break,
+                    Err(error) => {
+                        broken = Some(format!("writing to it failed: {error}"));
+                        break;
+                    }
                 }
             }
             if input_done && input.is_empty() && !eof_sent {
@@ -197,7 +204,11 @@ impl Pump {
                         }
                         Ok(_) => progress = true,
                         Err(error) if would_block(&error) => {}
-                        Err(_) => *done = true,
+                        Err(error) => {
+                            broken
+                                .get_or_insert_with(|| format!("reading from it failed: {error}"));
+                            *done = true;
+                        }
                     }
                 }
                 if !pending.is_empty() {
@@ -237,7 +248,14 @@ impl Pump {
                 break;
             }
         }
-        self.finish()
+        let report = self.finish();
+        match broken {
+            Some(what) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!("the ssh connection broke ({what}) and no exit status came"),
+            )),
+            None => Ok(report),
+        }
     }
 
     /// Whether libssh2 already holds what another pass could move: channel

@@ -15,6 +15,8 @@
 //! - `sudo`: the `Sudo` transport with a throwaway user
 //! - `custom_transport`: a transport written outside core (`examples/custom_transport.rs`)
 //! - `memory`: resident memory of idle agents
+//! - `forged_calls`: random and near-miss function references against a live agent: refused,
+//!   never run
 //! - `group`: fan-out over several agents, per-host failures, set operations, group transfers
 //! - `ssh`: the OpenSSH transport against a real sshd (chopsticks-testkit)
 //! - `ssh_native`: the libssh2 transport against a real sshd
@@ -32,6 +34,7 @@ mod custom_transport;
 mod docker;
 mod failures;
 mod files;
+mod forged_calls;
 mod group;
 mod heartbeat;
 mod hygiene;

@@ -160,10 +160,11 @@ pub enum Payload {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum FunctionRef {
-    /// A monomorphised trampoline, by its offset from the anchor symbol. Valid
-    /// only between two processes of the same binary, which the hello proves.
+    /// A monomorphised trampoline's entry in read-only data, by its offset
+    /// from the anchor static. Valid only between two processes of the same
+    /// binary, which the hello proves.
     Offset {
-        /// Trampoline address minus anchor address.
+        /// Entry address minus anchor address.
         offset: i64,
         /// `type_name` of the function, for errors and traces.
         name: Cow<'static, str>,

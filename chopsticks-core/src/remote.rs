@@ -4,13 +4,21 @@
 //! item or a non-capturing closure is a zero-sized type, so the *type* is the
 //! whole function. For each such type the controller instantiates a
 //! trampoline, `blocking_trampoline::<F, Args, R>`, which decodes `Args`,
-//! conjures the zero-sized `F`, calls it and encodes `R`. The call names that
-//! trampoline by its address minus the address of [`anchor`]. The agent is
-//! the same file (the hello proves it by build-id before any call), so adding
-//! the offset to its own anchor lands on the same trampoline.
+//! conjures the zero-sized `F`, calls it and encodes `R`, and beside it an
+//! *entry*: a constant in read-only data holding a tag, the mode (blocking
+//! or async) and the trampoline's address. The call names the entry by its
+//! address minus the address of an anchor static. The agent is the same file
+//! (the hello proves it by build-id before any call), so adding the offset
+//! to its own anchor lands on the same entry.
 //!
-//! Offsets are never keys or fingerprints: one trampoline can exist in
-//! several copies, and identical closures may share one. Both are harmless.
+//! A reference names data, never code. [`resolve`] reads the tag and the
+//! mode as plain integers, and only from this program's read-only data,
+//! before it calls anything: a forged or corrupted reference (any offset,
+//! either mode) fails with `UnknownFunction` and cannot make the agent jump
+//! anywhere but to a genuine trampoline of the mode asked for.
+//!
+//! Offsets are never keys or fingerprints: one entry can exist in several
+//! copies, and identical closures may share one. Both are harmless.
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -114,14 +122,50 @@ impl_remote_fn!(A1, A2, A3, A4, A5, A6);
 impl_remote_fn!(A1, A2, A3, A4, A5, A6, A7);
 impl_remote_fn!(A1, A2, A3, A4, A5, A6, A7, A8);
 
-/// The fixed point trampoline offsets are measured from.
-#[inline(never)]
-pub fn anchor() -> &'static str {
-    "chopsticks anchor"
+/// What a function reference names: one entry per trampoline instantiation,
+/// in this program's read-only data.
+///
+/// A reference is the entry's offset from [`ENTRY_ANCHOR`], never a code
+/// address. The agent reads the tag and the mode as plain integers, and
+/// calls the trampoline only when both are right, so no frame, however
+/// forged, can make it jump anywhere but to a genuine trampoline of the mode
+/// the call asks for.
+#[repr(C)]
+struct Entry {
+    /// [`ENTRY_TAG`]: tells an entry from any other data.
+    tag: u64,
+    /// [`BLOCKING`] or [`ASYNC`].
+    mode: u64,
+    /// Set in blocking entries.
+    blocking: Option<BlockingTrampoline>,
+    /// Set in async entries.
+    asynchronous: Option<AsyncTrampoline>,
 }
 
-fn offset_of(address: usize) -> i64 {
-    address.wrapping_sub(anchor as fn() -> &'static str as usize) as i64
+/// The tag every entry starts with. Code never holds this value: the check
+/// computes it from two halves at run time (see [`expected_tag`]), so the
+/// entries are the only place in the program where it is stored.
+const ENTRY_TAG: u64 = TAG_HALVES.0 ^ TAG_HALVES.1;
+const TAG_HALVES: (u64, u64) = (0x6368_6f70_7374_6963, 0x9e37_79b9_7f4a_7c15);
+const BLOCKING: u64 = 0x0b10_c00b;
+const ASYNC: u64 = 0x0a5e_c00a;
+
+/// The point entry offsets are measured from.
+static ENTRY_ANCHOR: u8 = 0;
+
+fn anchor_address() -> usize {
+    std::ptr::addr_of!(ENTRY_ANCHOR).expose_provenance()
+}
+
+fn offset_of(entry: &'static Entry) -> i64 {
+    (entry as *const Entry)
+        .expose_provenance()
+        .wrapping_sub(anchor_address()) as i64
+}
+
+#[inline(never)]
+fn expected_tag() -> u64 {
+    std::hint::black_box(TAG_HALVES.0) ^ std::hint::black_box(TAG_HALVES.1)
 }
 
 /// Conjures the zero-sized function value.
@@ -179,9 +223,16 @@ where
             "chopsticks can only call functions that capture nothing: pass a fn item or a closure without captured variables, and send data as arguments"
         )
     };
-    let trampoline: BlockingTrampoline = blocking_trampoline::<F, Args, F::Output>;
+    let entry: &'static Entry = const {
+        &Entry {
+            tag: ENTRY_TAG,
+            mode: BLOCKING,
+            blocking: Some(blocking_trampoline::<F, Args, F::Output>),
+            asynchronous: None,
+        }
+    };
     FunctionRef::Offset {
-        offset: offset_of(trampoline as usize),
+        offset: offset_of(entry),
         name: Cow::Borrowed(std::any::type_name::<F>()),
     }
 }
@@ -199,9 +250,16 @@ where
             "chopsticks can only call functions that capture nothing: pass an async fn item or a closure without captured variables, and send data as arguments"
         )
     };
-    let trampoline: AsyncTrampoline = async_trampoline::<F, Args, F::Output>;
+    let entry: &'static Entry = const {
+        &Entry {
+            tag: ENTRY_TAG,
+            mode: ASYNC,
+            blocking: None,
+            asynchronous: Some(async_trampoline::<F, Args, F::Output>),
+        }
+    };
     FunctionRef::Offset {
-        offset: offset_of(trampoline as usize),
+        offset: offset_of(entry),
         name: Cow::Borrowed(std::any::type_name::<F>()),
     }
 }
@@ -239,50 +297,101 @@ impl AsyncTrampolineFn {
 
 /// Turns a function reference from the controller into a trampoline of this binary.
 ///
-/// Only an agent that proved in its hello to be the same binary as its
-/// controller may call this. As a second line of defence the address must
-/// lie inside an executable segment of this program, else the call fails
-/// with `UnknownFunction` instead of jumping.
+/// The reference is an offset from this program's entry anchor. It resolves
+/// only if it lands on a genuine entry: aligned, wholly inside this
+/// program's read-only data (never writable memory, where a program might
+/// keep bytes a peer sent), starting with the entry tag, and of the mode
+/// asked for; the entry's trampoline must lie in an executable segment.
+/// Anything else fails with `UnknownFunction` before any call. Only an
+/// agent that proved in its hello to be the same binary as its controller
+/// resolves references, so that genuine entries mean the same function on
+/// both ends.
 pub fn resolve(function: &FunctionRef, mode: CallMode) -> Result<Resolved, Failure> {
     let FunctionRef::Offset { offset, name } = function;
-    let address = (anchor as fn() -> &'static str as usize).wrapping_add(*offset as usize);
-    if !executable_ranges()
-        .iter()
-        .any(|(start, end)| (*start..*end).contains(&address))
-    {
-        return Err(Failure::new(
+    let refuse = |why: &str| {
+        Failure::new(
             FailureKind::UnknownFunction,
-            format!("{name} at offset {offset} lies outside this program's code"),
+            format!("{name} (offset {offset}) {why}"),
+        )
+    };
+    let address = anchor_address().wrapping_add(*offset as usize);
+    let end = address.checked_add(size_of::<Entry>());
+    let inside = |segment: &&Segment| {
+        segment.read_only && end.is_some_and(|end| segment.start <= address && end <= segment.end)
+    };
+    if !address.is_multiple_of(align_of::<Entry>()) || !segments().iter().any(|s| inside(&s)) {
+        return Err(refuse(
+            "does not name an entry of this program's function table",
         ));
     }
-    // SAFETY: the address is a trampoline of this very binary: the controller
-    // took it from `function_ref`/`async_function_ref` for this mode, and the
-    // handshake proved both processes run the same file. Function pointers
-    // are address-sized.
-    unsafe {
-        Ok(match mode {
-            CallMode::Blocking => Resolved::Blocking(BlockingTrampolineFn(std::mem::transmute::<
-                usize,
-                BlockingTrampoline,
-            >(address))),
-            CallMode::Async => Resolved::Async(AsyncTrampolineFn(std::mem::transmute::<
-                usize,
-                AsyncTrampoline,
-            >(address))),
-        })
+    let header = std::ptr::with_exposed_provenance::<[u64; 2]>(address);
+    // SAFETY: the address is aligned for `[u64; 2]` (an entry's alignment is
+    // at least u64's) and the whole entry lies in read-only loaded data of
+    // this program, so this reads mapped memory; any bits are valid u64s.
+    let [tag, entry_mode] = unsafe { header.read() };
+    if tag != expected_tag() {
+        return Err(refuse(
+            "does not name an entry of this program's function table",
+        ));
     }
+    let wanted = match mode {
+        CallMode::Blocking => BLOCKING,
+        CallMode::Async => ASYNC,
+    };
+    if entry_mode != wanted {
+        return Err(refuse(match mode {
+            CallMode::Blocking => "is an async function, called as a blocking one",
+            CallMode::Async => "is a blocking function, called as an async one",
+        }));
+    }
+    // SAFETY: in this program's read-only data the tag is stored nowhere but
+    // in entries (code computes it from two halves), so this is a genuine
+    // `Entry` made by `function_ref` or `async_function_ref`, aligned.
+    let entry = unsafe { &*std::ptr::with_exposed_provenance::<Entry>(address) };
+    let resolved = match (mode, entry.blocking, entry.asynchronous) {
+        (CallMode::Blocking, Some(trampoline), None) => {
+            Resolved::Blocking(BlockingTrampolineFn(trampoline))
+        }
+        (CallMode::Async, None, Some(trampoline)) => Resolved::Async(AsyncTrampolineFn(trampoline)),
+        _ => return Err(refuse("names a malformed entry")),
+    };
+    let code = match resolved {
+        Resolved::Blocking(BlockingTrampolineFn(trampoline)) => trampoline as usize,
+        Resolved::Async(AsyncTrampolineFn(trampoline)) => trampoline as usize,
+    };
+    if !segments()
+        .iter()
+        .any(|segment| segment.executable && (segment.start..segment.end).contains(&code))
+    {
+        return Err(refuse(
+            "names an entry whose code lies outside this program",
+        ));
+    }
+    Ok(resolved)
 }
 
-/// The executable segments of the object that contains [`anchor`].
-fn executable_ranges() -> &'static [(usize, usize)] {
-    static RANGES: OnceLock<Vec<(usize, usize)>> = OnceLock::new();
-    RANGES.get_or_init(|| {
-        let mut search = (anchor as fn() -> &'static str as usize, Vec::new());
+/// A loaded segment of this program, or its part made read-only after relocation.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    start: usize,
+    end: usize,
+    /// Readable and never written once the program runs: where entries
+    /// live (`.rodata`, or `.data.rel.ro` under `PT_GNU_RELRO`). Writable
+    /// data, where a program might keep bytes a peer sent, is not.
+    read_only: bool,
+    executable: bool,
+}
+
+/// The loaded segments of the object that contains [`ENTRY_ANCHOR`].
+fn segments() -> &'static [Segment] {
+    static SEGMENTS: OnceLock<Vec<Segment>> = OnceLock::new();
+    SEGMENTS.get_or_init(|| {
+        let mut search = (anchor_address(), Vec::new());
         // SAFETY: the callback reads loader-provided headers; `search` outlives the call.
         unsafe {
             libc::dl_iterate_phdr(
                 Some(visit_segments),
-                (&mut search as *mut (usize, Vec<(usize, usize)>)).cast(),
+                (&mut search as *mut (usize, Vec<Segment>)).cast(),
             );
         }
         search.1
@@ -294,22 +403,36 @@ unsafe extern "C" fn visit_segments(
     _size: libc::size_t,
     data: *mut libc::c_void,
 ) -> libc::c_int {
-    // SAFETY: the loader passes a valid info pointer; `data` is the tuple from executable_ranges.
-    let (info, search) = unsafe { (&*info, &mut *data.cast::<(usize, Vec<(usize, usize)>)>()) };
-    let mut ranges = Vec::new();
+    // SAFETY: the loader passes a valid info pointer; `data` is the tuple from `segments`.
+    let (info, search) = unsafe { (&*info, &mut *data.cast::<(usize, Vec<Segment>)>()) };
+    let mut segments = Vec::new();
     for index in 0..usize::from(info.dlpi_phnum) {
         // SAFETY: dlpi_phdr points at dlpi_phnum headers.
         let header = unsafe { &*info.dlpi_phdr.add(index) };
-        if header.p_type == libc::PT_LOAD && header.p_flags & libc::PF_X != 0 {
-            let start = (info.dlpi_addr as usize).wrapping_add(header.p_vaddr as usize);
-            ranges.push((start, start + header.p_memsz as usize));
+        let start = (info.dlpi_addr as usize).wrapping_add(header.p_vaddr as usize);
+        let end = start.saturating_add(header.p_memsz as usize);
+        let readable = header.p_flags & libc::PF_R != 0;
+        match header.p_type {
+            libc::PT_LOAD => segments.push(Segment {
+                start,
+                end,
+                read_only: readable && header.p_flags & libc::PF_W == 0,
+                executable: header.p_flags & libc::PF_X != 0,
+            }),
+            libc::PT_GNU_RELRO => segments.push(Segment {
+                start,
+                end,
+                read_only: true,
+                executable: false,
+            }),
+            _ => {}
         }
     }
-    if ranges
+    if segments
         .iter()
-        .any(|(start, end)| (*start..*end).contains(&search.0))
+        .any(|segment| (segment.start..segment.end).contains(&search.0))
     {
-        search.1 = ranges;
+        search.1 = segments;
         return 1;
     }
     0
@@ -372,13 +495,102 @@ mod tests {
         assert_eq!(failure.kind, FailureKind::Arguments);
     }
 
+    fn offset(function: &FunctionRef) -> i64 {
+        let FunctionRef::Offset { offset, .. } = function;
+        *offset
+    }
+
+    fn at(offset: i64) -> FunctionRef {
+        FunctionRef::Offset {
+            offset,
+            name: Cow::Borrowed("forged"),
+        }
+    }
+
     #[test]
-    fn offsets_outside_the_code_are_refused() {
-        let function = FunctionRef::Offset {
-            offset: i64::MAX / 2,
-            name: Cow::Borrowed("bogus"),
+    fn offsets_outside_the_program_are_refused() {
+        for offset in [i64::MAX / 2, i64::MIN, -1, 0, 1, i64::MAX] {
+            for mode in [CallMode::Blocking, CallMode::Async] {
+                let failure = resolve(&at(offset), mode).expect_err("must refuse");
+                assert_eq!(failure.kind, FailureKind::UnknownFunction, "{offset}");
+            }
+        }
+    }
+
+    /// Every offset near a genuine entry, in either mode, and the offset of
+    /// code (a trampoline itself, as references once named): the entry
+    /// resolves only in its own mode, and nothing resolves between entries.
+    /// (Other entries may sit next to this one; they are genuine too.)
+    #[test]
+    fn only_genuine_entries_in_their_own_mode_resolve() {
+        let blocking = offset(&function_ref(add3));
+        let asynchronous = offset(&async_function_ref(double));
+        for (genuine, own) in [
+            (blocking, CallMode::Blocking),
+            (asynchronous, CallMode::Async),
+        ] {
+            for delta in -256..=256i64 {
+                for mode in [CallMode::Blocking, CallMode::Async] {
+                    let resolved = resolve(&at(genuine + delta), mode);
+                    if delta == 0 {
+                        assert_eq!(resolved.is_ok(), mode == own, "the entry as {mode:?}");
+                    } else if delta % align_of::<Entry>() as i64 != 0 {
+                        assert!(
+                            resolved.is_err(),
+                            "offset {delta} from an entry, as {mode:?}"
+                        );
+                    }
+                }
+            }
+        }
+        fn trampoline_of<F, Args>(_function: F) -> usize
+        where
+            F: RemoteFn<Args>,
+            Args: DeserializeOwned,
+            F::Output: Serialize,
+        {
+            blocking_trampoline::<F, Args, F::Output> as BlockingTrampoline as usize
+        }
+        let code = trampoline_of(add3).wrapping_sub(anchor_address()) as i64;
+        for mode in [CallMode::Blocking, CallMode::Async] {
+            assert!(resolve(&at(code), mode).is_err(), "code is not an entry");
+        }
+        // A perfect forgery (tag, mode and a real trampoline) in writable
+        // memory, where a program might keep bytes a peer sent: refused.
+        static mut FORGED: Entry = Entry {
+            tag: 0,
+            mode: BLOCKING,
+            blocking: None,
+            asynchronous: None,
         };
-        let failure = resolve(&function, CallMode::Blocking).expect_err("must refuse");
-        assert_eq!(failure.kind, FailureKind::UnknownFunction);
+        let real = match resolve(&at(blocking), CallMode::Blocking) {
+            Ok(Resolved::Blocking(BlockingTrampolineFn(trampoline))) => trampoline,
+            _ => panic!("the genuine entry resolves"),
+        };
+        let forged_on_heap = Box::new(Entry {
+            tag: expected_tag(),
+            mode: BLOCKING,
+            blocking: Some(real),
+            asynchronous: None,
+        });
+        // SAFETY: the test's own static, written before any reader looks.
+        let forged_static = unsafe {
+            FORGED.tag = expected_tag();
+            FORGED.blocking = Some(real);
+            std::ptr::addr_of!(FORGED)
+        };
+        for forged in [forged_static, &*forged_on_heap as *const Entry] {
+            let offset = forged.expose_provenance().wrapping_sub(anchor_address()) as i64;
+            assert!(
+                resolve(&at(offset), CallMode::Blocking).is_err(),
+                "a forged entry in writable memory resolved"
+            );
+        }
+        let wrong_mode = resolve(&at(blocking), CallMode::Async).expect_err("wrong mode");
+        assert!(
+            wrong_mode.message.contains("blocking function"),
+            "{}",
+            wrong_mode.message
+        );
     }
 }

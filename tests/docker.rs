@@ -215,6 +215,56 @@ async fn a_killed_container_fails_pending_calls_fast_and_is_removed() {
     assert!(gone(&name).await, "the dead container was removed");
 }
 
+/// Runs on agent A: opens a tunnel to a new container and holds it, with a
+/// call in flight, until A dies.
+async fn hold_container(name: String, keep: bool) -> Result<(), String> {
+    let tunnel = tunnel(Docker::new(&name).image(TOOLS_IMAGE).keep(keep));
+    tunnel.connect().await.map_err(|error| error.to_string())?;
+    tokio::spawn(async move {
+        let _ = tunnel.call(crate::support::sleep_secs, (60,)).await;
+        std::future::pending::<()>().await;
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_container_whose_controller_was_killed_is_removed_unless_kept() {
+    if docker_or_skip().is_none() {
+        return;
+    }
+    for keep in [false, true] {
+        let name = unique(if keep { "orphan-kept" } else { "orphan" });
+        remove_container(&name);
+        let a = Tunnel::builder(chopsticks::Local::named("a"))
+            .stderr(chopsticks::stderr::discard())
+            .build();
+        a.call_async(hold_container, (name.clone(), keep))
+            .await
+            .expect("call A")
+            .expect("A starts the container");
+        assert!(container_exists(&name), "the container runs");
+        let a_pid = a.agent_pid().expect("A's pid");
+        // SAFETY: kill has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(a_pid as i32, libc::SIGKILL) }, 0);
+        let killed = Instant::now();
+        if keep {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            assert!(container_exists(&name), "keep(true) keeps it");
+            remove_container(&name);
+        } else {
+            assert!(
+                gone(&name).await,
+                "the container outlived its killed controller"
+            );
+            eprintln!(
+                "a killed controller's container was gone {:?} later",
+                killed.elapsed()
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_connect_cut_short_at_any_point_leaves_no_container() {
     if docker_or_skip().is_none() {

@@ -67,7 +67,7 @@ impl Transport for FakeAgent {
 }
 
 #[cfg(any(feature = "ssh", feature = "docker"))]
-fn sleep_secs(secs: u64) -> u64 {
+pub fn sleep_secs(secs: u64) -> u64 {
     std::thread::sleep(Duration::from_secs(secs));
     secs
 }

@@ -39,8 +39,11 @@ enum Target {
 /// it read-only from a volume filled once per program through the archive
 /// API (`chopsticks-agent-<sha>`, label `chopsticks=payload`), starts it
 /// attached to stdin, stdout and stderr, and removes it when the tunnel
-/// closes (unless [`keep`](Self::keep)). The volumes stay for the next
-/// container; `docker volume rm` removes them.
+/// closes (unless [`keep`](Self::keep)). The Engine itself removes it when
+/// the agent ends (`AutoRemove`), so a controller that is killed, or whose
+/// connection to the Engine breaks, leaves no container behind: the attach
+/// ends, the agent's stdin closes, the agent exits. The volumes stay for
+/// the next container; `docker volume rm` removes them.
 /// [`Docker::exec`] runs the agent in a running container and leaves the
 /// container as it was. The agent brings its own dynamic loader and shared
 /// libraries, so any image of the same architecture works, even `FROM scratch`.
@@ -149,7 +152,8 @@ impl Docker {
         self
     }
 
-    /// Keeps a new container after the tunnel closes (stopped, not removed).
+    /// Keeps a new container after the tunnel closes (stopped, not removed),
+    /// even when its controller dies.
     pub fn keep(mut self, keep: bool) -> Docker {
         self.keep = keep;
         self
@@ -269,7 +273,9 @@ impl Docker {
             stdin_once: Some(true),
             tty: Some(false),
             host_config: Some(HostConfig {
-                auto_remove: Some(false),
+                // The Engine removes the container when the agent ends, with
+                // or without a surviving controller.
+                auto_remove: Some(!self.keep),
                 network_mode: self.network.clone(),
                 binds: (!binds.is_empty()).then_some(binds),
                 ..HostConfig::default()

@@ -21,6 +21,7 @@
 //! - `ssh`: the OpenSSH transport against a real sshd (chopsticks-testkit)
 //! - `ssh_native`: the libssh2 transport against a real sshd
 //! - `docker`: the Docker transport against the real Engine, with images built here
+//! - `torn_files`: sources changed mid-transfer, peers that send other than they announce, FIFOs
 //! - `files`: put and fetch: round trips, modes, atomic replacement, corruption, full disk,
 //!   killed agents, permissions, constant memory
 
@@ -48,3 +49,4 @@ mod ssh;
 #[cfg(feature = "libssh2")]
 mod ssh_native;
 mod sudo;
+mod torn_files;

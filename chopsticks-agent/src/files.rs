@@ -8,8 +8,6 @@
 //! calls overtake it.
 
 use std::ffi::OsString;
-use std::fs::File;
-use std::io::Read;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -18,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
 
 use bytes::Bytes;
-use chopsticks_core::files::{self, AtomicFile, Expected, FileError, FileTime};
+use chopsticks_core::files::{self, AtomicFile, Expected, FileError, FileTime, Source};
 use chopsticks_core::protocol::{
     Failure, FailureKind, FileFailure, FileSummary, Message, encode_value,
 };
@@ -230,7 +228,9 @@ fn summary(size: u64, checksum: files::Checksum, mode: u32, mtime: FileTime) -> 
 }
 
 /// Streams the file at `path` as a fetch's head, chunks and final reply,
-/// through the bulk queue. Stops quietly once `cancelled` is set.
+/// through the bulk queue. Stops quietly once `cancelled` is set. A file
+/// that changed while it was read ends the fetch with a failure instead of
+/// the summary, so the controller commits nothing.
 pub(crate) fn send_file(
     id: u64,
     path: Vec<u8>,
@@ -239,8 +239,8 @@ pub(crate) fn send_file(
     reply: impl Fn(u64, CallOutcome) -> OutFrame,
 ) {
     let path = PathBuf::from(OsString::from_vec(path));
-    let (mut file, metadata) = match files::open_source(&path) {
-        Ok(opened) => opened,
+    let mut source = match Source::open(&path) {
+        Ok(source) => source,
         Err(error) => {
             let _ = outbox.send(reply(id, Err(failure(error))));
             return;
@@ -248,47 +248,39 @@ pub(crate) fn send_file(
     };
     let head = Message::FetchHead {
         id,
-        size: metadata.len(),
+        size: source.len(),
     };
     if outbox.send_bulk_blocking(OutFrame::message(&head)).is_err() {
         return;
     }
-    let outcome = match stream(id, &mut file, outbox, cancelled) {
-        Ok(None) => return,
-        Ok(Some((size, checksum))) => summary(
-            size,
-            checksum,
-            metadata.mode() & 0o7777,
-            FileTime::modified(&metadata),
+    let outcome = match stream(id, &mut source, outbox, cancelled) {
+        Ok(false) => return,
+        Ok(true) => summary(
+            source.read_so_far(),
+            source.checksum(),
+            source.metadata().mode() & 0o7777,
+            FileTime::modified(source.metadata()),
         ),
-        Err(error) => Err(failure(FileError::new("reading", &path, error))),
+        Err(error) => Err(failure(error)),
     };
     let _ = outbox.send_bulk_blocking(reply(id, outcome));
 }
 
-/// Sends the file's content as chunks; `None` when cancelled or disconnected.
+/// Sends the file's content as chunks; false when cancelled or disconnected.
 fn stream(
     id: u64,
-    file: &mut File,
+    source: &mut Source,
     outbox: &Outbox,
     cancelled: &AtomicBool,
-) -> std::io::Result<Option<(u64, files::Checksum)>> {
-    let mut hasher = blake3::Hasher::new();
-    let mut sent = 0u64;
+) -> Result<bool, FileError> {
     loop {
         if cancelled.load(Ordering::Relaxed) {
-            return Ok(None);
+            return Ok(false);
         }
         let mut chunk = chopsticks_core::buffer::chunk(CHUNK_LEN);
-        let read = file
-            .by_ref()
-            .take(CHUNK_LEN as u64)
-            .read_to_end(&mut chunk)?;
-        if read == 0 {
-            return Ok(Some((sent, *hasher.finalize().as_bytes())));
+        if !source.read_chunk(&mut chunk, CHUNK_LEN)? {
+            return Ok(true);
         }
-        hasher.update(&chunk);
-        sent += read as u64;
         if outbox
             .send_bulk_blocking(OutFrame::chunk(
                 id,
@@ -296,7 +288,7 @@ fn stream(
             ))
             .is_err()
         {
-            return Ok(None);
+            return Ok(false);
         }
     }
 }

@@ -442,33 +442,169 @@ pub fn checksum_hex(checksum: &Checksum) -> String {
     crate::identity::hex(checksum)
 }
 
-/// Opens a file to send, refusing directories and other non-regular files with a clear error.
-pub fn open_source(path: &Path) -> FileResult<(File, std::fs::Metadata)> {
-    let file = File::open(path).map_err(|error| FileError::new("opening", path, error))?;
-    let metadata = file
-        .metadata()
-        .map_err(|error| FileError::new("reading the metadata of", path, error))?;
-    if metadata.is_dir() {
-        return Err(FileError::new(
-            "sending",
-            path,
-            io::Error::new(
-                io::ErrorKind::IsADirectory,
-                "it is a directory; put and fetch move one regular file",
-            ),
-        ));
+/// A regular file being sent: read chunk by chunk and hashed, and checked
+/// at the end to be the file it was when it was opened.
+///
+/// Opening never blocks (a FIFO would block in `open(2)` until a writer
+/// came): the file is opened with `O_NONBLOCK`, and anything that is not a
+/// regular file is refused before a byte is read. The size announced to the
+/// receiver is the size at opening; exactly that many bytes are sent. A
+/// file that shrinks, grows or is rewritten while it is read (its size,
+/// modification or change time, or inode differ at the end) fails with
+/// [`io::ErrorKind::ResourceBusy`], naming the path, and the receiver
+/// commits nothing, as rsync warns of a file that "changed as we read it".
+#[derive(Debug)]
+pub struct Source {
+    file: File,
+    path: PathBuf,
+    metadata: std::fs::Metadata,
+    hasher: blake3::Hasher,
+    read: u64,
+}
+
+impl Source {
+    /// Opens `path`, refusing directories and other non-regular files with a clear error.
+    pub fn open(path: &Path) -> FileResult<Source> {
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|error| FileError::new("opening", path, error))?;
+        let metadata = file
+            .metadata()
+            .map_err(|error| FileError::new("reading the metadata of", path, error))?;
+        if metadata.is_dir() {
+            return Err(FileError::new(
+                "sending",
+                path,
+                io::Error::new(
+                    io::ErrorKind::IsADirectory,
+                    "it is a directory; put and fetch move one regular file",
+                ),
+            ));
+        }
+        if !metadata.is_file() {
+            return Err(FileError::new(
+                "sending",
+                path,
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "it is not a regular file (a FIFO, socket or device); put and fetch move one \
+                     regular file",
+                ),
+            ));
+        }
+        // SAFETY: F_GETFL/F_SETFL on an open descriptor have no memory-safety preconditions.
+        unsafe {
+            let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+            }
+        }
+        Ok(Source {
+            file,
+            path: path.to_path_buf(),
+            metadata,
+            hasher: blake3::Hasher::new(),
+            read: 0,
+        })
     }
-    if !metadata.is_file() {
-        return Err(FileError::new(
-            "sending",
-            path,
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "it is not a regular file; put and fetch move one regular file",
-            ),
-        ));
+
+    /// The file's metadata when it was opened.
+    pub fn metadata(&self) -> &std::fs::Metadata {
+        &self.metadata
     }
-    Ok((file, metadata))
+
+    /// The size announced to the receiver: the file's size when it was opened.
+    pub fn len(&self) -> u64 {
+        self.metadata.len()
+    }
+
+    /// Whether the file was empty when it was opened.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes read so far.
+    pub fn read_so_far(&self) -> u64 {
+        self.read
+    }
+
+    /// Reads up to `max` more bytes into `chunk` (cleared first), hashing
+    /// them. Returns false once all [`len`](Self::len) bytes were read and
+    /// the file is found unchanged; fails if it ended early or changed.
+    pub fn read_chunk(&mut self, chunk: &mut Vec<u8>, max: usize) -> FileResult<bool> {
+        use std::io::Read;
+        chunk.clear();
+        let want = (self.len() - self.read).min(max as u64);
+        if want == 0 {
+            self.check_unchanged()?;
+            return Ok(false);
+        }
+        let read = (&mut self.file)
+            .take(want)
+            .read_to_end(chunk)
+            .map_err(|error| FileError::new("reading", &self.path, error))?;
+        if read == 0 {
+            return Err(self.changed(format!(
+                "it shrank to {} bytes while it was read ({} expected)",
+                self.read,
+                self.len()
+            )));
+        }
+        self.hasher.update(chunk);
+        self.read += read as u64;
+        Ok(true)
+    }
+
+    /// The BLAKE3 digest of what was read.
+    pub fn checksum(&self) -> Checksum {
+        *self.hasher.finalize().as_bytes()
+    }
+
+    fn check_unchanged(&self) -> FileResult<()> {
+        use std::os::unix::fs::MetadataExt;
+        let now = self
+            .file
+            .metadata()
+            .map_err(|error| FileError::new("reading the metadata of", &self.path, error))?;
+        let before = &self.metadata;
+        let identity = |m: &std::fs::Metadata| {
+            (
+                m.dev(),
+                m.ino(),
+                m.size(),
+                (m.mtime(), m.mtime_nsec()),
+                (m.ctime(), m.ctime_nsec()),
+            )
+        };
+        if identity(before) == identity(&now) {
+            return Ok(());
+        }
+        let what = if before.size() != now.size() {
+            format!(
+                "its size went from {} to {} bytes while it was read",
+                before.size(),
+                now.size()
+            )
+        } else {
+            "it was modified while it was read".to_string()
+        };
+        Err(self.changed(what))
+    }
+
+    fn changed(&self, what: String) -> FileError {
+        FileError::new(
+            "sending",
+            &self.path,
+            io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!(
+                    "{what}, so what was read is neither its old content nor its new; nothing was committed"
+                ),
+            ),
+        )
+    }
 }
 
 #[cfg(test)]

@@ -224,6 +224,9 @@ pub enum FileFailure {
     Os(i32),
     /// The bytes received do not match the size or checksum sent.
     Corrupt,
+    /// The source changed while it was read; what was read is not a
+    /// consistent copy.
+    Changed,
     /// Anything else.
     Other,
 }
@@ -235,6 +238,7 @@ impl FileFailure {
         match (error.raw_os_error(), error.kind()) {
             (Some(code), _) => FileFailure::Os(code),
             (None, ErrorKind::InvalidData) => FileFailure::Corrupt,
+            (None, ErrorKind::ResourceBusy) => FileFailure::Changed,
             (None, ErrorKind::IsADirectory) => FileFailure::Os(libc::EISDIR),
             (None, ErrorKind::NotFound) => FileFailure::Os(libc::ENOENT),
             (None, ErrorKind::PermissionDenied) => FileFailure::Os(libc::EACCES),
@@ -248,6 +252,7 @@ impl FileFailure {
         match self {
             FileFailure::Os(code) => std::io::Error::from_raw_os_error(code).kind(),
             FileFailure::Corrupt => std::io::ErrorKind::InvalidData,
+            FileFailure::Changed => std::io::ErrorKind::ResourceBusy,
             FileFailure::Other => std::io::ErrorKind::Other,
         }
     }

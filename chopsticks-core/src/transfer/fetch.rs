@@ -54,6 +54,10 @@ pub(super) async fn fetch(
     let (reply, staged) = tokio::select! {
         reply = &mut reply => (reply, joined(writer.await)),
         written = &mut writer => match joined(written) {
+            // The agent broke the stream's rules: nothing is committed.
+            Err(error) if error.source.kind() == std::io::ErrorKind::InvalidData => {
+                return Err(route.corrupt(error.to_string()));
+            }
             // The writer gave up (local disk full, say): the agent stops when `pending` drops.
             Err(error) => return Err(route.local_failure(error)),
             Ok(staged) => (reply.await, Ok(staged)),
@@ -69,11 +73,17 @@ pub(super) async fn fetch(
         Err(_) => return Err(route.broken(connection.dropped_error())),
     };
     let staged = staged.map_err(|error| route.local_failure(error))?;
-    let Some(file) = staged else {
+    let Some((file, announced)) = staged else {
         return Err(
             route.corrupt("the agent reported success without sending the file".to_string())
         );
     };
+    if summary.size != announced {
+        return Err(route.corrupt(format!(
+            "the agent announced {announced} bytes but reported sending {}",
+            summary.size
+        )));
+    }
     let checksum: [u8; 32] = summary.checksum.as_slice().try_into().map_err(|_| {
         route.corrupt(format!(
             "the agent's checksum has {} bytes instead of 32",
@@ -113,31 +123,46 @@ impl Drop for Pending<'_> {
     }
 }
 
-/// Writes the fetched file into an [`AtomicFile`] until the stream ends.
-/// Creates nothing until the agent has opened the remote file.
+/// Writes the fetched file into an [`AtomicFile`] until the stream ends,
+/// and returns it with the size the agent announced. Creates nothing until
+/// the agent has opened the remote file; refuses data before that, and
+/// bytes beyond the announced size.
 fn receive_file(
     mut events: Receiver<StreamEvent>,
     target: PathBuf,
     create_dirs: bool,
     sync: bool,
     (progress, host): (Option<SharedProgress>, String),
-) -> Result<Option<AtomicFile>, FileError> {
-    let mut file: Option<AtomicFile> = None;
-    let mut total = 0;
+) -> Result<Option<(AtomicFile, u64)>, FileError> {
+    let mut file: Option<(AtomicFile, u64)> = None;
+    let refuse = |message: String| {
+        FileError::new(
+            "receiving",
+            &target,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, message),
+        )
+    };
     while let Some(event) = events.blocking_recv() {
         match event {
             StreamEvent::Head(size) => {
-                total = size;
+                if file.is_some() {
+                    return Err(refuse("the agent opened the file twice".into()));
+                }
                 let mut created = AtomicFile::create(&target, create_dirs)?;
                 created.set_durable(sync);
-                file = Some(created);
+                file = Some((created, size));
             }
             StreamEvent::Data(data) => {
-                let Some(file) = file.as_mut() else {
-                    continue;
+                let Some((file, announced)) = file.as_mut() else {
+                    return Err(refuse("the agent sent data before opening the file".into()));
                 };
+                if file.written() + data.len() as u64 > *announced {
+                    return Err(refuse(format!(
+                        "the agent sent more than the {announced} bytes it announced"
+                    )));
+                }
                 file.write(&data)?;
-                advanced(&progress, &host, file.written(), total.max(file.written()));
+                advanced(&progress, &host, file.written(), *announced);
             }
         }
     }

@@ -1,17 +1,14 @@
 //! The controller's side of a put: read, hash and stream the local file.
 
-use std::fs::File;
-use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{Route, Transfer, TransferOptions, advanced};
 use crate::connection::{Connection, Reply};
 use crate::error::Result;
-use crate::files::{self, FileError, FileTime, checksum_hex};
+use crate::files::{self, FileError, FileTime, Source, checksum_hex};
 use crate::progress::SharedProgress;
 use crate::protocol::{FileSummary, Message, decode_value};
 use crate::tunnel::Tunnel;
@@ -23,12 +20,13 @@ pub(super) async fn put(
     options: TransferOptions,
 ) -> Result<Transfer> {
     let local = route.local.clone();
-    let (file, metadata) = tokio::task::spawn_blocking(move || files::open_source(&local))
+    let source = tokio::task::spawn_blocking(move || Source::open(&local))
         .await
         .map_err(|error| route.error(std::io::ErrorKind::Other, error.to_string()))?
         .map_err(|error| route.local_failure(error))?;
     let connection = tunnel.connection().await?;
-    let size = metadata.len();
+    let metadata = source.metadata().clone();
+    let size = source.len();
     let (id, reply) = connection.register()?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut pending = Pending {
@@ -57,8 +55,7 @@ pub(super) async fn put(
     let mut sender = {
         let outbox = connection.outbox().clone();
         let progress = (options.progress.clone(), route.host.clone());
-        let source = (file, route.local.clone());
-        tokio::task::spawn_blocking(move || send_file(source, size, id, &outbox, &stop, progress))
+        tokio::task::spawn_blocking(move || send_file(source, id, &outbox, &stop, progress))
     };
     let joined = |joined: std::result::Result<_, tokio::task::JoinError>| {
         joined.unwrap_or_else(|error: tokio::task::JoinError| {
@@ -125,41 +122,26 @@ impl Drop for Pending<'_> {
     }
 }
 
-/// Reads `size` bytes of `file` in chunks, hashing them, into the bulk queue,
-/// then sends `PutEnd`. Runs on a blocking thread; returns the checksum.
+/// Reads the source in chunks, hashing them, into the bulk queue, then
+/// sends `PutEnd`; a source that changed while it was read fails instead.
+/// Runs on a blocking thread; returns the checksum.
 fn send_file(
-    (mut file, path): (File, PathBuf),
-    size: u64,
+    mut source: Source,
     id: u64,
     outbox: &Outbox,
     stop: &AtomicBool,
     (progress, host): (Option<SharedProgress>, String),
 ) -> Result<files::Checksum, FileError> {
     let runtime = tokio::runtime::Handle::current();
-    let mut hasher = blake3::Hasher::new();
-    let mut sent = 0u64;
-    while sent < size {
+    let size = source.len();
+    loop {
         if stop.load(Ordering::Relaxed) {
             return Ok([0; 32]);
         }
-        let want = (size - sent).min(CHUNK_LEN as u64);
-        let mut chunk = crate::buffer::chunk(want as usize);
-        let read = (&mut file)
-            .take(want)
-            .read_to_end(&mut chunk)
-            .map_err(|error| FileError::new("reading", &path, error))?;
-        if read == 0 {
-            return Err(FileError::new(
-                "reading",
-                &path,
-                std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!("the file shrank to {sent} bytes while it was sent ({size} expected)"),
-                ),
-            ));
+        let mut chunk = crate::buffer::chunk(CHUNK_LEN);
+        if !source.read_chunk(&mut chunk, CHUNK_LEN)? {
+            break;
         }
-        hasher.update(&chunk);
-        sent += read as u64;
         let frame = OutFrame::chunk(id, crate::buffer::chunk_bytes(chunk));
         if outbox
             .send_bulk_blocking_unless(frame, stop, &runtime)
@@ -168,9 +150,9 @@ fn send_file(
             // The connection closed (the waiting reply says why), or the put was withdrawn.
             return Ok([0; 32]);
         }
-        advanced(&progress, &host, sent, size);
+        advanced(&progress, &host, source.read_so_far(), size);
     }
-    let checksum = *hasher.finalize().as_bytes();
+    let checksum = source.checksum();
     let end = Message::PutEnd {
         id,
         checksum: checksum.to_vec(),

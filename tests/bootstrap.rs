@@ -246,3 +246,131 @@ async fn without_any_sha256_tool_the_bootstrap_refuses() {
     assert!(matches!(error, Error::Bootstrap { .. }), "{error:?}");
     assert!(error.to_string().contains("sha256sum"), "{error}");
 }
+
+/// A target that asks for the agent again after receiving it: the
+/// controller refuses at once instead of sending the program over and over.
+#[tokio::test]
+async fn the_agent_is_sent_at_most_once_per_connection() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let size = chopsticks::identity::agent_file().expect("hash").size;
+    let received = root.path().join("received");
+    let script = format!(
+        "for i in 1 2 3; do echo chopsticks-bootstrap send; head -c {size} >> '{}'; done; \
+         cat > /dev/null",
+        received.display()
+    );
+    let tun = Tunnel::builder(crate::support::FakeTarget { script })
+        .connect_timeout(std::time::Duration::from_secs(30))
+        .stderr(chopsticks::stderr::discard())
+        .build();
+    let started = std::time::Instant::now();
+    let error = tun.connect().await.expect_err("must refuse");
+    assert!(matches!(error, Error::Bootstrap { .. }), "{error:?}");
+    assert!(error.to_string().contains("second time"), "{error}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let sent = std::fs::metadata(&received).expect("received").len();
+    assert_eq!(sent, size, "the agent was sent more than once");
+}
+
+/// What a target writes into its error line reaches the user cut to a bounded length.
+#[tokio::test]
+async fn a_huge_bootstrap_error_line_is_bounded() {
+    let script = format!(
+        "echo \"chopsticks-bootstrap error BEGIN{}END\"; exit 111",
+        "z".repeat(50_000)
+    );
+    let tun = Tunnel::builder(crate::support::FakeTarget { script })
+        .stderr(chopsticks::stderr::discard())
+        .build();
+    let error = tun.connect().await.expect_err("must fail");
+    let text = error.to_string();
+    assert!(matches!(error, Error::Bootstrap { .. }), "{error:?}");
+    assert!(text.len() < 6 * 1024, "{} bytes", text.len());
+    assert!(
+        text.contains("BEGIN") && text.contains("END"),
+        "{text:.200}"
+    );
+}
+
+/// An attacker who can rename paths in the cache swaps the entry for another
+/// program between its check and its exec (here the digest tool itself does
+/// it, right after hashing): what runs is still the file that was verified.
+#[tokio::test]
+async fn a_cache_entry_swapped_after_its_check_is_not_what_runs() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let cache = root.path().join("cache");
+    // Fill the cache with the genuine agent.
+    let first = bootstrapped(&cache, root.path());
+    first.connect().await.expect("upload");
+    first.close().await.expect("close");
+
+    let agent = cached_agent(&cache.join("chopsticks"));
+    let trace = root.path().join("swapped-program-ran");
+    let evil = root.path().join("evil");
+    std::fs::write(&evil, format!("#!/bin/sh\ntouch '{}'\n", trace.display())).expect("evil");
+    let bin = root.path().join("swapping-bin");
+    std::fs::create_dir(&bin).expect("mkdir");
+    for tool in BOOTSTRAP_TOOLS {
+        let real = ["/usr/bin", "/bin"]
+            .iter()
+            .map(|dir| Path::new(dir).join(tool))
+            .find(|path| path.exists())
+            .unwrap_or_else(|| panic!("{tool} is not installed"));
+        std::os::unix::fs::symlink(real, bin.join(tool)).expect("symlink");
+    }
+    let sha256sum = ["/usr/bin/sha256sum", "/bin/sha256sum"]
+        .into_iter()
+        .find(|path| Path::new(path).exists())
+        .expect("sha256sum is installed");
+    let swap = format!(
+        "#!/bin/sh\n{sha256sum} \"$@\"\nstatus=$?\n\
+         /bin/cp '{evil}' '{agent}.swap' && /bin/chmod 700 '{agent}.swap' && \
+         /bin/mv -f '{agent}.swap' '{agent}'\nexit $status\n",
+        evil = evil.display(),
+        agent = agent.display()
+    );
+    let wrapper = bin.join("sha256sum");
+    std::fs::write(&wrapper, swap).expect("wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+
+    let tun = Tunnel::builder(
+        Local::named("swapped")
+            .shell_bootstrap(true)
+            .env("PATH", bin.display().to_string())
+            .env("XDG_CACHE_HOME", cache.display().to_string()),
+    )
+    .stderr(chopsticks::stderr::discard())
+    .build();
+    let agent_pid = tun.call(pid, ()).await.expect("the verified agent runs");
+    assert!(
+        !trace.exists(),
+        "the program swapped in after the check ran"
+    );
+    assert!(
+        !same_as_this_program(&agent),
+        "the swap did not happen, so this test proved nothing"
+    );
+    let descriptors = tun
+        .call(descriptors_on_own_executable, ())
+        .await
+        .expect("list descriptors");
+    assert_eq!(
+        descriptors,
+        Vec::<String>::new(),
+        "agent {agent_pid} kept the descriptor it was executed through"
+    );
+}
+
+/// This process's descriptors that are open on its own executable.
+fn descriptors_on_own_executable() -> Vec<String> {
+    let exe = std::fs::metadata("/proc/self/exe").expect("exe");
+    std::fs::read_dir("/proc/self/fd")
+        .expect("fds")
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| {
+            std::fs::metadata(entry.path())
+                .is_ok_and(|target| (target.dev(), target.ino()) == (exe.dev(), exe.ino()))
+        })
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect()
+}

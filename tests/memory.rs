@@ -91,3 +91,88 @@ async fn the_agents_pipes_are_large_only_while_bulk_data_moves() {
     let after = tun.call(largest_pipe, ()).await.expect("call");
     assert_eq!(after, before, "the pipes went back to their size");
 }
+
+/// The frames of a fake agent that streams `chunks` chunks of a result it
+/// announced as twice as large, and then says nothing more.
+fn half_streamed_result(path: &std::path::Path, chunks: usize) {
+    use chopsticks::protocol::{Hello, Message, PROTOCOL_VERSION, Payload};
+    use chopsticks::wire::{CHUNK_LEN, OutFrame};
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
+    let hello = Message::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        binary_id: chopsticks::identity::binary_id().to_vec(),
+        pid: 1,
+        os: "Linux".into(),
+        arch: std::env::consts::ARCH.into(),
+        depth: 1,
+    });
+    let head = Message::Return {
+        id: 1,
+        value: Payload::Streamed {
+            len: (2 * chunks * CHUNK_LEN) as u64,
+        },
+    };
+    for message in [hello, head] {
+        out.write_all(&OutFrame::message(&message).to_bytes())
+            .expect("write");
+    }
+    let chunk = OutFrame::chunk(1, bytes::Bytes::from(vec![7u8; CHUNK_LEN])).to_bytes();
+    for _ in 0..chunks {
+        out.write_all(&chunk).expect("write");
+    }
+    out.flush().expect("flush");
+}
+
+fn small() -> u8 {
+    1
+}
+
+/// Runs on agent A, the controller under test: calls a fake agent that
+/// streams half of a large result and stalls, gives the call up after a
+/// timeout, and returns A's anonymous memory (KiB) before the call, while
+/// the partial result was held, and after the timeout.
+async fn give_up_on_a_half_streamed_result(frames: std::path::PathBuf) -> (u64, u64, u64) {
+    let tunnel = Tunnel::builder(crate::support::FakeAgent {
+        script: format!("cat '{}'; cat > /dev/null", frames.display()),
+    })
+    .stderr(chopsticks::stderr::discard())
+    .build();
+    let me = std::process::id();
+    let before = resident_kib(me);
+    let (outcome, during) = tokio::join!(
+        tunnel.call(small, ()).timeout(Duration::from_secs(3)),
+        async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            resident_kib(me)
+        }
+    );
+    assert!(outcome.is_err(), "the stalled call must time out");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    (before, during, resident_kib(me))
+}
+
+/// A call given up (here by its timeout) while its large result streams in
+/// frees what arrived at once, not when the connection closes.
+#[tokio::test]
+async fn a_timed_out_calls_partial_result_is_freed_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let frames = dir.path().join("frames");
+    half_streamed_result(&frames, 640); // 160 MiB of a 320 MiB result
+    let controller = Tunnel::builder(Local::named("a"))
+        .stderr(chopsticks::stderr::discard())
+        .build();
+    let (before, during, after) = controller
+        .call_async(give_up_on_a_half_streamed_result, (frames,))
+        .await
+        .expect("agent A");
+    assert!(
+        during > before + 150 * 1024,
+        "the partial result was never held ({before} → {during} KiB), so this test proves nothing"
+    );
+    assert!(
+        after < before + 32 * 1024,
+        "{} KiB still held after the call was given up ({before} → {during} → {after} KiB)",
+        after.saturating_sub(before)
+    );
+}

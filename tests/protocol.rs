@@ -135,3 +135,118 @@ async fn truncated_stream_mid_frame_is_a_disconnect_not_a_hang() {
     let error = result.expect("no hang").expect_err("must fail");
     assert!(error.is_disconnect(), "{error:?}");
 }
+
+/// The longest error a hostile agent may cause: the bounded peer text and ours around it.
+const LONGEST_ERROR: usize = 6 * 1024;
+
+#[tokio::test]
+async fn a_huge_binary_id_in_a_hello_gives_an_error_of_bounded_size() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tun = speaking(&dir, &hello(PROTOCOL_VERSION, vec![0xab; 100_000]));
+    let error = tun.connect().await.expect_err("must fail");
+    let text = error.to_string();
+    assert!(matches!(error, Error::Handshake { .. }), "{error:?}");
+    assert!(
+        text.len() < LONGEST_ERROR,
+        "{} bytes: {text:.300}",
+        text.len()
+    );
+    assert!(text.contains("100000 bytes"), "{text}");
+}
+
+fn fail_frame(id: u64, message: String, backtrace: String) -> Vec<u8> {
+    OutFrame::message(&Message::Fail {
+        id,
+        failure: chopsticks::protocol::Failure {
+            kind: chopsticks::protocol::FailureKind::Panic,
+            message,
+            backtrace: Some(backtrace),
+        },
+    })
+    .to_bytes()
+}
+
+#[tokio::test]
+async fn a_huge_failure_message_is_elided_in_the_middle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let message = format!("START{}END", "x".repeat(200_000));
+    let backtrace = format!("TOP{}BOTTOM", "y".repeat(100_000));
+    let mut bytes = our_hello();
+    bytes.extend(fail_frame(1, message, backtrace));
+    let tun = speaking(&dir, &bytes);
+    let error = tun.call(ping, ()).await.expect_err("must fail");
+    let Error::Remote {
+        message, backtrace, ..
+    } = &error
+    else {
+        panic!("{error:?}");
+    };
+    assert!(message.len() < LONGEST_ERROR, "{} bytes", message.len());
+    assert!(message.starts_with("panicked: START") && message.ends_with("END"));
+    assert!(message.contains("bytes elided"), "{message:.300}");
+    let backtrace = backtrace.as_deref().expect("backtrace");
+    assert!(backtrace.len() <= 33 * 1024, "{} bytes", backtrace.len());
+    assert!(backtrace.starts_with("TOP") && backtrace.ends_with("BOTTOM"));
+}
+
+/// A violation from an agent that stays alive: the error names the message
+/// kind (never its content), comes at once, the process is killed, and
+/// `close` does not wait for an agent that can no longer hear it.
+#[tokio::test]
+async fn a_protocol_violation_fails_at_once_and_kills_the_agent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut bytes = our_hello();
+    bytes.extend(
+        OutFrame::message(&Message::Put {
+            id: 1,
+            path: b"/etc/some/path/\xff/".repeat(10_000),
+            size: 1,
+            mode: 0o600,
+            apply_umask: false,
+            sync: false,
+            create_dirs: false,
+            mtime: None,
+        })
+        .to_bytes(),
+    );
+    let frames = dir.path().join("frames");
+    std::fs::write(&frames, &bytes).expect("write frames");
+    let pid_file = dir.path().join("pid");
+    let tun = Tunnel::builder(FakeAgent {
+        script: format!(
+            "echo $$ > '{}'; cat '{}'; cat > /dev/null",
+            pid_file.display(),
+            frames.display()
+        ),
+    })
+    .stderr(chopsticks::stderr::discard())
+    .build();
+    tun.connect().await.expect("hello");
+    let started = std::time::Instant::now();
+    let error = tun.call(ping, ()).await.expect_err("must fail");
+    let failed_after = started.elapsed();
+    let text = error.to_string();
+    assert!(matches!(error, Error::Protocol { .. }), "{error:?}");
+    assert!(text.contains("a Put"), "{text}");
+    assert!(text.len() < 512, "{text}");
+    assert!(
+        failed_after < Duration::from_millis(300),
+        "{failed_after:?}"
+    );
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    assert!(
+        crate::support::wait_gone(pid, Duration::from_secs(1)).await,
+        "the violating agent {pid} is still running"
+    );
+    let closing = std::time::Instant::now();
+    tun.close().await.expect("close");
+    assert!(
+        closing.elapsed() < Duration::from_secs(1),
+        "close took {:?}",
+        closing.elapsed()
+    );
+}

@@ -66,6 +66,31 @@ impl Transport for FakeAgent {
     }
 }
 
+/// A target whose shell runs `sh -c SCRIPT` instead of the bootstrap it is
+/// given: it says whatever the test wants where the bootstrap would speak.
+pub struct FakeTarget {
+    pub script: String,
+}
+
+#[async_trait]
+impl Transport for FakeTarget {
+    fn host(&self) -> &str {
+        "fake-target"
+    }
+
+    fn launch(&self) -> AgentLaunch {
+        AgentLaunch::ShellBootstrap
+    }
+
+    async fn spawn(&self, command: &AgentCommand) -> Result<Pipes, BoxError> {
+        FakeAgent {
+            script: self.script.clone(),
+        }
+        .spawn(command)
+        .await
+    }
+}
+
 #[cfg(any(feature = "ssh", feature = "docker"))]
 pub fn sleep_secs(secs: u64) -> u64 {
     std::thread::sleep(Duration::from_secs(secs));

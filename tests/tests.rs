@@ -14,7 +14,8 @@
 //! - `bootstrap`: the shell bootstrap and its cache: upload, reuse, corruption, unsafe dirs
 //! - `sudo`: the `Sudo` transport with a throwaway user
 //! - `custom_transport`: a transport written outside core (`examples/custom_transport.rs`)
-//! - `memory`: resident memory of idle agents
+//! - `memory`: resident memory of idle agents; a given-up call's partial result is freed
+//! - `descriptors`: hundreds of local tunnels from a low soft limit; running out names the limit
 //! - `forged_calls`: random and near-miss function references against a live agent: refused,
 //!   never run
 //! - `group`: fan-out over several agents, per-host failures, set operations, group transfers
@@ -31,6 +32,7 @@ mod bootstrap;
 mod calls;
 mod controller_killed;
 mod custom_transport;
+mod descriptors;
 #[cfg(feature = "docker")]
 mod docker;
 mod failures;

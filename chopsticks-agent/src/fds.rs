@@ -1,6 +1,7 @@
 //! Descriptor hygiene: the protocol moves to private descriptors before anything else runs.
 //!
-//! Afterwards fd 0 is `/dev/null` and fd 1 is a copy of stderr, so
+//! Afterwards fd 0 is `/dev/null`, fd 1 is a copy of stderr and the
+//! descriptor the shell bootstrap executed the agent through is closed, so
 //! `println!`, `libc::write(1, ..)` and child processes that write to stdout
 //! cannot corrupt the stream.
 
@@ -33,6 +34,8 @@ fn dup_private(fd: libc::c_int) -> io::Result<OwnedFd> {
 pub(crate) fn take_protocol_fds() -> io::Result<ProtocolFds> {
     // SAFETY: setting a signal disposition to SIG_IGN has no memory-safety preconditions.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    // Before anything can take descriptor 9 for itself.
+    close_bootstrap_descriptor();
     let input = dup_private(0)?;
     let output = dup_private(1)?;
     // Enlarged while bulk data moves: the controller keeps writing while a
@@ -58,14 +61,34 @@ pub(crate) fn take_protocol_fds() -> io::Result<ProtocolFds> {
     Ok(ProtocolFds { input, output })
 }
 
+/// The descriptor the shell bootstrap executes the agent through.
+const BOOTSTRAP_FD: libc::c_int = 9;
+
+/// Closes the descriptor the shell bootstrap executed this program through
+/// (see `chopsticks_core::bootstrap`), if it is there: a descriptor that is
+/// open on this very executable. Anything else on that number is left alone.
+fn close_bootstrap_descriptor() {
+    let Ok(executable) = std::fs::metadata("/proc/self/exe") else {
+        return;
+    };
+    use std::os::unix::fs::MetadataExt;
+    if identity(BOOTSTRAP_FD) == Some((executable.dev(), executable.ino())) {
+        // SAFETY: the descriptor is open (fstat succeeded) and refers to our
+        // own executable; nothing in this process owns or uses it.
+        unsafe { libc::close(BOOTSTRAP_FD) };
+    }
+}
+
+/// The device and inode a descriptor refers to; `None` if it is closed.
+fn identity(fd: libc::c_int) -> Option<(u64, u64)> {
+    // SAFETY: stat is plain old data; fstat fills it for an open descriptor.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `stat` is writable; fstat fails cleanly on a closed descriptor.
+    (unsafe { libc::fstat(fd, &mut stat) } == 0).then_some((stat.st_dev, stat.st_ino))
+}
+
 /// Whether two descriptors refer to the same open file; `None` if either is closed.
 fn same_file(a: libc::c_int, b: libc::c_int) -> Option<bool> {
-    let identity = |fd| {
-        // SAFETY: stat is plain old data; fstat fills it for an open descriptor.
-        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: `stat` is writable; fstat fails cleanly on a closed descriptor.
-        (unsafe { libc::fstat(fd, &mut stat) } == 0).then_some((stat.st_dev, stat.st_ino))
-    };
     Some(identity(a)? == identity(b)?)
 }
 

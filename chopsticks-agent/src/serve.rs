@@ -43,7 +43,7 @@ use crate::watchdog::Watchdog;
 
 /// A call in progress, by id, so that a `Cancel` can reach it.
 enum RunningCall {
-    /// An async call: aborted on cancel.
+    /// An async call, or the stream of any call's large result: aborted on cancel.
     Task(AbortHandle),
     /// A blocking call: runs on, but its result is discarded.
     Blocking(Arc<AtomicBool>),
@@ -509,7 +509,8 @@ fn lead(agent: &Agent) {
             Frame::Message(Message::Shutdown) => return finish(agent, 0),
             Frame::Message(Message::Heartbeat) => None,
             Frame::Message(other) => Some(format!(
-                "the controller sent {other:?}, which only an agent may send"
+                "the controller sent {}, which only an agent may send",
+                other.kind()
             )),
         };
         if let Some(message) = violation {
@@ -536,20 +537,20 @@ impl Dispatch {
             }
             Ok(Resolved::Async(trampoline)) => {
                 let (outbox, running) = (self.outbox.clone(), self.running.clone());
+                // Registered before the task can unregister itself: it takes
+                // this lock to do so. It stays registered while its result
+                // streams, so that a cancel stops the stream too.
+                let mut calls_running = lock(&self.running);
                 let task = self.calls.spawn(async move {
                     let outcome = AssertUnwindSafe(InCall(trampoline.run(args)))
                         .catch_unwind()
                         .await
                         .unwrap_or_else(|_| Err(panic_failure()));
-                    lock(&running).remove(&id);
                     CALLS_FINISHED.fetch_add(1, Ordering::Relaxed);
                     send_outcome(&outbox, id, outcome).await;
+                    lock(&running).remove(&id);
                 });
-                lock(&self.running).insert(id, RunningCall::Task(task.abort_handle()));
-                // The task runs on another runtime and may have finished before the insert.
-                if task.is_finished() {
-                    lock(&self.running).remove(&id);
-                }
+                calls_running.insert(id, RunningCall::Task(task.abort_handle()));
             }
             Err(failure) => {
                 let _ = self.outbox.send(reply(id, Err(failure)));
@@ -593,16 +594,26 @@ impl Dispatch {
                     .unwrap_or_else(|_| Err(panic_failure()));
             // The next large payload reuses these pages instead of fresh ones.
             chopsticks_core::buffer::give(args);
-            lock(&running).remove(&id);
             CALLS_FINISHED.fetch_add(1, Ordering::Relaxed);
+            let mut calls_running = lock(&running);
+            // A cancel sets the flag under this lock.
             if cancelled.load(Ordering::Relaxed) {
                 return;
             }
             match outcome {
                 Ok(value) if value.len() > INLINE_LIMIT => {
-                    io.spawn(async move { send_outcome(&outbox, id, Ok(value)).await });
+                    // The stream is a task a cancel can abort; it unregisters
+                    // itself once sent, after the insert (it needs this lock).
+                    let unregister = running.clone();
+                    let sending = io.spawn(async move {
+                        send_outcome(&outbox, id, Ok(value)).await;
+                        lock(&unregister).remove(&id);
+                    });
+                    calls_running.insert(id, RunningCall::Task(sending.abort_handle()));
                 }
                 outcome => {
+                    calls_running.remove(&id);
+                    drop(calls_running);
                     // The last reply of a burst goes straight to the pipe when the
                     // writer is idle (one thread hand-off fewer); replies with more
                     // calls queued behind them are batched by the writer.

@@ -11,12 +11,15 @@
 //!    others, else a `${TMPDIR:-/tmp}/chopsticks-UID` directory (absolute, or
 //!    under `/tmp`) that must be owned by the user with mode 0700;
 //! 3. on a cache hit, verifies size and SHA-256 of `agent-HASH` and execs it;
-//!    a corrupt entry is deleted, never executed. SHA-256 comes from
+//!    a corrupt entry is deleted, never executed. The file is hashed and
+//!    executed through one descriptor (`/proc/self/fd/9`) opened before the
+//!    check, so renaming paths in between cannot swap the program. SHA-256 comes from
 //!    `openssl dgst` where installed (it uses the CPU's SHA extensions, several
 //!    times faster than coreutils), else `sha256sum`;
 //! 4. on a miss, says `send`, reads exactly SIZE bytes into a `mktemp` file
 //!    (created exclusively), verifies them, makes the file executable,
-//!    renames it into place and execs it.
+//!    renames it into place and execs it, through its descriptor again. The
+//!    controller sends the file at most once per connection.
 //!
 //! The warm path forks only `uname`, one `ls` (directory mode and agent size
 //! together) and the digest, so it costs little more than hashing the file.
@@ -72,16 +75,21 @@ if ! { owned && private; }; then
   owned || fail "cache directory $dir is not a directory owned by $(id -un)"
   case $dirmode in drwx------*) ;; *) fail "cache directory $dir must have mode 0700";; esac
 fi
+# The file is opened once, hashed through that descriptor, and executed
+# through it: a path renamed between the check and the exec cannot swap in
+# another program. The agent closes descriptor 9 when it starts.
 verify() {
   [ "$2" = "$size" ] || return 1
-  sum=$(digest < "$1") || return 1
+  exec 9< "$1" || return 1
+  sum=$(digest <&9) || return 1
   [ "${sum%% *}" = "$hash" ]
 }
 run() {
+  [ -e /proc/self/fd/9 ] || fail "the target has no /proc, which the agent needs"
   say exec "$1"
   export CHOPSTICKS_AGENT=@VERSION@ CHOPSTICKS_DEPTH="$depth" CHOPSTICKS_HEARTBEAT_MS="$heartbeat"
   trap - EXIT HUP INT TERM
-  exec "$agent"
+  exec /proc/self/fd/9
 }
 agent=$dir/agent-$hash
 case $filemode in
@@ -155,6 +163,7 @@ where
     W: AsyncWrite + Unpin + ?Sized,
 {
     let mut noise = 0usize;
+    let mut uploaded = false;
     loop {
         let Some(line) = read_line(stdout, &mut noise).await? else {
             return Ok(Outcome::Ended);
@@ -169,16 +178,34 @@ where
                     uploaded: rest == "uploaded",
                 });
             }
-            "error" => return Ok(Outcome::Failed(rest.to_string())),
-            "arch" => return Ok(Outcome::WrongPlatform(rest.to_string())),
-            "send" => upload(file, stdin).await?,
+            "error" => return Ok(Outcome::Failed(peer_text(rest))),
+            "arch" => return Ok(Outcome::WrongPlatform(peer_text(rest))),
+            "send" if uploaded => {
+                // The script asks once; a target asking again only makes this
+                // end send the whole program over and over.
+                return Ok(Outcome::Failed(
+                    "the target asked for the agent a second time after it was sent; \
+                     it is sent at most once per connection"
+                        .into(),
+                ));
+            }
+            "send" => {
+                upload(file, stdin).await?;
+                uploaded = true;
+            }
             _ => {
                 return Ok(Outcome::Failed(format!(
-                    "unexpected bootstrap status {status:?}"
+                    "unexpected bootstrap status {:?}",
+                    peer_text(status)
                 )));
             }
         }
     }
+}
+
+/// Text the target wrote, cut to a length fit for an error message.
+fn peer_text(text: &str) -> String {
+    crate::protocol::bounded_text(text, crate::protocol::MAX_PEER_TEXT).into_owned()
 }
 
 /// Reads one line byte by byte, so nothing after it is consumed.
@@ -260,5 +287,14 @@ mod tests {
             .await
             .expect("dialogue");
         assert_eq!(outcome, Outcome::Ended);
+
+        let mut out: &[u8] = b"chopsticks-bootstrap send\nchopsticks-bootstrap send\n";
+        let outcome = dialogue(&file, &mut out, &mut sink)
+            .await
+            .expect("dialogue");
+        assert!(
+            matches!(&outcome, Outcome::Failed(message) if message.contains("second time")),
+            "{outcome:?}"
+        );
     }
 }

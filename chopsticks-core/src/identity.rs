@@ -65,6 +65,16 @@ pub fn hex(bytes: &[u8]) -> String {
     text
 }
 
+/// Lowercase hex of bytes a peer sent (a binary id, a checksum), at most
+/// 64 of them: anything longer is cut and its length given.
+pub fn peer_hex(bytes: &[u8]) -> String {
+    const SHOWN: usize = 64;
+    if bytes.len() <= SHOWN {
+        return hex(bytes);
+    }
+    format!("{}… ({} bytes)", hex(&bytes[..SHOWN]), bytes.len())
+}
+
 /// `uname -s` and `uname -m` of this machine, as the bootstrap script sees them.
 pub fn uname() -> (String, String) {
     // SAFETY: utsname is plain old data; an all-zero value is valid.

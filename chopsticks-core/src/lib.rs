@@ -50,6 +50,7 @@ mod bootstrap;
 pub mod buffer;
 pub mod cbor;
 mod connection;
+mod descriptor_limit;
 mod error;
 pub mod files;
 mod group;

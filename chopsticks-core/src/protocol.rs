@@ -109,6 +109,55 @@ pub enum Message {
     },
 }
 
+impl Message {
+    /// The message's kind, as errors name it: never its content, which the
+    /// peer chose and which may be large or hostile.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "a Hello",
+            Message::Call { .. } => "a Call",
+            Message::Return { .. } => "a Return",
+            Message::Fail { .. } => "a Fail",
+            Message::Cancel { .. } => "a Cancel",
+            Message::Shutdown => "a Shutdown",
+            Message::Heartbeat => "a Heartbeat",
+            Message::Put { .. } => "a Put",
+            Message::PutEnd { .. } => "a PutEnd",
+            Message::Fetch { .. } => "a Fetch",
+            Message::FetchHead { .. } => "a FetchHead",
+        }
+    }
+}
+
+/// How many bytes of text a peer may put into one error message.
+pub const MAX_PEER_TEXT: usize = 4096;
+
+/// How many bytes of backtrace a peer may put into one error.
+pub const MAX_PEER_BACKTRACE: usize = 32 * 1024;
+
+/// `text` cut to at most about `limit` bytes by eliding its middle, at
+/// character boundaries: the start and the end of a long message or
+/// backtrace are the parts that explain it.
+pub fn bounded_text(text: &str, limit: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= limit {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut head = limit / 2;
+    while !text.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = text.len() - limit / 2;
+    while !text.is_char_boundary(tail) {
+        tail += 1;
+    }
+    std::borrow::Cow::Owned(format!(
+        "{} [… {} bytes elided …] {}",
+        &text[..head],
+        tail - head,
+        &text[tail..]
+    ))
+}
+
 /// What a finished put or fetch moved, as the agent reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileSummary {
@@ -268,6 +317,23 @@ impl Failure {
         }
     }
 
+    /// The failure with its message cut to [`MAX_PEER_TEXT`] bytes and its
+    /// backtrace to [`MAX_PEER_BACKTRACE`] (see [`bounded_text`]), as it is
+    /// shown to users.
+    pub fn bounded(self) -> Failure {
+        let cut = |text: String, limit: usize| match bounded_text(&text, limit) {
+            std::borrow::Cow::Borrowed(_) => text,
+            std::borrow::Cow::Owned(cut) => cut,
+        };
+        Failure {
+            kind: self.kind,
+            message: cut(self.message, MAX_PEER_TEXT),
+            backtrace: self
+                .backtrace
+                .map(|backtrace| cut(backtrace, MAX_PEER_BACKTRACE)),
+        }
+    }
+
     /// The message, prefixed with what kind of failure it was.
     pub fn describe(&self) -> String {
         match self.kind {
@@ -293,6 +359,28 @@ pub fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bounded_text_keeps_short_text_and_elides_the_middle_of_long_text() {
+        assert_eq!(bounded_text("short", 10), "short");
+        let long = format!("head{}tail", "é".repeat(1000));
+        let cut = bounded_text(&long, 100);
+        assert!(cut.len() < 160, "{cut}");
+        assert!(cut.starts_with("head") && cut.ends_with("tail"), "{cut}");
+        assert!(cut.contains("bytes elided"), "{cut}");
+        let failure = Failure {
+            kind: FailureKind::Panic,
+            message: "m".repeat(MAX_PEER_TEXT * 3),
+            backtrace: Some("b".repeat(MAX_PEER_BACKTRACE * 3)),
+        }
+        .bounded();
+        assert!(failure.message.len() < MAX_PEER_TEXT + 64);
+        assert!(
+            failure
+                .backtrace
+                .is_some_and(|text| text.len() < MAX_PEER_BACKTRACE + 64)
+        );
+    }
 
     #[test]
     fn messages_round_trip() {

@@ -121,6 +121,10 @@ struct Shared {
     input: InputWatch,
     /// Dropping or sending on it makes the supervisor kill the agent.
     kill: Mutex<Option<oneshot::Sender<()>>>,
+    /// Streamed results being reassembled. Apart from `pending` so that
+    /// copying a chunk never holds up a call being registered; a withdrawn
+    /// call's partial result is dropped here at once.
+    assemblies: Mutex<Assemblies>,
 }
 
 impl Shared {
@@ -137,7 +141,28 @@ impl Shared {
             exit,
             input: InputWatch::default(),
             kill: Mutex::new(Some(kill)),
+            assemblies: Mutex::new(Assemblies::default()),
         }
+    }
+
+    fn assemblies(&self) -> std::sync::MutexGuard<'_, Assemblies> {
+        self.assemblies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Forgets request `id`: its waiter, its stream and any part of its
+    /// result received so far. Returns whether a waiter was still there.
+    fn forget(&self, id: u64) -> bool {
+        let was_waiting = {
+            let mut pending = self.lock();
+            pending.streams.remove(&id);
+            pending.waiters.remove(&id).is_some()
+        };
+        // After the waiter is gone: the reader starts an assembly only for a
+        // waiting id, and checks under this lock.
+        self.assemblies().cancel(id);
+        was_waiting
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
@@ -193,13 +218,14 @@ impl Shared {
             pending.streams.clear();
             std::mem::take(&mut pending.waiters)
         };
+        self.assemblies().clear();
         for (_, waiter) in waiters {
             let _ = waiter.send(Reply::Closed(ClosureRef(closure.clone())));
         }
     }
 
     /// Waits briefly for the exit status and the last stderr lines, then closes.
-    async fn close_explained(&self, protocol_violation: bool, what: String) {
+    async fn close_explained(&self, what: String) {
         self.tail.wait_closed(EXPLAIN_WAIT).await;
         let mut exit = self.exit.clone();
         let ending = tokio::time::timeout(EXPLAIN_WAIT, exit.wait_for(Option::is_some))
@@ -207,11 +233,11 @@ impl Shared {
             .ok()
             .and_then(|ending| ending.ok().and_then(|ending| ending.clone()));
         let reason = match ending {
-            Some(ending) if !protocol_violation => format!("{what}; {ending}"),
-            _ => what,
+            Some(ending) => format!("{what}; {ending}"),
+            None => what,
         };
         self.close(Closure {
-            protocol_violation,
+            protocol_violation: false,
             reason,
             stderr_tail: self.tail.snapshot(),
         });
@@ -264,7 +290,7 @@ impl Connection {
             if let Err(error) = written {
                 // Calls must not wait for replies to requests that never left.
                 writer_shared
-                    .close_explained(false, format!("writing to the agent failed: {error}"))
+                    .close_explained(format!("writing to the agent failed: {error}"))
                     .await;
             }
         });
@@ -382,11 +408,7 @@ impl Connection {
     /// Forgets request `id` (waiter and stream) and tells the agent to drop it,
     /// behind any bulk data already queued. Returns whether it was still pending.
     pub(crate) fn withdraw(&self, id: u64) -> bool {
-        let was_waiting = {
-            let mut pending = self.shared.lock();
-            pending.streams.remove(&id);
-            pending.waiters.remove(&id).is_some()
-        };
+        let was_waiting = self.shared.forget(id);
         if was_waiting {
             let cancel = OutFrame::message(&Message::Cancel { id });
             let outbox = self.outbox.clone();
@@ -435,7 +457,14 @@ impl Connection {
 
     /// Asks the agent to exit and waits for it, at most `bound`.
     pub(crate) async fn shutdown(&self, bound: Duration) -> bool {
-        let _ = self.outbox.send(OutFrame::message(&Message::Shutdown));
+        let bound = if self.is_alive() {
+            let _ = self.outbox.send(OutFrame::message(&Message::Shutdown));
+            bound
+        } else {
+            // No reader is left to hear a Shutdown: a process that is still
+            // there after a moment is not going to end by itself.
+            bound.min(EXPLAIN_WAIT)
+        };
         let mut exit = self.shared.exit.clone();
         tokio::time::timeout(bound, exit.wait_for(Option::is_some))
             .await
@@ -462,8 +491,7 @@ impl Drop for CallGuard<'_> {
             connection.withdraw(self.id);
             return;
         }
-        let was_waiting = connection.shared.lock().waiters.remove(&self.id).is_some();
-        if was_waiting {
+        if connection.shared.forget(self.id) {
             let _ = connection
                 .outbox
                 .send(OutFrame::message(&Message::Cancel { id: self.id }));
@@ -505,7 +533,6 @@ async fn heartbeat(shared: Arc<Shared>, outbox: Outbox, timeout: Duration) {
 
 /// Routes replies to waiting calls until the agent's output ends or breaks the protocol.
 async fn read_replies(mut frames: Frames, shared: Arc<Shared>) {
-    let mut assemblies = Assemblies::default();
     let (violation, what) = loop {
         shared.input.waiting();
         let next = frames.next().await;
@@ -524,11 +551,17 @@ async fn read_replies(mut frames: Frames, shared: Arc<Shared>) {
                     shared.deliver(id, Reply::Value(value));
                     Ok(())
                 }
-                Payload::Streamed { len } if shared.is_waiting(id) => assemblies.start(id, len),
-                Payload::Streamed { .. } => Ok(()),
+                Payload::Streamed { len } => {
+                    let mut assemblies = shared.assemblies();
+                    if shared.is_waiting(id) {
+                        assemblies.start(id, len)
+                    } else {
+                        Ok(())
+                    }
+                }
             },
             Frame::Message(Message::Fail { id, failure }) => {
-                shared.deliver(id, Reply::Failed(failure));
+                shared.deliver(id, Reply::Failed(failure.bounded()));
                 Ok(())
             }
             Frame::Message(Message::Heartbeat) => Ok(()),
@@ -544,19 +577,35 @@ async fn read_replies(mut frames: Frames, shared: Arc<Shared>) {
                     let _ = stream.send(StreamEvent::Data(data)).await;
                     Ok(())
                 }
-                None => assemblies.add(id, &data).map(|complete| {
-                    if let Some(value) = complete {
-                        shared.deliver(id, Reply::Value(value));
-                    }
-                }),
+                None => {
+                    let added = shared.assemblies().add(id, &data);
+                    added.map(|complete| {
+                        if let Some(value) = complete {
+                            shared.deliver(id, Reply::Value(value));
+                        }
+                    })
+                }
             },
             Frame::Message(other) => Err(format!(
-                "the agent sent {other:?}, which only a controller may send"
+                "the agent sent {}, which only a controller may send",
+                other.kind()
             )),
         };
         if let Err(message) = result {
             break (true, message);
         }
     };
-    shared.close_explained(violation, what).await;
+    if violation {
+        // Nothing the agent says next can be trusted, and nothing explains a
+        // violation better than the violation itself: fail every call now and
+        // stop the process.
+        shared.close(Closure {
+            protocol_violation: true,
+            reason: what,
+            stderr_tail: shared.tail.snapshot(),
+        });
+        shared.kill_process();
+    } else {
+        shared.close_explained(what).await;
+    }
 }

@@ -13,6 +13,7 @@ use tokio_util::codec::FramedRead;
 use super::{ConnectOptions, Connection, EXPLAIN_WAIT, Ending, Frames, Shared};
 use crate::agent_env::{self, AGENT_DEPTH, AGENT_HEARTBEAT, AGENT_MARKER, MAX_DEPTH};
 use crate::bootstrap::{self, Outcome};
+use crate::descriptor_limit;
 use crate::error::{Error, Phase, Result};
 use crate::identity::{self, hex};
 use crate::protocol::{Hello, Message, PROTOCOL_VERSION};
@@ -45,6 +46,7 @@ pub(crate) async fn connect(
              that opens tunnels is probably recursing without end"
         )));
     }
+    descriptor_limit::raise_soft_limit();
     let launch = transport.launch();
     let (os, arch) = identity::uname();
     let agent_file = match launch {
@@ -78,7 +80,10 @@ pub(crate) async fn connect(
         .await
         .map_err(|source| Error::Spawn {
             host: host.to_string(),
-            message: source.to_string(),
+            message: match descriptor_limit::exhaustion(source.as_ref()) {
+                Some(limit) => format!("{source}: {limit}"),
+                None => source.to_string(),
+            },
             source: Some(source),
         })?;
 
@@ -135,7 +140,7 @@ pub(crate) async fn connect(
         Some(Ok(other)) => {
             return Err(Error::Handshake {
                 host: host.to_string(),
-                message: format!("expected the agent's hello, received {other:?}"),
+                message: format!("expected the agent's hello, received {}", other.kind()),
             });
         }
         Some(Err(error)) if error.kind() == std::io::ErrorKind::InvalidData => {
@@ -193,7 +198,7 @@ fn check_hello(host: &str, hello: &Hello) -> Result<()> {
             message: format!(
                 "the agent is a different program (binary id {}) than this one ({}); both ends must \
                  run the same binary",
-                hex(&hello.binary_id),
+                identity::peer_hex(&hello.binary_id),
                 hex(ours)
             ),
         });

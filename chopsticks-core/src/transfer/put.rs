@@ -93,7 +93,7 @@ pub(super) async fn put(
         return Err(route.corrupt(format!(
             "the agent stored {} bytes with BLAKE3 {} but {size} bytes with BLAKE3 {} were sent",
             summary.size,
-            crate::identity::hex(&summary.checksum),
+            crate::identity::peer_hex(&summary.checksum),
             checksum_hex(&sent)
         )));
     }

@@ -84,6 +84,16 @@ pub enum Frame {
     },
 }
 
+impl Frame {
+    /// The frame's kind, as errors name it (never its content).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Message(message) => message.kind(),
+            Frame::Chunk { .. } => "a chunk",
+        }
+    }
+}
+
 /// An encoded frame ready to write: a small head and an optional large body.
 #[derive(Debug, Clone)]
 pub struct OutFrame {

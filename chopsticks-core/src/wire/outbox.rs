@@ -327,4 +327,9 @@ impl Assemblies {
     pub fn cancel(&mut self, id: u64) {
         self.partial.remove(&id);
     }
+
+    /// Drops every partial payload.
+    pub fn clear(&mut self) {
+        self.partial.clear();
+    }
 }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the criterion benches unpinned and pinned to one CPU, plus the memory bench,
+# Runs the criterion benches unpinned and pinned to one CPU, the memory bench and
+# the latency-under-bulk bench (unpinned and pinned),
 # and keeps their output under target/bench/. BENCHMARKS.md quotes these files.
 # The call benches run on the local transport and over ssh to the test kit's
 # loopback sshd (openssh-server, which scripts/test.sh installs).
@@ -14,3 +15,5 @@ args=(--warm-up-time 2 --measurement-time 5)
 cargo bench --features ssh --bench calls -- "${args[@]}" 2>&1 | tee "$out/calls-unpinned.txt"
 taskset -c 0 cargo bench --features ssh --bench calls -- "${args[@]}" 2>&1 | tee "$out/calls-pinned.txt"
 cargo bench --bench memory 2>&1 | tee "$out/memory.txt"
+cargo bench --features ssh --bench latency -- ssh 2>&1 | tee "$out/latency-unpinned.txt"
+taskset -c 0 cargo bench --features ssh --bench latency -- ssh 2>&1 | tee "$out/latency-pinned.txt"

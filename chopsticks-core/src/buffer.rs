@@ -25,6 +25,28 @@ static CHUNKS: Mutex<(Vec<Vec<u8>>, Option<Instant>)> = Mutex::new((Vec::new(), 
 const SPARE_CHUNKS: usize = 8;
 static RELEASE_PENDING: AtomicBool = AtomicBool::new(false);
 
+/// Work on at least this many bytes (a copy, an encode, a decode) is done
+/// with [`off_the_runtime`].
+pub const LARGE_WORK: usize = 1 << 20;
+
+/// Runs `work`, which touches `len` bytes, without holding up a tokio
+/// runtime: on a worker of a multi-thread runtime, work on
+/// [`LARGE_WORK`] bytes or more runs under
+/// [`block_in_place`](tokio::task::block_in_place), so the worker's other
+/// tasks (the replies of small calls, say) move to another thread for the
+/// milliseconds a 100 MB copy takes. Anywhere else it simply runs.
+pub fn off_the_runtime<R>(len: usize, work: impl FnOnce() -> R) -> R {
+    let multi_thread = len >= LARGE_WORK
+        && tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
+            runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+        });
+    if multi_thread {
+        tokio::task::block_in_place(work)
+    } else {
+        work()
+    }
+}
+
 /// Offers a buffer that is no longer needed as the process's spare.
 /// Small buffers, and buffers smaller than the current spare, are dropped.
 pub fn give(buffer: Vec<u8>) {

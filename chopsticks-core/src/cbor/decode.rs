@@ -5,8 +5,13 @@ use serde::de::{self, DeserializeOwned, DeserializeSeed, IntoDeserializer, Visit
 use super::*;
 use crate::buffer;
 
-/// Decodes one CBOR value that spans all of `input`.
+/// Decodes one CBOR value that spans all of `input`; a large input is
+/// decoded without holding up a runtime worker ([`buffer::off_the_runtime`]).
 pub fn from_slice<T: DeserializeOwned>(input: &[u8]) -> Result<T, CodecError> {
+    buffer::off_the_runtime(input.len(), || decode(input))
+}
+
+fn decode<T: DeserializeOwned>(input: &[u8]) -> Result<T, CodecError> {
     let mut decoder = Decoder {
         input,
         position: 0,

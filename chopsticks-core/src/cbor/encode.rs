@@ -37,9 +37,11 @@ impl Encoder {
     }
 
     fn bytes(&mut self, major: u8, bytes: &[u8]) {
-        buffer::reserve(&mut self.out, bytes.len() + 9);
-        self.head(major, bytes.len() as u64);
-        self.out.extend_from_slice(bytes);
+        buffer::off_the_runtime(bytes.len(), || {
+            buffer::reserve(&mut self.out, bytes.len() + 9);
+            self.head(major, bytes.len() as u64);
+            self.out.extend_from_slice(bytes);
+        });
     }
 
     fn bignum(&mut self, tag: u64, magnitude: u128) {
@@ -63,14 +65,17 @@ impl Encoder {
     fn byte_string<I: Iterator>(
         &mut self,
         items: I,
-        read: fn(&I::Item) -> u8,
+        read: impl Fn(&I::Item) -> u8,
     ) -> Result<(), CodecError> {
         match items.size_hint() {
             (low, Some(high)) if low == high => {
-                buffer::reserve(&mut self.out, low + 9);
-                self.head(MAJOR_BYTES, low as u64);
-                let start = self.out.len();
-                self.out.extend(items.map(|item| read(&item)));
+                let start = buffer::off_the_runtime(low, || {
+                    buffer::reserve(&mut self.out, low + 9);
+                    self.head(MAJOR_BYTES, low as u64);
+                    let start = self.out.len();
+                    self.out.extend(items.map(|item| read(&item)));
+                    start
+                });
                 if self.out.len() - start != low {
                     return Err(CodecError::new(
                         "a sequence yielded another number of bytes than it announced",

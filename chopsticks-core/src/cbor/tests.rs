@@ -297,3 +297,144 @@ fn hostile_lengths_and_nesting_are_refused() {
     assert!(from_slice::<String>(&hex("62c328")).is_err());
     assert!(from_slice::<u8>(&hex("1c")).is_err());
 }
+
+/// Large encodes and decodes leave the runtime worker to other tasks: on a
+/// runtime with one worker, a hook inside the codec waits for a flag that
+/// only another task sets. Run on the worker itself, that would never happen
+/// and the hook would give up after 10 s.
+mod off_the_runtime {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    use serde::de::{Deserialize, Deserializer, SeqAccess, Visitor};
+    use serde::ser::{Serialize, Serializer};
+
+    use crate::buffer::LARGE_WORK;
+    use crate::cbor::{from_slice, to_vec};
+
+    /// Waits for `flag`, at most 10 s; whether it was set.
+    fn wait_for(flag: &AtomicBool) -> bool {
+        let started = Instant::now();
+        while !flag.load(Ordering::SeqCst) {
+            if started.elapsed() > Duration::from_secs(10) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    std::thread_local! {
+        static FLAG: std::cell::RefCell<Option<Arc<AtomicBool>>> = const { std::cell::RefCell::new(None) };
+    }
+
+    fn flag() -> Arc<AtomicBool> {
+        FLAG.with(|flag| flag.borrow().clone()).expect("flag set")
+    }
+
+    /// Bytes whose serialization waits for the flag after the first byte.
+    struct Waiting(usize);
+
+    impl Serialize for Waiting {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            let flag = flag();
+            let mut first = true;
+            let bytes = std::iter::repeat_n(7u8, self.0).inspect(move |_| {
+                if std::mem::take(&mut first) {
+                    assert!(wait_for(&flag), "the encoder held the only worker");
+                }
+            });
+            serializer.collect_seq(ExactBytes(bytes, self.0))
+        }
+    }
+
+    /// An iterator of `u8` that reports its exact length.
+    struct ExactBytes<I>(I, usize);
+
+    impl<I: Iterator<Item = u8>> Iterator for ExactBytes<I> {
+        type Item = u8;
+        fn next(&mut self) -> Option<u8> {
+            let next = self.0.next();
+            self.1 = self.1.saturating_sub(usize::from(next.is_some()));
+            next
+        }
+        fn size_hint(&self) -> (usize, Option<usize>) {
+            (self.1, Some(self.1))
+        }
+    }
+
+    /// A value whose decoding waits for the flag.
+    struct WaitingDecode;
+
+    impl<'de> Deserialize<'de> for WaitingDecode {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct Waits;
+            impl<'de> Visitor<'de> for Waits {
+                type Value = WaitingDecode;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("bytes")
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<WaitingDecode, A::Error> {
+                    Err(serde::de::Error::custom("bytes expected"))
+                }
+                fn visit_bytes<E: serde::de::Error>(self, _: &[u8]) -> Result<WaitingDecode, E> {
+                    assert!(wait_for(&flag()), "the decoder held the only worker");
+                    Ok(WaitingDecode)
+                }
+                fn visit_byte_buf<E: serde::de::Error>(
+                    self,
+                    bytes: Vec<u8>,
+                ) -> Result<WaitingDecode, E> {
+                    self.visit_bytes(&bytes)
+                }
+            }
+            deserializer.deserialize_bytes(Waits)
+        }
+    }
+
+    fn one_worker() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    /// Runs `codec` in a task on a one-worker runtime while another task sets the flag.
+    fn run_beside_a_task(codec: impl FnOnce() + Send + 'static) {
+        let runtime = one_worker();
+        let flag = Arc::new(AtomicBool::new(false));
+        let setter = flag.clone();
+        let outcome = runtime.block_on(async move {
+            let coded = tokio::spawn(async move {
+                FLAG.with(|cell| *cell.borrow_mut() = Some(flag));
+                codec();
+            });
+            // The codec's task goes first; this one runs only on a free worker.
+            tokio::task::yield_now().await;
+            let set = tokio::spawn(async move { setter.store(true, Ordering::SeqCst) });
+            let coded = coded.await;
+            let _ = set.await;
+            coded
+        });
+        outcome.expect("the codec's task");
+    }
+
+    #[test]
+    fn a_large_encode_frees_the_worker() {
+        run_beside_a_task(|| {
+            let encoded = to_vec(&Waiting(2 * LARGE_WORK)).expect("encode");
+            assert!(encoded.len() > 2 * LARGE_WORK);
+        });
+    }
+
+    #[test]
+    fn a_large_decode_frees_the_worker() {
+        let encoded =
+            to_vec(&serde_bytes::ByteBuf::from(vec![1u8; 2 * LARGE_WORK])).expect("encode");
+        run_beside_a_task(move || {
+            from_slice::<WaitingDecode>(&encoded).expect("decode");
+        });
+    }
+}

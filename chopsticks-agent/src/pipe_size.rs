@@ -1,21 +1,28 @@
-//! The protocol pipes' kernel buffers: large while bulk data moves, the
-//! default when it stops.
+//! The protocol pipes' kernel buffers: one chunk large while bulk data
+//! moves, the default when it stops.
 //!
-//! A 1 MiB pipe lets bulk data (chunks of puts, fetches and large values)
-//! move in fewer, larger steps. But the kernel charges pipe pages to the
-//! user, and once an unprivileged user passes `fs.pipe-user-pages-soft`
-//! (64 MiB by default) every new pipe of that user, in any program, gets two
-//! pages. Thirty agents holding 1 MiB pipes for their whole life would get
-//! there. So an agent enlarges its pipes when bulk data first flows
-//! ([`bulk`]) and gives the pages back once it has stopped for a tick of the
-//! idle task ([`shrink_if_quiet`]).
+//! A pipe of one chunk ([`CHUNK_LEN`], 256 KiB) lets bulk data (chunks of
+//! puts, fetches and large values) move in whole chunks instead of 64 KiB
+//! steps. Larger is worse: a small frame queued behind bulk data waits for
+//! everything already in the pipe, and with 1 MiB pipes small calls beside
+//! a 100 MB value waited up to 30–45 ms (against 6–8 ms with 256 KiB
+//! pipes) for 2–7% more transfer throughput (`benches/latency.rs`,
+//! `benches/transfer.rs`).
+//!
+//! The kernel charges pipe pages to the user, and once an unprivileged user
+//! passes `fs.pipe-user-pages-soft` (64 MiB by default) every new pipe of
+//! that user, in any program, gets two pages. So an agent enlarges its
+//! pipes when bulk data first flows ([`bulk`]) and gives the pages back once
+//! it has stopped for a tick of the idle task ([`shrink_if_quiet`]).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// The size asked for while bulk data flows (the unprivileged maximum by default).
-const LARGE: libc::c_int = 1 << 20;
+use chopsticks_core::wire::CHUNK_LEN;
+
+/// The size asked for while bulk data flows: one chunk.
+const LARGE: libc::c_int = CHUNK_LEN as libc::c_int;
 
 /// A copy of a protocol pipe's descriptor, for resizing only, and the size
 /// the pipe had when the agent started, which it goes back to.

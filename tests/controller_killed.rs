@@ -137,6 +137,10 @@ fn sigkill(pid: u32) {
 /// Kills `victim` and asserts that B is gone within a second and `dir` holds
 /// nothing staged. Returns how long B took to go.
 async fn kill_and_expect_b_gone(victim: u32, b: u32, dir: &Scratch) -> Duration {
+    let what = std::thread::current()
+        .name()
+        .unwrap_or("controller_killed")
+        .to_string();
     assert!(process_alive(b), "B ended before the kill");
     sigkill(victim);
     let killed = Instant::now();
@@ -152,6 +156,8 @@ async fn kill_and_expect_b_gone(victim: u32, b: u32, dir: &Scratch) -> Duration 
         .filter(|name| name.contains(".chopsticks-"))
         .collect();
     assert!(staged.is_empty(), "staged files left behind: {staged:?}");
+    crate::support::figure(&format!("{what}: agent B gone after the kill"), took);
+    crate::support::figure(&format!("{what}: staged files left"), staged.len());
     took
 }
 

@@ -257,9 +257,9 @@ async fn a_container_whose_controller_was_killed_is_removed_unless_kept() {
                 gone(&name).await,
                 "the container outlived its killed controller"
             );
-            eprintln!(
-                "a killed controller's container was gone {:?} later",
-                killed.elapsed()
+            crate::support::figure(
+                "docker: a killed controller's container gone after",
+                killed.elapsed(),
             );
         }
     }

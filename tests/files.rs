@@ -368,6 +368,8 @@ async fn a_killed_agent_mid_put_leaves_the_old_target_and_no_temp_file() {
     let pid = tun.agent_pid().expect("pid");
     let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let kill_once = killed.clone();
+    let killed_at = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+    let kill_time = killed_at.clone();
     let error = tun
         .put(dir.path("source"), dir.path("target"))
         .progress(move |event: &ProgressEvent<'_>| {
@@ -377,10 +379,14 @@ async fn a_killed_agent_mid_put_leaves_the_old_target_and_no_temp_file() {
             {
                 // SAFETY: kill has no memory-safety preconditions.
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                *kill_time.lock().expect("kill time") = Some(std::time::Instant::now());
             }
         })
         .await
         .expect_err("the agent died");
+    if let Some(at) = *killed_at.lock().expect("kill time") {
+        crate::support::figure("a killed agent mid-put: error after the kill", at.elapsed());
+    }
     let (_, kind, text) = transfer_error(&error);
     assert_eq!(kind, ErrorKind::ConnectionAborted, "{text}");
     assert!(

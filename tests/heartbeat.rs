@@ -59,6 +59,7 @@ async fn a_frozen_agent_is_given_up_and_killed_within_the_timeout() {
         .expect("join")
         .expect_err("a frozen agent answers nothing");
     let after = frozen.elapsed();
+    crate::support::figure("heartbeat 1 s: a frozen agent's call failed after", after);
     assert!(
         matches!(&error, Error::Disconnected { host, .. } if host == "frozen-agent"),
         "{error:?}"
@@ -108,6 +109,10 @@ async fn an_agent_whose_controller_froze_exits_within_the_timeout() {
     let frozen = Instant::now();
     let gone = wait_gone(b, Duration::from_secs(3)).await;
     let after = frozen.elapsed();
+    crate::support::figure(
+        &format!("heartbeat {timeout:?}: agent of a frozen controller gone after"),
+        after,
+    );
     signal(a_pid, libc::SIGKILL);
     assert!(gone, "B still runs 3 s after its controller froze");
     assert!(

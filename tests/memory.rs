@@ -171,6 +171,11 @@ async fn a_timed_out_calls_partial_result_is_freed_at_once() {
         during > before + 150 * 1024,
         "the partial result was never held ({before} → {during} KiB), so this test proves nothing"
     );
+    crate::support::figure(
+        "a timed-out call: controller memory held by its partial result (KiB), \
+         while streaming / after the timeout",
+        (during.saturating_sub(before), after.saturating_sub(before)),
+    );
     assert!(
         after < before + 32 * 1024,
         "{} KiB still held after the call was given up ({before} → {during} → {after} KiB)",

@@ -67,6 +67,15 @@ async fn partition_under_load(tunnel: &Tunnel, host: &NetnsHost, dir: &Scratch) 
         .expect_err("nothing can come back through the partition");
     let error_after = cut.elapsed();
     let agent_gone_after = wait_gone(agent, HEARTBEAT * 3).await.then(|| cut.elapsed());
+    let what = std::thread::current()
+        .name()
+        .unwrap_or("partition")
+        .to_string();
+    crate::support::figure(&format!("{what}: error after the cut"), error_after);
+    crate::support::figure(
+        &format!("{what}: far agent gone after the cut"),
+        agent_gone_after,
+    );
     let put = tokio::time::timeout(Duration::from_secs(10), put)
         .await
         .expect("the put must not hang")

@@ -227,6 +227,7 @@ async fn a_protocol_violation_fails_at_once_and_kills_the_agent() {
     let failed_after = started.elapsed();
     let text = error.to_string();
     assert!(matches!(error, Error::Protocol { .. }), "{error:?}");
+    crate::support::figure("a protocol violation: error after", failed_after);
     assert!(text.contains("a Put"), "{text}");
     assert!(text.len() < 512, "{text}");
     assert!(
@@ -241,6 +242,10 @@ async fn a_protocol_violation_fails_at_once_and_kills_the_agent() {
     assert!(
         crate::support::wait_gone(pid, Duration::from_secs(1)).await,
         "the violating agent {pid} is still running"
+    );
+    crate::support::figure(
+        "a protocol violation: agent process gone after",
+        started.elapsed(),
     );
     let closing = std::time::Instant::now();
     tun.close().await.expect("close");

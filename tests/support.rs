@@ -38,6 +38,13 @@ pub fn capture_stderr() -> (StderrSink, Arc<Mutex<Vec<String>>>) {
     (sink, lines)
 }
 
+/// Reports a fault figure (a time to error, a time until a process is
+/// gone, bytes left behind) on stderr, where `scripts/faults.sh` collects
+/// them for BENCHMARKS.md; `cargo test` shows them with `--nocapture`.
+pub fn figure(what: &str, value: impl std::fmt::Debug) {
+    eprintln!("FIGURE {what}: {value:?}");
+}
+
 /// Runs `sh -c SCRIPT` instead of an agent: a real process that says whatever the test wants.
 pub struct FakeAgent {
     pub script: String,

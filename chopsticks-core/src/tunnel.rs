@@ -26,6 +26,9 @@ pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The agent starts on first use ([`connect`](Self::connect) or the first
 /// call). If it dies or is closed, the next call starts a new one. When the
 /// last clone is dropped, the agent is stopped.
+///
+/// The first connect in a process raises its soft limit on open descriptors
+/// (`RLIMIT_NOFILE`) to the hard limit: each local tunnel holds four.
 #[derive(Clone)]
 pub struct Tunnel {
     inner: Arc<TunnelInner>,

@@ -36,12 +36,12 @@ async fn main() -> chopsticks::Result<()> {
 
     tun.call(byte_len, (vec![7u8; 64 << 20],)).await?;
     let busy = resident_kib(agent);
-    tokio::time::sleep(chopsticks::buffer::SPARE_IDLE * 2).await;
+    tokio::time::sleep(chopsticks_core::__private::buffer::SPARE_IDLE * 2).await;
     let after = resident_kib(agent);
     tun.close().await?;
 
     const TUNNELS: u64 = 100;
-    tokio::time::sleep(chopsticks::buffer::SPARE_IDLE * 2).await;
+    tokio::time::sleep(chopsticks_core::__private::buffer::SPARE_IDLE * 2).await;
     let before = resident_kib(std::process::id());
     let tunnels: Vec<Tunnel> = (0..TUNNELS)
         .map(|i| Tunnel::new(Local::named(format!("t{i}"))))
@@ -69,7 +69,7 @@ async fn main() -> chopsticks::Result<()> {
     );
     println!(
         "| agent resident memory, {} s after it | {} |",
-        (chopsticks::buffer::SPARE_IDLE * 2).as_secs(),
+        (chopsticks_core::__private::buffer::SPARE_IDLE * 2).as_secs(),
         mib(after)
     );
     println!(

@@ -61,13 +61,12 @@
 //! - `full`: every transport and `progress`.
 
 pub use chopsticks_core::{
-    AgentCommand, AgentLaunch, AgentProcess, BoxError, Call, Direction, Error, ExitReport, Fetch,
-    Group, GroupFetch, GroupPut, GroupResult, Phase, Pipes, Put, Result, StderrSink, Transfer,
-    Transport, Tunnel, TunnelBuilder, async_trait, shell_quote,
+    AgentCommand, AgentLaunch, AgentProcess, AsyncRemoteFn, BoxError, Call, DEFAULT_CLOSE_TIMEOUT,
+    DEFAULT_CONNECT_TIMEOUT, Direction, Error, ExitReport, Fetch, Group, GroupFetch, GroupPut,
+    GroupResult, Phase, Pipes, Put, RemoteFn, Result, StderrSink, Transfer, Transport, Tunnel,
+    TunnelBuilder, async_trait, shell_quote,
 };
-pub use chopsticks_core::{
-    agent_env, buffer, files, identity, progress, protocol, remote, stderr, wire,
-};
+pub use chopsticks_core::{progress, stderr};
 
 #[cfg(feature = "docker")]
 pub use chopsticks_docker::{Docker, DockerError};

@@ -10,7 +10,9 @@ fn pid() -> u32 {
 }
 
 fn cached_agent(dir: &Path) -> PathBuf {
-    let hash = &chopsticks::identity::agent_file().expect("hash").sha256;
+    let hash = &chopsticks_core::__private::identity::agent_file()
+        .expect("hash")
+        .sha256;
     dir.join(format!("agent-{hash}"))
 }
 
@@ -81,7 +83,9 @@ async fn a_corrupted_cache_entry_is_replaced_not_executed() {
     std::fs::create_dir_all(&dir).expect("mkdir");
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
     let agent = cached_agent(&dir);
-    let size = chopsticks::identity::agent_file().expect("hash").size as usize;
+    let size = chopsticks_core::__private::identity::agent_file()
+        .expect("hash")
+        .size as usize;
     // Same size, wrong content, executable: a script that would leave a trace if run.
     let trace = root.path().join("executed");
     let mut evil = format!("#!/bin/sh\ntouch '{}'\n", trace.display()).into_bytes();
@@ -252,7 +256,9 @@ async fn without_any_sha256_tool_the_bootstrap_refuses() {
 #[tokio::test]
 async fn the_agent_is_sent_at_most_once_per_connection() {
     let root = tempfile::tempdir().expect("tempdir");
-    let size = chopsticks::identity::agent_file().expect("hash").size;
+    let size = chopsticks_core::__private::identity::agent_file()
+        .expect("hash")
+        .size;
     let received = root.path().join("received");
     let script = format!(
         "for i in 1 2 3; do echo chopsticks-bootstrap send; head -c {size} >> '{}'; done; \

@@ -138,7 +138,9 @@ async fn a_mount_over_the_agent_path_falls_back_to_uploading_the_agent() {
     if docker_or_skip().is_none() {
         return;
     }
-    let id = &chopsticks::identity::agent_file().expect("hash").sha256[..32];
+    let id = &chopsticks_core::__private::identity::agent_file()
+        .expect("hash")
+        .sha256[..32];
     let host_dir = std::env::temp_dir().join(unique("clash"));
     std::fs::create_dir_all(&host_dir).expect("mkdir");
     let name = unique("clash");

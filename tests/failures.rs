@@ -145,7 +145,7 @@ type Dive =
 /// Opens a tunnel from inside the agent and dives again, until the depth limit says no.
 fn dive() -> Dive {
     Box::pin(async {
-        let depth = chopsticks::agent_env::depth();
+        let depth = chopsticks_core::__private::agent_env::depth();
         let tun = Tunnel::new(Local::named(format!("level{}", depth + 1)));
         match tun.call_async(dive, ()).await {
             Ok(deeper) => deeper,
@@ -158,7 +158,7 @@ fn dive() -> Dive {
 async fn runaway_nesting_stops_at_the_depth_limit_with_a_clear_error() {
     let tun = Tunnel::new(Local::named("level1"));
     let (deepest, message) = tun.call_async(dive, ()).await.expect("call").expect("dive");
-    assert_eq!(deepest, chopsticks::agent_env::MAX_DEPTH);
+    assert_eq!(deepest, chopsticks_core::__private::agent_env::MAX_DEPTH);
     assert!(message.contains("over the limit of 8"), "{message}");
     assert!(
         message.contains("level9"),

@@ -166,7 +166,7 @@ async fn modes_mtimes_and_parent_directories() {
     tun.put(dir.path("script"), dir.path("default"))
         .await
         .expect("put");
-    let umask = chopsticks::files::umask();
+    let umask = chopsticks_core::__private::files::umask();
     let default = std::fs::metadata(dir.path("default")).expect("meta");
     assert_eq!(default.mode() & 0o777, 0o750 & !umask);
     assert_ne!(default.mtime(), 1_234_567_890);

@@ -5,12 +5,12 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use chopsticks::protocol::{
+use chopsticks_core::__private::protocol::{
     CallMode, FailureKind, FunctionRef, Message, PROTOCOL_VERSION, Payload, decode_value,
     encode_value,
 };
-use chopsticks::remote::{async_function_ref, function_ref};
-use chopsticks::wire::{Frame, FrameDecoder, OutFrame};
+use chopsticks_core::__private::remote::{async_function_ref, function_ref};
+use chopsticks_core::__private::wire::{Frame, FrameDecoder, OutFrame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::codec::Decoder;
 

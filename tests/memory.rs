@@ -44,7 +44,10 @@ async fn an_idle_agent_holds_under_ten_megabytes_even_after_a_large_call() {
         busy > 32 * 1024,
         "the payload buffer is kept for reuse right after a call ({busy} KiB)"
     );
-    tokio::time::sleep(chopsticks::buffer::SPARE_IDLE * 2 + Duration::from_millis(500)).await;
+    tokio::time::sleep(
+        chopsticks_core::__private::buffer::SPARE_IDLE * 2 + Duration::from_millis(500),
+    )
+    .await;
     let after = resident_kib(agent);
     assert!(
         after < TEN_MB_IN_KIB,
@@ -71,7 +74,7 @@ fn largest_pipe() -> usize {
 async fn the_agents_pipes_are_large_only_while_bulk_data_moves() {
     let tun = Tunnel::new(Local::new());
     let before = tun.call(largest_pipe, ()).await.expect("call");
-    let chunk = chopsticks::wire::CHUNK_LEN;
+    let chunk = chopsticks_core::__private::wire::CHUNK_LEN;
     assert!(
         before < chunk,
         "an agent that moved no bulk data holds a {before}-byte pipe"
@@ -88,7 +91,10 @@ async fn the_agents_pipes_are_large_only_while_bulk_data_moves() {
         "after bulk data the largest pipe holds {busy} bytes, not one chunk"
     );
     // The idle task gives the pages back a tick after bulk data stops.
-    tokio::time::sleep(chopsticks::buffer::SPARE_IDLE * 2 + Duration::from_millis(500)).await;
+    tokio::time::sleep(
+        chopsticks_core::__private::buffer::SPARE_IDLE * 2 + Duration::from_millis(500),
+    )
+    .await;
     let after = tun.call(largest_pipe, ()).await.expect("call");
     assert_eq!(after, before, "the pipes went back to their size");
 }
@@ -96,13 +102,13 @@ async fn the_agents_pipes_are_large_only_while_bulk_data_moves() {
 /// The frames of a fake agent that streams `chunks` chunks of a result it
 /// announced as twice as large, and then says nothing more.
 fn half_streamed_result(path: &std::path::Path, chunks: usize) {
-    use chopsticks::protocol::{Hello, Message, PROTOCOL_VERSION, Payload};
-    use chopsticks::wire::{CHUNK_LEN, OutFrame};
+    use chopsticks_core::__private::protocol::{Hello, Message, PROTOCOL_VERSION, Payload};
+    use chopsticks_core::__private::wire::{CHUNK_LEN, OutFrame};
     use std::io::Write;
     let mut out = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
     let hello = Message::Hello(Hello {
         protocol: PROTOCOL_VERSION,
-        binary_id: chopsticks::identity::binary_id().to_vec(),
+        binary_id: chopsticks_core::__private::identity::binary_id().to_vec(),
         pid: 1,
         os: "Linux".into(),
         arch: std::env::consts::ARCH.into(),

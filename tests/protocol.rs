@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use chopsticks::protocol::{Hello, Message, PROTOCOL_VERSION};
-use chopsticks::wire::OutFrame;
 use chopsticks::{Error, Tunnel};
+use chopsticks_core::__private::protocol::{Hello, Message, PROTOCOL_VERSION};
+use chopsticks_core::__private::wire::OutFrame;
 
 use crate::support::FakeAgent;
 
@@ -22,7 +22,10 @@ fn hello(protocol: u32, binary_id: Vec<u8>) -> Vec<u8> {
 }
 
 fn our_hello() -> Vec<u8> {
-    hello(PROTOCOL_VERSION, chopsticks::identity::binary_id().to_vec())
+    hello(
+        PROTOCOL_VERSION,
+        chopsticks_core::__private::identity::binary_id().to_vec(),
+    )
 }
 
 /// A fake agent that writes `bytes` to stdout and then waits for its stdin to close.
@@ -88,7 +91,7 @@ async fn a_wrong_protocol_version_is_a_handshake_error() {
         &dir,
         &hello(
             PROTOCOL_VERSION + 1,
-            chopsticks::identity::binary_id().to_vec(),
+            chopsticks_core::__private::identity::binary_id().to_vec(),
         ),
     );
     let error = tun.connect().await.expect_err("must fail");
@@ -157,8 +160,8 @@ async fn a_huge_binary_id_in_a_hello_gives_an_error_of_bounded_size() {
 fn fail_frame(id: u64, message: String, backtrace: String) -> Vec<u8> {
     OutFrame::message(&Message::Fail {
         id,
-        failure: chopsticks::protocol::Failure {
-            kind: chopsticks::protocol::FailureKind::Panic,
+        failure: chopsticks_core::__private::protocol::Failure {
+            kind: chopsticks_core::__private::protocol::FailureKind::Panic,
             message,
             backtrace: Some(backtrace),
         },

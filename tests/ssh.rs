@@ -237,7 +237,9 @@ async fn a_second_connect_reuses_the_cached_agent() {
         .call(|| std::env::var("HOME").unwrap_or_default(), ())
         .await
         .expect("home");
-    let hash = &chopsticks::identity::agent_file().expect("hash").sha256;
+    let hash = &chopsticks_core::__private::identity::agent_file()
+        .expect("hash")
+        .sha256;
     let cached = std::path::Path::new(&home).join(format!(".cache/chopsticks/agent-{hash}"));
     let before = settled(&cached).await;
     tun.close().await.expect("close");

@@ -61,7 +61,9 @@ async fn sudo_runs_the_agent_as_another_user_through_the_bootstrap() {
     assert_eq!(tun.host(), "sudo:chopsticks-test");
     let (remote_uid, home) = tun.call(whoami, ()).await.expect("call as the other user");
     assert_eq!(remote_uid, uid);
-    let hash = &chopsticks::identity::agent_file().expect("hash").sha256;
+    let hash = &chopsticks_core::__private::identity::agent_file()
+        .expect("hash")
+        .sha256;
     let cached = std::path::Path::new(&home).join(format!(".cache/chopsticks/agent-{hash}"));
     assert!(cached.exists(), "{} missing", cached.display());
     tun.close().await.expect("close");

@@ -1,6 +1,7 @@
 //! Integration tests of the chopsticks facade, against real agent processes.
 //!
 //! Modules:
+//! - `api`: the public API of every published crate against its committed listing (`api/*.txt`)
 //! - `calls`: arities, closures, async functions, concurrency, large payloads, nesting
 //! - `controller_killed`: a controller SIGKILLed mid-put, mid-call and mid-fetch, locally and
 //!   over ssh (and its sshd session killed instead): the agent goes and leaves nothing staged
@@ -28,6 +29,7 @@
 
 mod support;
 
+mod api;
 mod bootstrap;
 mod calls;
 mod controller_killed;

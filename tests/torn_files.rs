@@ -8,9 +8,11 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use chopsticks::progress::ProgressEvent;
-use chopsticks::protocol::{FileSummary, Hello, Message, PROTOCOL_VERSION, Payload, encode_value};
-use chopsticks::wire::OutFrame;
 use chopsticks::{Direction, Error, Local, Tunnel};
+use chopsticks_core::__private::protocol::{
+    FileSummary, Hello, Message, PROTOCOL_VERSION, Payload, encode_value,
+};
+use chopsticks_core::__private::wire::OutFrame;
 
 use crate::files::Scratch;
 use crate::support::FakeAgent;
@@ -131,7 +133,7 @@ fn lying_agent(dir: &Scratch, announced: u64, sent: usize) -> Tunnel {
     let data = vec![9u8; sent];
     let mut bytes = frames(&[Message::Hello(Hello {
         protocol: PROTOCOL_VERSION,
-        binary_id: chopsticks::identity::binary_id().to_vec(),
+        binary_id: chopsticks_core::__private::identity::binary_id().to_vec(),
         pid: 1,
         os: "Linux".into(),
         arch: std::env::consts::ARCH.into(),
@@ -142,14 +144,14 @@ fn lying_agent(dir: &Scratch, announced: u64, sent: usize) -> Tunnel {
         id: 1,
         size: announced,
     }]);
-    for chunk in data.chunks(chopsticks::wire::CHUNK_LEN) {
+    for chunk in data.chunks(chopsticks_core::__private::wire::CHUNK_LEN) {
         bytes.extend(OutFrame::chunk(1, bytes::Bytes::copy_from_slice(chunk)).to_bytes());
     }
     let summary = FileSummary {
         size: sent as u64,
         checksum: blake3::hash(&data).as_bytes().to_vec(),
         mode: 0o644,
-        mtime: chopsticks::protocol::FileTime {
+        mtime: chopsticks_core::__private::protocol::FileTime {
             seconds: 0,
             nanos: 0,
         },

@@ -65,7 +65,7 @@ pub(crate) fn take_protocol_fds() -> io::Result<ProtocolFds> {
 const BOOTSTRAP_FD: libc::c_int = 9;
 
 /// Closes the descriptor the shell bootstrap executed this program through
-/// (see `chopsticks_core::bootstrap`), if it is there: a descriptor that is
+/// (see `chopsticks_core::__private::bootstrap`), if it is there: a descriptor that is
 /// open on this very executable. Anything else on that number is left alone.
 fn close_bootstrap_descriptor() {
     let Ok(executable) = std::fs::metadata("/proc/self/exe") else {

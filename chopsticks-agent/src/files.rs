@@ -16,12 +16,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
 
 use bytes::Bytes;
-use chopsticks_core::files::{self, AtomicFile, Expected, FileError, FileTime, Source};
-use chopsticks_core::protocol::{
+use chopsticks_core::__private::files::{self, AtomicFile, Expected, FileError, FileTime, Source};
+use chopsticks_core::__private::protocol::{
     Failure, FailureKind, FileFailure, FileSummary, Message, encode_value,
 };
-use chopsticks_core::remote::CallOutcome;
-use chopsticks_core::wire::{CHUNK_LEN, OutFrame, Outbox};
+use chopsticks_core::__private::remote::CallOutcome;
+use chopsticks_core::__private::wire::{CHUNK_LEN, OutFrame, Outbox};
 
 /// How many chunks may wait for a put's writer before the reader waits too.
 const PUT_QUEUE_LEN: usize = 8;
@@ -277,14 +277,14 @@ fn stream(
         if cancelled.load(Ordering::Relaxed) {
             return Ok(false);
         }
-        let mut chunk = chopsticks_core::buffer::chunk(CHUNK_LEN);
+        let mut chunk = chopsticks_core::__private::buffer::chunk(CHUNK_LEN);
         if !source.read_chunk(&mut chunk, CHUNK_LEN)? {
             return Ok(true);
         }
         if outbox
             .send_bulk_blocking(OutFrame::chunk(
                 id,
-                chopsticks_core::buffer::chunk_bytes(chunk),
+                chopsticks_core::__private::buffer::chunk_bytes(chunk),
             ))
             .is_err()
         {

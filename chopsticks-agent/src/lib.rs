@@ -13,12 +13,12 @@
 //! only on `chopsticks-core` names it once:
 //!
 //! ```
+//! // In any crate the program links, once:
 //! use chopsticks_agent as _;
-//!
-//! // The constructor has run before this line and found no marker:
-//! assert!(chopsticks_core::agent_env::runtime_linked());
-//! assert!(!chopsticks_core::agent_env::is_agent());
 //! ```
+//!
+//! Without it, a tunnel refuses to start and says what to add. The crate has
+//! no other public items.
 
 mod fds;
 mod files;
@@ -29,13 +29,12 @@ mod reader;
 mod serve;
 mod watchdog;
 
-use chopsticks_core::agent_env::{self, AGENT_DEPTH, AGENT_HEARTBEAT, AGENT_MARKER};
-use chopsticks_core::heartbeat;
+use chopsticks_core::__private::agent_env::{self, AGENT_DEPTH, AGENT_HEARTBEAT, AGENT_MARKER};
+use chopsticks_core::__private::heartbeat;
 
 /// Errors that stop an agent before it can serve.
 #[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum AgentError {
+pub(crate) enum AgentError {
     /// The protocol descriptors could not be set up.
     #[error("the agent could not set up its descriptors: {0}")]
     Descriptors(#[source] std::io::Error),

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 
 use bytes::Buf;
-use chopsticks_core::wire::{OutFrame, Outbox};
+use chopsticks_core::__private::wire::{OutFrame, Outbox};
 use tokio::io::AsyncWrite;
 
 /// The descriptor the protocol is written to.
@@ -125,7 +125,7 @@ impl AsyncWrite for OutputWriter {
         bytes: &[u8],
     ) -> Poll<io::Result<usize>> {
         let output = &*self.0;
-        if bytes.len() > chopsticks_core::wire::INLINE_LIMIT {
+        if bytes.len() > chopsticks_core::__private::wire::INLINE_LIMIT {
             // A chunk or a large frame: bulk data is leaving.
             crate::pipe_size::bulk();
         }

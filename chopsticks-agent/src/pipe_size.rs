@@ -19,7 +19,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use chopsticks_core::wire::CHUNK_LEN;
+use chopsticks_core::__private::wire::CHUNK_LEN;
 
 /// The size asked for while bulk data flows: one chunk.
 const LARGE: libc::c_int = CHUNK_LEN as libc::c_int;

@@ -4,8 +4,8 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use bytes::BytesMut;
-use chopsticks_core::heartbeat::InputWatch;
-use chopsticks_core::wire::{Frame, FrameDecoder};
+use chopsticks_core::__private::heartbeat::InputWatch;
+use chopsticks_core::__private::wire::{Frame, FrameDecoder};
 use tokio_util::codec::Decoder;
 
 /// What the reader reports to the agent's heartbeat: waiting for the

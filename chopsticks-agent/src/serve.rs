@@ -21,13 +21,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chopsticks_core::heartbeat::{self, SilenceClock};
-use chopsticks_core::identity::{binary_id, uname};
-use chopsticks_core::protocol::{
+use chopsticks_core::__private::heartbeat::{self, SilenceClock};
+use chopsticks_core::__private::identity::{binary_id, uname};
+use chopsticks_core::__private::protocol::{
     CallMode, Failure, FailureKind, FunctionRef, Hello, Message, PROTOCOL_VERSION, Payload,
 };
-use chopsticks_core::remote::{CallOutcome, Resolved, resolve};
-use chopsticks_core::wire::{
+use chopsticks_core::__private::remote::{CallOutcome, Resolved, resolve};
+use chopsticks_core::__private::wire::{
     Assemblies, Frame, INLINE_LIMIT, MAX_PAYLOAD_LEN, OutFrame, Outbox, write_frames,
 };
 use futures_util::FutureExt;
@@ -105,7 +105,7 @@ impl<F: std::future::Future + Unpin> std::future::Future for InCall<F> {
 /// Runs the agent to completion and returns its exit code.
 pub(crate) fn run(depth: u32, heartbeat_timeout: Duration) -> Result<i32, AgentError> {
     let descriptors = fds::take_protocol_fds().map_err(AgentError::Descriptors)?;
-    chopsticks_core::agent_env::set_depth(depth);
+    chopsticks_core::__private::agent_env::set_depth(depth);
     let previous_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         if IN_CALL.with(Cell::get) {
@@ -267,12 +267,12 @@ const EXIT_SILENCE: i32 = 3;
 /// Calls finished so far, to tell an idle agent from a busy one.
 static CALLS_FINISHED: AtomicU64 = AtomicU64::new(0);
 
-/// Once calls have stopped for [`SPARE_IDLE`](chopsticks_core::buffer::SPARE_IDLE),
+/// Once calls have stopped for [`SPARE_IDLE`](chopsticks_core::__private::buffer::SPARE_IDLE),
 /// drops the spare buffer and hands freed heap memory back to the system, so
 /// an idle agent stays small whichever threads freed its payloads. Enlarged
 /// pipes go back to their size a tick after bulk data stops.
 async fn release_memory_when_idle() {
-    let idle = chopsticks_core::buffer::SPARE_IDLE;
+    let idle = chopsticks_core::__private::buffer::SPARE_IDLE;
     let mut tick = tokio::time::interval(idle / 2);
     let mut seen = 0;
     let mut quiet_since = std::time::Instant::now();
@@ -287,7 +287,7 @@ async fn release_memory_when_idle() {
             trimmed = false;
             continue;
         }
-        chopsticks_core::buffer::release_if_idle();
+        chopsticks_core::__private::buffer::release_if_idle();
         if !trimmed && quiet_since.elapsed() >= idle {
             trimmed = true;
             #[cfg(target_env = "gnu")]
@@ -529,7 +529,10 @@ fn finish(agent: &Agent, code: i32) {
 
 impl Dispatch {
     fn start(&self, id: u64, function: &FunctionRef, mode: CallMode, args: Vec<u8>) {
-        match resolve(function, mode) {
+        // SAFETY: this agent's controller checked at hello that it runs this
+        // same executable, so its references name entries of this program;
+        // `resolve` still refuses any that do not.
+        match unsafe { resolve(function, mode) } {
             Ok(Resolved::Blocking(_)) => {
                 if let Some(job) = self.prepare_blocking(id, function, args) {
                     self.pool.submit(job);
@@ -568,7 +571,8 @@ impl Dispatch {
         function: &FunctionRef,
         args: Vec<u8>,
     ) -> Option<Box<dyn FnOnce() + Send>> {
-        let trampoline = match resolve(function, CallMode::Blocking) {
+        // SAFETY: as in `start`: the controller runs this same executable.
+        let trampoline = match unsafe { resolve(function, CallMode::Blocking) } {
             Ok(Resolved::Blocking(trampoline)) => trampoline,
             Ok(Resolved::Async(_)) => return None,
             Err(failure) => {
@@ -593,7 +597,7 @@ impl Dispatch {
                 in_call(|| std::panic::catch_unwind(AssertUnwindSafe(|| trampoline.run(&args))))
                     .unwrap_or_else(|_| Err(panic_failure()));
             // The next large payload reuses these pages instead of fresh ones.
-            chopsticks_core::buffer::give(args);
+            chopsticks_core::__private::buffer::give(args);
             CALLS_FINISHED.fetch_add(1, Ordering::Relaxed);
             let mut calls_running = lock(&running);
             // A cancel sets the flag under this lock.

@@ -10,7 +10,7 @@
 //! whole new one, never a part.
 //!
 //! ```
-//! use chopsticks_core::files::{AtomicFile, Expected, checksum_hex};
+//! use chopsticks_core::__private::files::{AtomicFile, Expected, checksum_hex};
 //!
 //! let dir = std::env::temp_dir().join(format!("chopsticks-doc-{}", std::process::id()));
 //! std::fs::create_dir_all(&dir).unwrap();

@@ -16,7 +16,7 @@
 //!
 //! ```
 //! use std::time::{Duration, Instant};
-//! use chopsticks_core::heartbeat::{InputWatch, SilenceClock};
+//! use chopsticks_core::__private::heartbeat::{InputWatch, SilenceClock};
 //!
 //! let watch = InputWatch::default();
 //! let start = Instant::now();

@@ -8,23 +8,6 @@
 //!
 //! # Example
 //!
-//! A function reference names a trampoline of this binary; an agent started
-//! from the same file resolves it to the same code:
-//!
-//! ```
-//! use chopsticks_core::protocol::{CallMode, decode_value, encode_value};
-//! use chopsticks_core::remote::{Resolved, function_ref, resolve};
-//!
-//! fn add3(a: i64, b: i64, c: i64) -> i64 { a + b + c }
-//!
-//! let reference = function_ref(add3);
-//! let Ok(Resolved::Blocking(trampoline)) = resolve(&reference, CallMode::Blocking) else {
-//!     panic!("every trampoline of this binary resolves");
-//! };
-//! let result = trampoline.run(&encode_value(&(1i64, 2i64, 39i64)).unwrap()).unwrap();
-//! assert_eq!(decode_value::<i64>(&result).unwrap(), 42);
-//! ```
-//!
 //! Without the agent runtime linked, a tunnel refuses to start and says what to add:
 //!
 //! ```
@@ -45,28 +28,29 @@
 //! # });
 //! ```
 
-pub mod agent_env;
+mod agent_env;
 mod bootstrap;
-pub mod buffer;
-pub mod cbor;
+mod buffer;
+mod cbor;
 mod connection;
 mod descriptor_limit;
 mod error;
-pub mod files;
+mod files;
 mod group;
-pub mod heartbeat;
-pub mod identity;
+mod heartbeat;
+mod identity;
 pub mod progress;
-pub mod protocol;
-pub mod remote;
+mod protocol;
+mod remote;
 pub mod stderr;
 mod transfer;
 mod transport;
 mod tunnel;
-pub mod wire;
+mod wire;
 
 pub use error::{BoxError, Direction, Error, Phase, Result};
 pub use group::{Group, GroupResult};
+pub use remote::{AsyncRemoteFn, RemoteFn};
 pub use stderr::StderrSink;
 pub use transfer::{Fetch, GroupFetch, GroupPut, Put, Transfer};
 pub use transport::{
@@ -76,3 +60,47 @@ pub use tunnel::{Call, DEFAULT_CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, Tunnel, T
 
 /// Re-exported so transports can implement [`Transport`] without naming the crate themselves.
 pub use async_trait::async_trait;
+
+/// The protocol, the codec and the agent's side of the library, for the
+/// `chopsticks-agent` crate and the project's own tests. **Not a stable
+/// API:** anything here may change in any release, and nothing here is
+/// needed to call functions, move files or write a [`Transport`].
+#[doc(hidden)]
+pub mod __private {
+    /// Environment variables between controller and agent, and the nesting depth.
+    pub mod agent_env {
+        pub use crate::agent_env::*;
+    }
+    /// Large buffers and work kept off the runtime.
+    pub mod buffer {
+        pub use crate::buffer::*;
+    }
+    /// The CBOR codec.
+    pub mod cbor {
+        pub use crate::cbor::*;
+    }
+    /// Staged files and sources.
+    pub mod files {
+        pub use crate::files::*;
+    }
+    /// Heartbeat timing.
+    pub mod heartbeat {
+        pub use crate::heartbeat::*;
+    }
+    /// Build id, agent file, uname.
+    pub mod identity {
+        pub use crate::identity::*;
+    }
+    /// Protocol messages.
+    pub mod protocol {
+        pub use crate::protocol::*;
+    }
+    /// Function references and their resolution.
+    pub mod remote {
+        pub use crate::remote::*;
+    }
+    /// Frames, the outbox and reassembly.
+    pub mod wire {
+        pub use crate::wire::*;
+    }
+}

@@ -306,7 +306,17 @@ impl AsyncTrampolineFn {
 /// agent that proved in its hello to be the same binary as its controller
 /// resolves references, so that genuine entries mean the same function on
 /// both ends.
-pub fn resolve(function: &FunctionRef, mode: CallMode) -> Result<Resolved, Failure> {
+///
+/// # Safety
+///
+/// `function` must name an entry made by [`function_ref`] or
+/// [`async_function_ref`] in a process running this same executable (the
+/// agent knows, because its controller checks the build id of the agent's
+/// hello before sending a call). The checks above refuse every forgery this
+/// function can tell apart from an entry, and so are a second line of
+/// defence, not a proof: what is resolved here is called through a function
+/// pointer read from memory.
+pub unsafe fn resolve(function: &FunctionRef, mode: CallMode) -> Result<Resolved, Failure> {
     let FunctionRef::Offset { offset, name } = function;
     let refuse = |why: &str| {
         Failure::new(
@@ -442,6 +452,14 @@ unsafe extern "C" fn visit_segments(
 mod tests {
     use super::*;
 
+    /// `resolve` for references this test builds in this very process.
+    fn resolve_here(function: &FunctionRef, mode: CallMode) -> Result<Resolved, Failure> {
+        // SAFETY: every reference here is made in this process, by
+        // `function_ref` or as a deliberate forgery that `resolve` must
+        // refuse; none of them is called unless it resolved to an entry.
+        unsafe { resolve(function, mode) }
+    }
+
     fn add3(a: i64, b: i64, c: i64) -> i64 {
         a + b + c
     }
@@ -454,7 +472,7 @@ mod tests {
     fn blocking_reference_resolves_and_runs_in_process() {
         let function = function_ref(add3);
         assert!(function.name().ends_with("add3"));
-        let Ok(Resolved::Blocking(trampoline)) = resolve(&function, CallMode::Blocking) else {
+        let Ok(Resolved::Blocking(trampoline)) = resolve_here(&function, CallMode::Blocking) else {
             panic!("did not resolve")
         };
         let args = encode_value(&(1i64, 2i64, 39i64)).expect("encode");
@@ -465,7 +483,7 @@ mod tests {
     #[test]
     fn closures_and_zero_arity_work() {
         let function = function_ref(|| "hi".to_string());
-        let Ok(Resolved::Blocking(trampoline)) = resolve(&function, CallMode::Blocking) else {
+        let Ok(Resolved::Blocking(trampoline)) = resolve_here(&function, CallMode::Blocking) else {
             panic!("did not resolve")
         };
         let args = encode_value(&()).expect("encode");
@@ -476,7 +494,7 @@ mod tests {
     #[tokio::test]
     async fn async_reference_resolves_and_runs() {
         let function = async_function_ref(double);
-        let Ok(Resolved::Async(trampoline)) = resolve(&function, CallMode::Async) else {
+        let Ok(Resolved::Async(trampoline)) = resolve_here(&function, CallMode::Async) else {
             panic!("did not resolve")
         };
         let args = encode_value(&(21u32,)).expect("encode");
@@ -487,7 +505,7 @@ mod tests {
     #[test]
     fn wrong_arguments_fail_cleanly() {
         let function = function_ref(add3);
-        let Ok(Resolved::Blocking(trampoline)) = resolve(&function, CallMode::Blocking) else {
+        let Ok(Resolved::Blocking(trampoline)) = resolve_here(&function, CallMode::Blocking) else {
             panic!("did not resolve")
         };
         let args = encode_value(&("not", "numbers")).expect("encode");
@@ -511,7 +529,7 @@ mod tests {
     fn offsets_outside_the_program_are_refused() {
         for offset in [i64::MAX / 2, i64::MIN, -1, 0, 1, i64::MAX] {
             for mode in [CallMode::Blocking, CallMode::Async] {
-                let failure = resolve(&at(offset), mode).expect_err("must refuse");
+                let failure = resolve_here(&at(offset), mode).expect_err("must refuse");
                 assert_eq!(failure.kind, FailureKind::UnknownFunction, "{offset}");
             }
         }
@@ -531,7 +549,7 @@ mod tests {
         ] {
             for delta in -256..=256i64 {
                 for mode in [CallMode::Blocking, CallMode::Async] {
-                    let resolved = resolve(&at(genuine + delta), mode);
+                    let resolved = resolve_here(&at(genuine + delta), mode);
                     if delta == 0 {
                         assert_eq!(resolved.is_ok(), mode == own, "the entry as {mode:?}");
                     } else if delta % align_of::<Entry>() as i64 != 0 {
@@ -553,7 +571,10 @@ mod tests {
         }
         let code = trampoline_of(add3).wrapping_sub(anchor_address()) as i64;
         for mode in [CallMode::Blocking, CallMode::Async] {
-            assert!(resolve(&at(code), mode).is_err(), "code is not an entry");
+            assert!(
+                resolve_here(&at(code), mode).is_err(),
+                "code is not an entry"
+            );
         }
         // A perfect forgery (tag, mode and a real trampoline) in writable
         // memory, where a program might keep bytes a peer sent: refused.
@@ -563,7 +584,7 @@ mod tests {
             blocking: None,
             asynchronous: None,
         };
-        let real = match resolve(&at(blocking), CallMode::Blocking) {
+        let real = match resolve_here(&at(blocking), CallMode::Blocking) {
             Ok(Resolved::Blocking(BlockingTrampolineFn(trampoline))) => trampoline,
             _ => panic!("the genuine entry resolves"),
         };
@@ -582,11 +603,11 @@ mod tests {
         for forged in [forged_static, &*forged_on_heap as *const Entry] {
             let offset = forged.expose_provenance().wrapping_sub(anchor_address()) as i64;
             assert!(
-                resolve(&at(offset), CallMode::Blocking).is_err(),
+                resolve_here(&at(offset), CallMode::Blocking).is_err(),
                 "a forged entry in writable memory resolved"
             );
         }
-        let wrong_mode = resolve(&at(blocking), CallMode::Async).expect_err("wrong mode");
+        let wrong_mode = resolve_here(&at(blocking), CallMode::Async).expect_err("wrong mode");
         assert!(
             wrong_mode.message.contains("blocking function"),
             "{}",

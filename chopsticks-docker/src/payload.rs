@@ -58,9 +58,9 @@ impl Payload {
 
     /// The payload for this program.
     pub(crate) fn for_this_program() -> std::io::Result<Payload> {
-        let file = chopsticks_core::identity::agent_file()?;
+        let file = chopsticks_core::__private::identity::agent_file()?;
         let dir = format!("{ROOT}/{}", &file.sha256[..32]);
-        let exe = PathBuf::from(chopsticks_core::identity::SELF_EXE);
+        let exe = PathBuf::from(chopsticks_core::__private::identity::SELF_EXE);
         let mut entries = vec![Entry {
             size: std::fs::metadata(&exe)?.len(),
             source: exe.clone(),

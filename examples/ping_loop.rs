@@ -9,19 +9,14 @@ use chopsticks::{Local, Tunnel};
 
 fn noop() {}
 
-fn main() -> chopsticks::Result<()> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let calls: u32 = std::env::args()
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(100_000);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()
-        .map_err(|source| chopsticks::Error::Io {
-            host: "localhost".into(),
-            phase: chopsticks::Phase::Connect,
-            source,
-        })?;
+        .build()?;
     let tun = Tunnel::new(Local::new());
     runtime.block_on(tun.connect())?;
     let started = std::time::Instant::now();

@@ -73,7 +73,7 @@ pub use chopsticks_docker::{Docker, DockerError};
 #[cfg(feature = "local")]
 pub use chopsticks_local::{Local, LocalError, Sudo};
 #[cfg(feature = "libssh2")]
-pub use chopsticks_ssh::NativeSsh;
+pub use chopsticks_ssh::{NativePhase, NativeSsh};
 #[cfg(feature = "ssh")]
 pub use chopsticks_ssh::{Ssh, SshError, SshGroup};
 

@@ -211,7 +211,7 @@ async fn a_killed_container_fails_pending_calls_fast_and_is_removed() {
     let tun = tunnel(Docker::new(&name).image(TOOLS_IMAGE));
     let (error, after_kill) =
         pending_call_error_after(&tun, || kill_container(&name).expect("docker kill")).await;
-    assert!(error.is_disconnect(), "{error:?}");
+    assert!(error.is_disconnected(), "{error:?}");
     assert!(error.to_string().contains(&name), "{error}");
     assert!(after_kill < Duration::from_secs(5));
     assert!(gone(&name).await, "the dead container was removed");

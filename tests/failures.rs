@@ -69,7 +69,10 @@ async fn a_timed_out_async_call_is_aborted_on_the_agent() {
         .timeout(Duration::from_millis(100))
         .await
         .expect_err("must time out");
-    let Error::Timeout { host, phase, after } = &error else {
+    let Error::Timeout {
+        host, phase, after, ..
+    } = &error
+    else {
         panic!("expected Timeout, got {error:?}");
     };
     assert_eq!(
@@ -213,4 +216,76 @@ async fn an_enormous_panic_message_is_cut_and_the_tunnel_survives() {
         message.len()
     );
     assert_eq!(tun.call(pid, ()).await.expect("still connected"), agent);
+}
+
+/// A transport whose spawn always fails.
+struct Unstartable;
+
+#[chopsticks::async_trait]
+impl chopsticks::Transport for Unstartable {
+    fn host(&self) -> &str {
+        "unstartable"
+    }
+
+    async fn spawn(
+        &self,
+        _command: &chopsticks::AgentCommand,
+    ) -> Result<chopsticks::Pipes, chopsticks::BoxError> {
+        Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied).into())
+    }
+}
+
+/// Every error names its host and phase and says which kind it is, without
+/// the program matching on variants.
+#[tokio::test]
+async fn errors_say_their_host_phase_and_kind() {
+    let tun = Tunnel::builder(Local::named("kinds"))
+        .stderr(chopsticks::stderr::discard())
+        .build();
+
+    let timeout = tun
+        .call(sleep_then, (1, 5_000))
+        .timeout(Duration::from_millis(100))
+        .await
+        .expect_err("times out");
+    assert!(timeout.is_timeout(), "{timeout:?}");
+    assert!(!timeout.is_remote() && !timeout.is_disconnected());
+    assert_eq!((timeout.host(), timeout.phase()), ("kinds", Phase::Call));
+
+    let panicked = tun.call(explode, (7,)).await.expect_err("panics");
+    assert!(panicked.is_remote(), "{panicked:?}");
+    assert!(!panicked.is_timeout() && !panicked.is_disconnected());
+    assert_eq!((panicked.host(), panicked.phase()), ("kinds", Phase::Call));
+
+    let agent = tun.call(pid, ()).await.expect("pid");
+    let dying = tokio::spawn({
+        let tun = tun.clone();
+        async move { tun.call(sleep_then, (1, 30_000)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(agent as i32, libc::SIGKILL) };
+    let killed = dying
+        .await
+        .expect("join")
+        .expect_err("the agent was killed");
+    assert!(killed.is_disconnected(), "{killed:?}");
+    assert!(!killed.is_timeout() && !killed.is_remote());
+    assert_eq!((killed.host(), killed.phase()), ("kinds", Phase::Call));
+
+    let unstartable = Tunnel::new(Unstartable)
+        .connect()
+        .await
+        .expect_err("cannot start");
+    assert!(
+        matches!(unstartable, Error::Spawn { .. }),
+        "{unstartable:?}"
+    );
+    assert_eq!(
+        (unstartable.host(), unstartable.phase()),
+        ("unstartable", Phase::Connect)
+    );
+    assert!(
+        !unstartable.is_timeout() && !unstartable.is_disconnected() && !unstartable.is_remote()
+    );
 }

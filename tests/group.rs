@@ -85,7 +85,7 @@ async fn a_dead_host_fails_alone_and_quickly() {
     );
     let error = result.into_result().expect_err("one host failed");
     assert!(
-        matches!(&error, Error::Hosts { failures } if failures.len() == 1),
+        matches!(&error, Error::Hosts { failures, .. } if failures.len() == 1),
         "{error:?}"
     );
     assert!(error.to_string().contains("fake"), "{error}");

@@ -95,6 +95,7 @@ async fn killing_the_agent_fails_pending_calls_fast_and_names_host_and_stderr() 
             host,
             reason,
             stderr_tail,
+            ..
         } = &error
         else {
             panic!("expected Disconnected, got {error:?}");

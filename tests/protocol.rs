@@ -136,7 +136,7 @@ async fn truncated_stream_mid_frame_is_a_disconnect_not_a_hang() {
     .build();
     let result = tokio::time::timeout(Duration::from_secs(5), tun.call(ping, ())).await;
     let error = result.expect("no hang").expect_err("must fail");
-    assert!(error.is_disconnect(), "{error:?}");
+    assert!(error.is_disconnected(), "{error:?}");
 }
 
 /// The longest error a hostile agent may cause: the bounded peer text and ours around it.

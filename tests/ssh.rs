@@ -186,7 +186,7 @@ async fn a_killed_sshd_fails_pending_calls_fast() {
     };
     let tun = tunnel(&sshd, sshd.alias(0));
     let (error, after_kill) = pending_call_error_after(&tun, || sshd.kill()).await;
-    assert!(error.is_disconnect(), "{error:?}");
+    assert!(error.is_disconnected(), "{error:?}");
     assert!(after_kill < Duration::from_secs(5), "took {after_kill:?}");
 }
 

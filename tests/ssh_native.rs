@@ -147,7 +147,7 @@ async fn the_chosen_ciphers_are_the_ones_offered() {
         matches!(
             ssh_error(&unknown),
             SshError::Native {
-                phase: "choosing ciphers",
+                phase: chopsticks::NativePhase::ChoosingCiphers,
                 ..
             }
         ),

@@ -45,6 +45,7 @@ impl fmt::Display for Phase {
 #[non_exhaustive]
 pub enum Error {
     /// The transport could not start the agent process at all.
+    #[non_exhaustive]
     #[error("could not start the agent on {host}: {message}")]
     Spawn {
         /// The host the tunnel points at.
@@ -57,6 +58,7 @@ pub enum Error {
     },
     /// The process started but the agent never said hello: the bootstrap
     /// script failed, the program exited, or the target cannot run this binary.
+    #[non_exhaustive]
     #[error("bootstrap on {host} failed: {message}")]
     Bootstrap {
         /// The host the tunnel points at.
@@ -65,6 +67,7 @@ pub enum Error {
         message: String,
     },
     /// The agent answered but is not the same program or protocol version.
+    #[non_exhaustive]
     #[error("handshake with the agent on {host} failed: {message}")]
     Handshake {
         /// The host the tunnel points at.
@@ -73,6 +76,7 @@ pub enum Error {
         message: String,
     },
     /// The peer sent bytes that are not a valid frame or message; the tunnel was closed.
+    #[non_exhaustive]
     #[error("protocol error on {host}: {message}; the tunnel was closed")]
     Protocol {
         /// The host the tunnel points at.
@@ -81,6 +85,7 @@ pub enum Error {
         message: String,
     },
     /// The connection ended while the call was pending or before it was sent.
+    #[non_exhaustive]
     #[error("{}", disconnected_sentence(host, reason, stderr_tail))]
     Disconnected {
         /// The host the tunnel points at.
@@ -91,6 +96,7 @@ pub enum Error {
         stderr_tail: Vec<String>,
     },
     /// The remote function panicked, or its arguments or result could not be decoded there.
+    #[non_exhaustive]
     #[error("{function} failed on {host}: {message}")]
     Remote {
         /// The host the call ran on.
@@ -102,21 +108,23 @@ pub enum Error {
         /// The remote backtrace, when `RUST_BACKTRACE` enabled one on the agent.
         backtrace: Option<String>,
     },
-    /// A value could not be encoded or decoded on this side.
+    /// A value could not be encoded, sent or decoded on this side.
+    #[non_exhaustive]
     #[error("{what} of {function} for {host} could not be {action}: {message}")]
     Value {
         /// The host the call is for.
         host: String,
         /// The type name of the function.
         function: String,
-        /// "the arguments" or "the result".
-        what: &'static str,
-        /// "encoded" or "decoded".
-        action: &'static str,
-        /// The serde error.
+        /// Which value.
+        what: ValuePart,
+        /// What could not be done with it.
+        action: ValueAction,
+        /// The serde error, or why the value could not be sent.
         message: String,
     },
     /// A phase did not finish within its time bound.
+    #[non_exhaustive]
     #[error("{phase} on {host} timed out after {after:?}")]
     Timeout {
         /// The host the tunnel points at.
@@ -127,14 +135,18 @@ pub enum Error {
         after: Duration,
     },
     /// A group could not be formed or used as asked.
+    #[non_exhaustive]
     #[error("group error at {host}: {message}")]
     Group {
         /// The host the problem is about.
         host: String,
+        /// What was being set up: forming the group (`Connect`) or a group transfer.
+        phase: Phase,
         /// What is wrong.
         message: String,
     },
     /// Several hosts of a group failed; each error names its host.
+    #[non_exhaustive]
     #[error("{}", hosts_sentence(failures))]
     Hosts {
         /// One error per failed host, in host order.
@@ -142,6 +154,7 @@ pub enum Error {
     },
     /// A put or fetch failed. The target is as it was before and no
     /// temporary file is left behind.
+    #[non_exhaustive]
     #[error("{} failed: {message}", transfer_route(*direction, host, local_path, remote_path))]
     Transfer {
         /// The host the tunnel points at.
@@ -158,6 +171,7 @@ pub enum Error {
         message: String,
     },
     /// An I/O error on this side.
+    #[non_exhaustive]
     #[error("I/O error on {host} during {phase}: {source}")]
     Io {
         /// The host the tunnel points at.
@@ -168,6 +182,47 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Which value of a call an [`Error::Value`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ValuePart {
+    /// The argument tuple.
+    Arguments,
+    /// The function's result.
+    Result,
+}
+
+impl fmt::Display for ValuePart {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ValuePart::Arguments => "the arguments",
+            ValuePart::Result => "the result",
+        })
+    }
+}
+
+/// What could not be done with a value, in an [`Error::Value`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ValueAction {
+    /// Encoding it as CBOR (serde refused it).
+    Encode,
+    /// Sending it (larger than one value may be).
+    Send,
+    /// Decoding it (its bytes do not fit the type).
+    Decode,
+}
+
+impl fmt::Display for ValueAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ValueAction::Encode => "encoded",
+            ValueAction::Send => "sent",
+            ValueAction::Decode => "decoded",
+        })
+    }
 }
 
 /// Which way a file moves.
@@ -241,8 +296,39 @@ impl Error {
     }
 
     /// Whether the error ended the connection, so that the next call reconnects.
-    pub fn is_disconnect(&self) -> bool {
+    /// The phase that failed. A group's failure reports its first host's.
+    pub fn phase(&self) -> Phase {
+        match self {
+            Error::Spawn { .. } => Phase::Connect,
+            Error::Bootstrap { .. } => Phase::Bootstrap,
+            Error::Handshake { .. } => Phase::Handshake,
+            Error::Protocol { .. }
+            | Error::Disconnected { .. }
+            | Error::Remote { .. }
+            | Error::Value { .. } => Phase::Call,
+            Error::Timeout { phase, .. } | Error::Io { phase, .. } | Error::Group { phase, .. } => {
+                *phase
+            }
+            Error::Transfer { .. } => Phase::Transfer,
+            Error::Hosts { failures } => failures.first().map_or(Phase::Call, Error::phase),
+        }
+    }
+
+    /// Whether the connection to the agent ended (it exited, was killed,
+    /// went silent or broke the protocol); the next call reconnects.
+    pub fn is_disconnected(&self) -> bool {
         matches!(self, Error::Disconnected { .. } | Error::Protocol { .. })
+    }
+
+    /// Whether a time bound ran out.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout { .. })
+    }
+
+    /// Whether the function ran on the agent and failed there (a panic, or
+    /// arguments or a result the agent could not decode or encode).
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Error::Remote { .. })
     }
 }
 

@@ -58,6 +58,7 @@ impl Group {
             if group.tunnels.insert(host.clone(), tunnel).is_some() {
                 return Err(Error::Group {
                     host,
+                    phase: crate::error::Phase::Connect,
                     message: "two tunnels of the group have this host name; host names are the group's keys".into(),
                 });
             }

@@ -48,7 +48,7 @@ mod transport;
 mod tunnel;
 mod wire;
 
-pub use error::{BoxError, Direction, Error, Phase, Result};
+pub use error::{BoxError, Direction, Error, Phase, Result, ValueAction, ValuePart};
 pub use group::{Group, GroupResult};
 pub use remote::{AsyncRemoteFn, RemoteFn};
 pub use stderr::StderrSink;

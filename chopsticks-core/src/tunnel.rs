@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::connection::{self, ConnectOptions, Connection};
-use crate::error::{Error, Phase, Result};
+use crate::error::{Error, Phase, Result, ValueAction, ValuePart};
 use crate::protocol::{CallMode, FunctionRef, decode_value, encode_value};
 use crate::remote::{AsyncRemoteFn, RemoteFn, async_function_ref, function_ref};
 use crate::stderr::{self, StderrSink};
@@ -238,8 +238,13 @@ impl Tunnel {
 ///
 /// Dropping the call before it completes cancels it on the agent: an `async`
 /// function is aborted, a blocking one runs on and its result is discarded.
+///
+/// # Panics
+///
+/// When polled again after it completed, as the future of an `async fn` does.
 #[must_use = "a call does nothing until it is awaited"]
 pub struct Call<'t, R> {
+    tunnel: &'t Tunnel,
     state: CallState<'t, R>,
 }
 
@@ -271,8 +276,18 @@ impl<R> std::fmt::Debug for Call<'_, R> {
                 .field("function", &function.name())
                 .field("timeout", timeout)
                 .finish_non_exhaustive(),
-            CallState::Running(_) => f.write_str("Call(running)"),
-            CallState::Finished => f.write_str("Call(finished)"),
+            CallState::Running(_) | CallState::Finished => f
+                .debug_struct("Call")
+                .field("host", &self.tunnel.host())
+                .field(
+                    "state",
+                    &if matches!(self.state, CallState::Finished) {
+                        "finished"
+                    } else {
+                        "running"
+                    },
+                )
+                .finish_non_exhaustive(),
         }
     }
 }
@@ -285,6 +300,7 @@ impl<'t, R> Call<'t, R> {
         args: std::result::Result<Vec<u8>, String>,
     ) -> Self {
         Call {
+            tunnel,
             state: CallState::Ready {
                 tunnel,
                 function,
@@ -321,7 +337,8 @@ async fn run_call<R: DeserializeOwned>(
         action,
         message,
     };
-    let args = args.map_err(|message| value_error("the arguments", "encoded", message))?;
+    let args =
+        args.map_err(|message| value_error(ValuePart::Arguments, ValueAction::Encode, message))?;
     let run = async {
         let connection = tunnel.connection().await?;
         connection.call(&function, mode, args).await
@@ -336,8 +353,8 @@ async fn run_call<R: DeserializeOwned>(
                 after,
             })??,
     };
-    let value =
-        decode_value(&encoded).map_err(|message| value_error("the result", "decoded", message));
+    let value = decode_value(&encoded)
+        .map_err(|message| value_error(ValuePart::Result, ValueAction::Decode, message));
     crate::buffer::give(encoded);
     value
 }
@@ -365,13 +382,11 @@ where
                 CallState::Running(Box::pin(run_call(tunnel, function, mode, args, timeout)));
         }
         let CallState::Running(running) = &mut this.state else {
-            return Poll::Ready(Err(Error::Value {
-                host: String::new(),
-                function: String::new(),
-                what: "the call",
-                action: "polled",
-                message: "it was polled after it completed".into(),
-            }));
+            // The `Future` contract: like the future of any `async fn`.
+            panic!(
+                "a Call on {} was polled after it had completed",
+                this.tunnel.host()
+            );
         };
         let result = std::task::ready!(running.as_mut().poll(cx));
         this.state = CallState::Finished;

@@ -140,11 +140,49 @@ pub enum SshError {
     Native {
         /// The host.
         host: String,
-        /// What was being done: connecting, handshaking, authenticating, starting the command.
-        phase: &'static str,
+        /// What was being done.
+        phase: NativePhase,
         /// What libssh2 or the system said.
         message: String,
     },
+}
+
+/// What the native (libssh2) backend was doing when it failed, in an
+/// [`SshError::Native`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum NativePhase {
+    /// Resolving the address and opening the TCP connection.
+    Connecting,
+    /// Creating the libssh2 session.
+    CreatingSession,
+    /// Setting the cipher preference.
+    ChoosingCiphers,
+    /// Checking the server's host key against `known_hosts`.
+    CheckingHostKey,
+    /// Opening the session channel.
+    OpeningChannel,
+    /// Running the bootstrap command on the channel.
+    StartingBootstrap,
+    /// Creating the local pipes the pump moves data through.
+    CreatingPipes,
+    /// Starting the pump thread.
+    StartingPump,
+}
+
+impl std::fmt::Display for NativePhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NativePhase::Connecting => "connecting",
+            NativePhase::CreatingSession => "creating a session",
+            NativePhase::ChoosingCiphers => "choosing ciphers",
+            NativePhase::CheckingHostKey => "checking the host key",
+            NativePhase::OpeningChannel => "opening a channel",
+            NativePhase::StartingBootstrap => "starting the bootstrap",
+            NativePhase::CreatingPipes => "creating pipes",
+            NativePhase::StartingPump => "starting the pump thread",
+        })
+    }
 }
 
 impl SshError {

@@ -328,8 +328,8 @@ impl Connection {
             return Err(Error::Value {
                 host: self.shared.host.to_string(),
                 function: function.name().to_string(),
-                what: "the arguments",
-                action: "sent",
+                what: crate::error::ValuePart::Arguments,
+                action: crate::error::ValueAction::Send,
                 message: format!(
                     "{} bytes exceed the limit of {MAX_PAYLOAD_LEN} bytes for one value",
                     args.len()

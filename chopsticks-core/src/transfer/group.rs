@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
 use super::{Route, Transfer, TransferOptions, run, transfer_options};
-use crate::error::{Direction, Error, Result};
+use crate::error::{Direction, Error, Phase, Result};
 use crate::group::{Group, GroupResult};
 use crate::tunnel::Tunnel;
 
@@ -66,6 +66,7 @@ impl Group {
             if let Some(other) = owners.insert(local.clone(), host) {
                 return Err(Error::Group {
                     host: host.to_string(),
+                    phase: Phase::Transfer,
                     message: format!(
                         "the local path template {template:?} gives {} for both {other} and \
                          {host}; put {{host}} in it so every host gets its own file",

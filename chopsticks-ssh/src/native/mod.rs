@@ -17,7 +17,7 @@ use chopsticks_core::{
 };
 use ssh2::{CheckResult, KnownHostFileKind, MethodType, Session};
 
-use crate::SshError;
+use crate::{NativePhase, SshError};
 
 mod pump;
 
@@ -170,7 +170,7 @@ impl NativeSsh {
         self
     }
 
-    fn fail(&self, phase: &'static str, message: impl std::fmt::Display) -> SshError {
+    fn fail(&self, phase: NativePhase, message: impl std::fmt::Display) -> SshError {
         SshError::Native {
             host: self.name.clone(),
             phase,
@@ -219,14 +219,14 @@ impl NativeSsh {
         })?;
         let _ = stream.set_nodelay(true);
         give_up_after_unacknowledged(&stream, DEAD_PEER_TIMEOUT);
-        let mut session = Session::new().map_err(|e| self.fail("creating a session", e))?;
+        let mut session = Session::new().map_err(|e| self.fail(NativePhase::CreatingSession, e))?;
         session.set_timeout(self.connect_timeout.as_millis().min(u32::MAX as u128) as u32);
         session.set_tcp_stream(stream);
         if let Some(ciphers) = &self.ciphers {
             for direction in [MethodType::CryptCs, MethodType::CryptSc] {
                 session
                     .method_pref(direction, ciphers)
-                    .map_err(|e| self.fail("choosing ciphers", e))?;
+                    .map_err(|e| self.fail(NativePhase::ChoosingCiphers, e))?;
             }
         }
         session.handshake().map_err(|error| {
@@ -243,10 +243,10 @@ impl NativeSsh {
         self.authenticate(&session)?;
         let mut channel = session
             .channel_session()
-            .map_err(|e| self.fail("opening a channel", e))?;
+            .map_err(|e| self.fail(NativePhase::OpeningChannel, e))?;
         channel
             .exec(command)
-            .map_err(|e| self.fail("starting the bootstrap", e))?;
+            .map_err(|e| self.fail(NativePhase::StartingBootstrap, e))?;
         Ok((session, channel))
     }
 
@@ -255,16 +255,16 @@ impl NativeSsh {
             Some(path) => path.clone(),
             None => home()
                 .map(|home| home.join(".ssh/known_hosts"))
-                .ok_or_else(|| self.fail("checking the host key", "HOME is not set"))?,
+                .ok_or_else(|| self.fail(NativePhase::CheckingHostKey, "HOME is not set"))?,
         };
         let mut known = session
             .known_hosts()
-            .map_err(|e| self.fail("checking the host key", e))?;
+            .map_err(|e| self.fail(NativePhase::CheckingHostKey, e))?;
         // A missing file means no host is known: the check below refuses.
         let _ = known.read_file(&path, KnownHostFileKind::OpenSSH);
-        let (key, _) = session
-            .host_key()
-            .ok_or_else(|| self.fail("checking the host key", "the server sent no host key"))?;
+        let (key, _) = session.host_key().ok_or_else(|| {
+            self.fail(NativePhase::CheckingHostKey, "the server sent no host key")
+        })?;
         match known.check_port(&self.address, self.port, key) {
             CheckResult::Match => Ok(()),
             CheckResult::Mismatch => Err(SshError::HostKey {
@@ -278,7 +278,7 @@ impl NativeSsh {
                 host: self.name.clone(),
                 detail: format!("no key for it in {}", path.display()),
             }),
-            CheckResult::Failure => Err(self.fail("checking the host key", "libssh2 failed")),
+            CheckResult::Failure => Err(self.fail(NativePhase::CheckingHostKey, "libssh2 failed")),
         }
     }
 
@@ -346,8 +346,8 @@ impl Transport for NativeSsh {
         let command = command.to_shell_command();
         let (session, channel) = tokio::task::spawn_blocking(move || this.open(&command))
             .await
-            .map_err(|error| self.fail("connecting", error))??;
-        let ends = PumpEnds::new().map_err(|e| self.fail("creating pipes", e))?;
+            .map_err(|error| self.fail(NativePhase::Connecting, error))??;
+        let ends = PumpEnds::new().map_err(|e| self.fail(NativePhase::CreatingPipes, e))?;
         let (exit_sender, exit) = tokio::sync::oneshot::channel();
         let kill = ends.kill_write;
         let pump = Pump {
@@ -365,7 +365,7 @@ impl Transport for NativeSsh {
                 let report = pump.run();
                 let _ = exit_sender.send(report);
             })
-            .map_err(|e| self.fail("starting the pump thread", e))?;
+            .map_err(|e| self.fail(NativePhase::StartingPump, e))?;
         Ok(Pipes {
             stdin: Box::new(tokio::net::unix::pipe::Sender::from_owned_fd(
                 ends.stdin_write,

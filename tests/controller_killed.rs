@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use chopsticks::{Local, Tunnel};
 use serde::{Deserialize, Serialize};
 
-use crate::files::Scratch;
+use crate::support::Scratch;
 use crate::support::{process_alive, wait_gone};
 
 /// Where agent A opens its tunnel to agent B.

@@ -69,8 +69,8 @@ async fn calls_and_files_in_a_scratch_container_that_is_removed_afterwards() {
     assert_ne!(hostname.trim(), "");
     assert_eq!(tun.call(add, (40, 2)).await.expect("call"), 42);
 
-    let dir = crate::files::Scratch::new("docker");
-    let data = crate::files::patterned(&dir.path("source"), 3 * 1024 * 1024 + 7);
+    let dir = crate::support::Scratch::new("docker");
+    let data = crate::support::patterned(&dir.path("source"), 3 * 1024 * 1024 + 7);
     tun.put(dir.path("source"), "/tmp/data")
         .await
         .expect("put into the container");
@@ -389,7 +389,7 @@ async fn user_env_working_dir_mounts_network_labels_and_keep() {
     if docker_or_skip().is_none() {
         return;
     }
-    let shared = crate::files::Scratch::shared("docker-mount");
+    let shared = crate::support::Scratch::shared("docker-mount");
     std::fs::write(shared.path("hello"), "from the host").expect("write");
     let name = unique("options");
     remove_container(&name);

@@ -4,7 +4,7 @@
 use std::future::IntoFuture;
 use std::io::ErrorKind;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -12,84 +12,8 @@ use std::time::{Duration, Instant};
 use chopsticks::progress::ProgressEvent;
 use chopsticks::{Direction, Error, Local, Sudo, Tunnel};
 
-use crate::support::{Corrupting, is_root};
+use crate::support::{Corrupting, Scratch, entries, is_root, patterned};
 use chopsticks_testkit::peak_resident_kib;
-
-/// A scratch directory, removed when dropped.
-pub struct Scratch(PathBuf);
-
-impl Scratch {
-    pub fn new(name: &str) -> Scratch {
-        let path =
-            std::env::temp_dir().join(format!("chopsticks-files-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("create scratch dir");
-        Scratch(path)
-    }
-
-    /// A scratch directory any user may write, for agents logged in as another user.
-    #[cfg_attr(not(any(feature = "ssh", feature = "docker")), allow(dead_code))]
-    pub fn shared(name: &str) -> Scratch {
-        let scratch = Scratch::new(name);
-        std::fs::set_permissions(&scratch.0, std::fs::Permissions::from_mode(0o777))
-            .expect("chmod scratch dir");
-        scratch
-    }
-
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    /// The directory itself.
-    #[cfg_attr(not(feature = "docker"), allow(dead_code))]
-    pub fn dir(&self) -> &Path {
-        &self.0
-    }
-
-    /// The names in the directory, sorted; hidden staging files would show here.
-    pub fn entries(&self) -> Vec<String> {
-        entries(&self.0)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(self.0.join("small"))
-            .output();
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .expect("read_dir")
-        .map(|entry| {
-            entry
-                .expect("entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
-    names.sort();
-    names
-}
-
-/// Writes `len` bytes of a non-repeating pattern.
-pub fn patterned(path: &Path, len: usize) -> Vec<u8> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ len as u64;
-    let data: Vec<u8> = (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
-    std::fs::write(path, &data).expect("write source");
-    data
-}
 
 fn tunnel() -> Tunnel {
     Tunnel::new(Local::new())
@@ -565,16 +489,16 @@ async fn a_full_disk_fails_the_transfer_and_keeps_the_old_file() {
 
 #[tokio::test]
 async fn permission_denied_on_the_host_names_host_and_path() {
-    let Some(_) = crate::sudo::required() else {
+    let Some(_) = crate::support::sudo_user() else {
         return;
     };
     let dir = Scratch::new("permission");
-    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(dir.dir(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     patterned(&dir.path("source"), 1000);
     std::fs::set_permissions(dir.path("source"), std::fs::Permissions::from_mode(0o644))
         .expect("chmod");
     std::fs::write(dir.path("target"), b"root's").expect("write");
-    let tun = Tunnel::builder(Sudo::new(crate::sudo::USER))
+    let tun = Tunnel::builder(Sudo::new(crate::support::USER))
         .stderr(chopsticks::stderr::discard())
         .build();
     let error = tun

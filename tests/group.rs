@@ -164,8 +164,8 @@ async fn set_operations_work_by_host() {
 
 #[tokio::test]
 async fn put_and_fetch_on_every_host_with_a_host_template() {
-    let dir = crate::files::Scratch::new("group");
-    let data = crate::files::patterned(&dir.path("source"), 700_000);
+    let dir = crate::support::Scratch::new("group");
+    let data = crate::support::patterned(&dir.path("source"), 700_000);
     let web = local_group(&["web1", "web2", "web3"]);
     let sent = web
         .put(dir.path("source"), dir.path("remote/app.bin"))
@@ -195,8 +195,8 @@ async fn put_and_fetch_on_every_host_with_a_host_template() {
 
 #[tokio::test]
 async fn a_fetch_template_that_collides_is_refused_before_any_transfer() {
-    let dir = crate::files::Scratch::new("group-collide");
-    crate::files::patterned(&dir.path("source"), 10);
+    let dir = crate::support::Scratch::new("group-collide");
+    crate::support::patterned(&dir.path("source"), 10);
     let web = local_group(&["web1", "web2"]);
     let error = web
         .fetch(
@@ -213,8 +213,8 @@ async fn a_fetch_template_that_collides_is_refused_before_any_transfer() {
 
 #[tokio::test]
 async fn group_transfers_report_failures_per_host() {
-    let dir = crate::files::Scratch::new("group-fail");
-    crate::files::patterned(&dir.path("source"), 10);
+    let dir = crate::support::Scratch::new("group-fail");
+    crate::support::patterned(&dir.path("source"), 10);
     let group = local_group(&["good"])
         | Group::from(Tunnel::new(FakeAgent {
             script: "exit 3".into(),
@@ -228,8 +228,8 @@ async fn group_transfers_report_failures_per_host() {
 #[cfg(feature = "progress")]
 #[tokio::test]
 async fn progress_bars_count_every_host() {
-    let dir = crate::files::Scratch::new("group-bars");
-    crate::files::patterned(&dir.path("source"), 3 * 1024 * 1024);
+    let dir = crate::support::Scratch::new("group-bars");
+    crate::support::patterned(&dir.path("source"), 3 * 1024 * 1024);
     let bars = std::sync::Arc::new(chopsticks::progress::Bars::hidden());
     let shared = bars.clone();
     let web = local_group(&["web1", "web2"]).progress(

@@ -10,7 +10,7 @@ use chopsticks::{Error, Ssh, Tunnel};
 use chopsticks_testkit::netns::{NetnsHost, netns_or_skip};
 use chopsticks_testkit::{Sshd, require};
 
-use crate::files::Scratch;
+use crate::support::Scratch;
 use crate::support::{process_alive, wait_gone};
 
 const HEARTBEAT: Duration = Duration::from_secs(2);

@@ -5,25 +5,12 @@ use std::time::{Duration, Instant};
 use chopsticks::{Error, Group, Ssh, SshError, Tunnel};
 use chopsticks_testkit::{Sshd, sshd_or_skip};
 
-use crate::support::pending_call_error_after;
+use crate::support::{pending_call_error_after, ssh_error};
 
 pub fn tunnel(sshd: &Sshd, alias: &str) -> Tunnel {
     Tunnel::builder(Ssh::new(alias).config_file(sshd.client_config()))
         .stderr(chopsticks::stderr::discard())
         .build()
-}
-
-/// The `SshError` behind a failed connect.
-pub fn ssh_error(error: &Error) -> &SshError {
-    match error {
-        Error::Spawn {
-            source: Some(source),
-            ..
-        } => source
-            .downcast_ref::<SshError>()
-            .unwrap_or_else(|| panic!("not an SshError: {error:?}")),
-        other => panic!("expected Error::Spawn with an SshError, got {other:?}"),
-    }
 }
 
 fn hostname() -> String {
@@ -50,8 +37,8 @@ async fn calls_and_files_over_a_real_sshd() {
         assert_eq!(result.expect("concurrent call"), i as u64 + 1);
     }
 
-    let dir = crate::files::Scratch::shared("ssh");
-    let data = crate::files::patterned(&dir.path("source"), 3 * 1024 * 1024 + 1);
+    let dir = crate::support::Scratch::shared("ssh");
+    let data = crate::support::patterned(&dir.path("source"), 3 * 1024 * 1024 + 1);
     let sent = tun
         .put(dir.path("source"), dir.path("remote"))
         .await

@@ -5,8 +5,8 @@ use std::time::Duration;
 use chopsticks::{Error, Group, NativeSsh, SshError, Tunnel};
 use chopsticks_testkit::{Sshd, sshd_or_skip};
 
-use crate::ssh::ssh_error;
 use crate::support::pending_call_error_after;
+use crate::support::ssh_error;
 
 fn native(sshd: &Sshd) -> NativeSsh {
     NativeSsh::new("127.0.0.1")
@@ -42,8 +42,8 @@ async fn calls_files_and_groups_through_libssh2() {
         assert_eq!(result.expect("concurrent call"), i as u64 + 1);
     }
 
-    let dir = crate::files::Scratch::shared("native");
-    let data = crate::files::patterned(&dir.path("source"), 2 * 1024 * 1024 + 3);
+    let dir = crate::support::Scratch::shared("native");
+    let data = crate::support::patterned(&dir.path("source"), 2 * 1024 * 1024 + 3);
     tun.put(dir.path("source"), dir.path("remote"))
         .await
         .expect("put");
@@ -97,7 +97,7 @@ async fn native_connection_failures_are_distinct() {
         "{wrong_key}"
     );
 
-    let empty = crate::files::Scratch::new("native-known-hosts");
+    let empty = crate::support::Scratch::new("native-known-hosts");
     std::fs::write(empty.path("known_hosts"), "").expect("write");
     let unknown = tunnel(native(&sshd).known_hosts(empty.path("known_hosts")))
         .connect()

@@ -2,49 +2,7 @@
 
 use chopsticks::{Error, Sudo, Tunnel};
 
-use crate::support::is_root;
-
-pub(crate) const USER: &str = "chopsticks-test";
-
-/// Creates the test user when possible; says why not otherwise.
-fn prepare_user() -> Result<u32, String> {
-    if !is_root() {
-        return Err("the sudo tests must run as root to create a user".into());
-    }
-    if std::process::Command::new("sudo")
-        .arg("-V")
-        .output()
-        .is_err()
-    {
-        return Err("sudo is not installed (the README's test command installs it)".into());
-    }
-    let exists = std::process::Command::new("id")
-        .arg("-u")
-        .arg(USER)
-        .output()
-        .map_err(|e| e.to_string())?;
-    if !exists.status.success() {
-        let status = std::process::Command::new("useradd")
-            .args(["--create-home", "--shell", "/bin/sh", USER])
-            .status()
-            .map_err(|e| format!("useradd: {e}"))?;
-        // Another test process may have created it meanwhile; `id` decides below.
-        let _ = status;
-    }
-    let output = std::process::Command::new("id")
-        .arg("-u")
-        .arg(USER)
-        .output()
-        .map_err(|e| e.to_string())?;
-    String::from_utf8_lossy(&output.stdout)
-        .trim()
-        .parse()
-        .map_err(|e| format!("id -u {USER}: {e}"))
-}
-
-pub(crate) fn required() -> Option<u32> {
-    chopsticks_testkit::require(prepare_user(), "the sudo test")
-}
+use crate::support::{USER, sudo_user};
 
 fn whoami() -> (u32, String) {
     // SAFETY: geteuid has no preconditions.
@@ -54,7 +12,7 @@ fn whoami() -> (u32, String) {
 
 #[tokio::test]
 async fn sudo_runs_the_agent_as_another_user_through_the_bootstrap() {
-    let Some(uid) = required() else { return };
+    let Some(uid) = sudo_user() else { return };
     let tun = Tunnel::builder(Sudo::new(USER))
         .stderr(chopsticks::stderr::discard())
         .build();

@@ -1,5 +1,7 @@
 //! Helpers shared by the test modules.
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -257,4 +259,138 @@ impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FlipRead<R> {
         }
         result
     }
+}
+
+/// A scratch directory, removed when dropped.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let path =
+            std::env::temp_dir().join(format!("chopsticks-files-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create scratch dir");
+        Scratch(path)
+    }
+
+    /// A scratch directory any user may write, for agents logged in as another user.
+    #[cfg_attr(not(any(feature = "ssh", feature = "docker")), allow(dead_code))]
+    pub fn shared(name: &str) -> Scratch {
+        let scratch = Scratch::new(name);
+        std::fs::set_permissions(&scratch.0, std::fs::Permissions::from_mode(0o777))
+            .expect("chmod scratch dir");
+        scratch
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// The directory itself.
+    pub fn dir(&self) -> &Path {
+        &self.0
+    }
+
+    /// The names in the directory, sorted; hidden staging files would show here.
+    pub fn entries(&self) -> Vec<String> {
+        entries(&self.0)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.join("small"))
+            .output();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The names in `dir`, sorted.
+pub fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// Writes `len` bytes of a non-repeating pattern.
+pub fn patterned(path: &Path, len: usize) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ len as u64;
+    let data: Vec<u8> = (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    std::fs::write(path, &data).expect("write source");
+    data
+}
+
+#[cfg(feature = "ssh")]
+/// The `SshError` behind a failed connect.
+pub fn ssh_error(error: &chopsticks::Error) -> &chopsticks::SshError {
+    match error {
+        chopsticks::Error::Spawn {
+            source: Some(source),
+            ..
+        } => source
+            .downcast_ref::<chopsticks::SshError>()
+            .unwrap_or_else(|| panic!("not an SshError: {error:?}")),
+        other => panic!("expected Error::Spawn with an SshError, got {other:?}"),
+    }
+}
+
+/// The throwaway user the sudo tests run agents as.
+pub const USER: &str = "chopsticks-test";
+
+/// Creates the test user when possible; says why not otherwise.
+fn prepare_sudo_user() -> Result<u32, String> {
+    if !is_root() {
+        return Err("the sudo tests must run as root to create a user".into());
+    }
+    if std::process::Command::new("sudo")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        return Err("sudo is not installed (the README's test command installs it)".into());
+    }
+    let exists = std::process::Command::new("id")
+        .arg("-u")
+        .arg(USER)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !exists.status.success() {
+        let status = std::process::Command::new("useradd")
+            .args(["--create-home", "--shell", "/bin/sh", USER])
+            .status()
+            .map_err(|e| format!("useradd: {e}"))?;
+        // Another test process may have created it meanwhile; `id` decides below.
+        let _ = status;
+    }
+    let output = std::process::Command::new("id")
+        .arg("-u")
+        .arg(USER)
+        .output()
+        .map_err(|e| e.to_string())?;
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .map_err(|e| format!("id -u {USER}: {e}"))
+}
+
+/// The test user's uid, or `None` (a skip) when it cannot be made, except under `CI=true`.
+pub fn sudo_user() -> Option<u32> {
+    chopsticks_testkit::require(prepare_sudo_user(), "the sudo test")
 }

@@ -14,8 +14,8 @@ use chopsticks_core::__private::protocol::{
 };
 use chopsticks_core::__private::wire::OutFrame;
 
-use crate::files::Scratch;
 use crate::support::FakeAgent;
+use crate::support::Scratch;
 
 fn tunnel() -> Tunnel {
     Tunnel::builder(Local::named("torn"))

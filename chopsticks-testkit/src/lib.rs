@@ -467,14 +467,23 @@ pub fn sshd_or_skip(name: &str, count: usize) -> Option<Sshd> {
     require(Sshd::start(name, count), "an ssh test")
 }
 
-/// The prepared prerequisite, or `None` with a note that `test` is skipped —
-/// except under `CI=true`, where a missing prerequisite is a failure.
+/// The prepared prerequisite, or `None` with a `SKIPPED` line on stderr that
+/// `cargo test` shows even for a passing test (the test then returns
+/// early) — except under `CI=true`, where a missing prerequisite is a
+/// failure.
 pub fn require<T>(prepared: Result<T, String>, test: &str) -> Option<T> {
     match prepared {
         Ok(value) => Some(value),
         Err(reason) if in_ci() => panic!("prerequisite missing under CI=true: {reason}"),
         Err(reason) => {
-            eprintln!("skipping {test}: {reason}");
+            // Straight to the process's stderr: `cargo test` captures what
+            // `eprintln!` prints from a passing test, and a skip must show.
+            use std::io::Write;
+            let name = std::thread::current()
+                .name()
+                .unwrap_or("a test")
+                .to_string();
+            let _ = writeln!(std::io::stderr(), "SKIPPED {name} ({test}): {reason}");
             None
         }
     }

@@ -240,6 +240,20 @@ async fn without_openssl_the_bootstrap_verifies_with_sha256sum() {
         .await
         .expect("cached, verified by sha256sum");
     assert_ne!(first, second);
+
+    // A corrupted entry is refused on this path too: replaced, never run.
+    tun.close().await.expect("close");
+    let agent = cached_agent(&root.path().join("cache/chopsticks"));
+    let size = std::fs::metadata(&agent).expect("cached").len() as usize;
+    let trace = root.path().join("executed");
+    let mut evil = format!("#!/bin/sh\ntouch '{}'\n", trace.display()).into_bytes();
+    evil.resize(size, b'#');
+    std::fs::write(&agent, &evil).expect("corrupt");
+    tun.call(pid, ())
+        .await
+        .expect("connects after replacing the entry");
+    assert!(!trace.exists(), "the corrupted cache entry was executed");
+    assert!(same_as_this_program(&agent), "the entry was not replaced");
 }
 
 #[tokio::test]

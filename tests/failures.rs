@@ -169,30 +169,30 @@ async fn runaway_nesting_stops_at_the_depth_limit_with_a_clear_error() {
     );
 }
 
-async fn hog_the_thread() -> u8 {
-    // Blocks its executor thread, which an async fn must not do.
-    std::thread::sleep(Duration::from_millis(1500));
-    1
+async fn hog_the_thread(release: std::path::PathBuf) -> bool {
+    // Blocks its executor thread, which an async fn must not do, until released.
+    crate::support::hold_until_exists(release)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_async_function_that_blocks_does_not_freeze_the_agent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let release = dir.path().join("release");
     let tun = Tunnel::new(Local::new());
     tun.connect().await.expect("connect");
     let hog_tun = tun.clone();
-    let hog = tokio::spawn(async move { hog_tun.call_async(hog_the_thread, ()).await });
+    let held = release.clone();
+    let hog = tokio::spawn(async move { hog_tun.call_async(hog_the_thread, (held,)).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let started = Instant::now();
+    // The ping answers while the hog still holds its thread.
+    let ping = tokio::time::timeout(crate::support::EVENT_BOUND, tun.call(pid, ()));
     assert_eq!(
-        tun.call(pid, ()).await.expect("ping"),
+        ping.await.expect("the ping answered").expect("ping"),
         tun.agent_pid().expect("pid")
     );
-    assert!(
-        started.elapsed() < Duration::from_millis(500),
-        "ping took {:?}",
-        started.elapsed()
-    );
-    assert_eq!(hog.await.expect("join").expect("hog"), 1);
+    assert!(!hog.is_finished(), "the hog should still be holding");
+    std::fs::write(&release, b"").expect("release");
+    assert!(hog.await.expect("join").expect("hog"), "never released");
 }
 
 fn shout_and_panic(len: usize) -> u8 {

@@ -355,34 +355,32 @@ async fn a_cancelled_fetch_leaves_nothing_and_the_tunnel_works() {
 }
 
 #[tokio::test]
-async fn calls_answer_promptly_during_a_large_transfer() {
+async fn calls_answer_during_a_large_transfer() {
     let dir = Scratch::new("interleave");
     patterned(&dir.path("source"), 256 * 1024 * 1024);
     let tun = tunnel();
     tun.connect().await.expect("connect");
     let put = tun.put(dir.path("source"), dir.path("copy"));
     let mut transfer = std::pin::pin!(put.into_future());
-    let mut slowest = Duration::ZERO;
+    // Calls complete while the put is still moving. (How fast is
+    // `benches/latency.rs`.)
     let mut calls = 0;
     loop {
-        let started = Instant::now();
         tokio::select! {
             result = &mut transfer => {
                 result.expect("put");
                 break;
             }
-            value = tun.call(|x: u32| x + 1, (calls,)) => {
-                assert_eq!(value.expect("call"), calls + 1);
-                slowest = slowest.max(started.elapsed());
+            value = tokio::time::timeout(
+                crate::support::EVENT_BOUND,
+                tun.call(|x: u32| x + 1, (calls,)),
+            ) => {
+                assert_eq!(value.expect("a call answered").expect("call"), calls + 1);
                 calls += 1;
             }
         }
     }
     assert!(calls >= 10, "only {calls} calls completed during the put");
-    assert!(
-        slowest < Duration::from_millis(250),
-        "a call took {slowest:?} during the put"
-    );
 }
 
 #[tokio::test]

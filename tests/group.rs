@@ -1,7 +1,7 @@
 //! Groups: fan-out to several real agents, failures per host, set operations.
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chopsticks::{Error, Group, Local, Tunnel};
 
@@ -61,13 +61,10 @@ async fn a_dead_host_fails_alone_and_quickly() {
     .connect_timeout(Duration::from_millis(300))
     .build();
     let group = Group::new([Tunnel::new(Local::named("alive")), silent]).expect("group");
-    let started = Instant::now();
-    let result = group.call(sleep_ms, (10,)).await;
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "took {:?}",
-        started.elapsed()
-    );
+    // Within the silent host's connect timeout, not its 30 s of silence.
+    let result = tokio::time::timeout(Duration::from_secs(10), group.call(sleep_ms, (10,)))
+        .await
+        .expect("the dead host fails on its own bound");
     assert_eq!(
         result
             .successful()
@@ -91,34 +88,56 @@ async fn a_dead_host_fails_alone_and_quickly() {
     assert!(error.to_string().contains("fake"), "{error}");
 }
 
+/// Runs on each host: meets the other hosts of a group of `count`.
+fn meet(dir: std::path::PathBuf, count: usize) -> bool {
+    let host = std::process::id().to_string();
+    crate::support::rendezvous(dir, host, count)
+}
+
+/// Runs on each host: marks itself busy in `dir` for a while and says
+/// whether any other host was busy at the same time.
+fn alone(dir: std::path::PathBuf) -> bool {
+    let mine = dir.join(format!("busy-{}", std::process::id()));
+    let others = || {
+        std::fs::read_dir(&dir)
+            .map(|entries| entries.count())
+            .unwrap_or(0)
+            > 1
+    };
+    std::fs::write(&mine, b"").expect("mark busy");
+    let mut alone = !others();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(5));
+        alone &= !others();
+    }
+    std::fs::remove_file(&mine).expect("unmark");
+    alone
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hosts_run_concurrently_unless_bounded() {
     let group = local_group(&["p1", "p2", "p3"]);
     group.connect().await.into_result().expect("connect");
-    let started = Instant::now();
-    group
-        .call(sleep_ms, (300,))
+    // All three meet: they ran at the same time.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let met = group
+        .call(meet, (dir.path().to_path_buf(), 3))
         .await
         .into_result()
         .expect("parallel");
-    let parallel = started.elapsed();
-    assert!(
-        parallel < Duration::from_millis(800),
-        "parallel took {parallel:?}"
-    );
+    assert_eq!(met.len(), 3);
+    assert!(met.values().all(|met| *met), "{met:?}");
 
+    // One at a time: none ever sees another busy.
+    let dir = tempfile::tempdir().expect("tempdir");
     let serial = group.clone().max_parallel(1);
-    let started = Instant::now();
-    serial
-        .call(sleep_ms, (300,))
+    let alone = serial
+        .call(alone, (dir.path().to_path_buf(),))
         .await
         .into_result()
         .expect("serial");
-    assert!(
-        started.elapsed() >= Duration::from_millis(900),
-        "max_parallel(1) took {:?}",
-        started.elapsed()
-    );
+    assert_eq!(alone.len(), 3);
+    assert!(alone.values().all(|alone| *alone), "{alone:?}");
 }
 
 #[tokio::test]
@@ -147,7 +166,11 @@ async fn filter_and_async_calls() {
         .await
         .into_result()
         .expect("async");
-    assert!(answers.values().all(|value| *value == 42));
+    let answers: Vec<(&str, u8)> = answers
+        .iter()
+        .map(|(host, value)| (host.as_str(), *value))
+        .collect();
+    assert_eq!(answers, [("f1", 42), ("f2", 42)]);
 }
 
 #[tokio::test]

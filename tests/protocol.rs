@@ -58,9 +58,17 @@ async fn an_oversized_frame_is_refused_without_allocating() {
     let mut bytes = our_hello();
     bytes.extend_from_slice(&[0xff, 0xff, 0xff, 0xf0, 0x01]);
     let tun = speaking(&dir, &bytes);
-    let error = tun.call(ping, ()).await.expect_err("must fail");
+    let (outcome, largest) = crate::support::largest_allocation(tun.call(ping, ())).await;
+    let error = outcome.expect_err("must fail");
     assert!(matches!(error, Error::Protocol { .. }), "{error:?}");
     assert!(error.to_string().contains("frame"), "{error}");
+    // The frame claimed 4 GiB; nothing near that was asked for (but the
+    // reader's allocations were seen).
+    assert!(largest > 0, "no allocation was tracked");
+    assert!(
+        largest < 16 << 20,
+        "the controller allocated {largest} bytes for the claim"
+    );
 }
 
 #[tokio::test]
@@ -104,6 +112,7 @@ async fn a_different_binary_is_a_handshake_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let tun = speaking(&dir, &hello(PROTOCOL_VERSION, vec![0xde, 0xad, 0xbe, 0xef]));
     let error = tun.connect().await.expect_err("must fail");
+    assert!(matches!(error, Error::Handshake { .. }), "{error:?}");
     assert!(error.to_string().contains("different program"), "{error}");
     assert!(error.to_string().contains("deadbeef"), "{error}");
 }

@@ -30,8 +30,14 @@ async fn sudo_runs_the_agent_as_another_user_through_the_bootstrap() {
 
 #[tokio::test]
 async fn a_user_name_that_looks_like_an_option_is_refused() {
-    let tun = Tunnel::new(Sudo::new("-oProxyCommand=touch /tmp/pwned"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let marker = dir.path().join("pwned");
+    let tun = Tunnel::new(Sudo::new(format!(
+        "-oProxyCommand=touch {}",
+        marker.display()
+    )));
     let error = tun.connect().await.expect_err("must refuse");
     assert!(matches!(error, Error::Spawn { .. }), "{error:?}");
     assert!(error.to_string().contains("option"), "{error}");
+    assert!(!marker.exists(), "the option-like user name ran a command");
 }

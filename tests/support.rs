@@ -394,3 +394,94 @@ fn prepare_sudo_user() -> Result<u32, String> {
 pub fn sudo_user() -> Option<u32> {
     chopsticks_testkit::require(prepare_sudo_user(), "the sudo test")
 }
+
+/// How long the event helpers below wait before they give up.
+pub const EVENT_BOUND: Duration = Duration::from_secs(20);
+
+/// Runs on an agent: leaves a file named `name` in `dir` and waits until
+/// `count` files are there, at most [`EVENT_BOUND`]. Whether they all came:
+/// calls that do not run at the same time never all arrive.
+pub fn rendezvous(dir: PathBuf, name: String, count: usize) -> bool {
+    std::fs::write(dir.join(&name), b"").expect("announce");
+    let deadline = Instant::now() + EVENT_BOUND;
+    while Instant::now() < deadline {
+        if std::fs::read_dir(&dir)
+            .map(|entries| entries.count())
+            .unwrap_or(0)
+            >= count
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// Runs on an agent: holds its thread until `path` exists, at most
+/// [`EVENT_BOUND`]. Whether it appeared.
+pub fn hold_until_exists(path: PathBuf) -> bool {
+    let deadline = Instant::now() + EVENT_BOUND;
+    while Instant::now() < deadline {
+        if path.exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// The test binary's allocator: the system's, noting the largest single
+/// request made on a thread while that thread watches
+/// ([`largest_allocation`]). Agents started from this binary use it too;
+/// a thread that does not watch pays one thread-local read per allocation.
+pub struct Tracking;
+
+std::thread_local! {
+    static LARGEST: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+fn note_allocation(size: usize) {
+    let _ = LARGEST.try_with(|largest| {
+        if let Some(seen) = largest.get() {
+            largest.set(Some(seen.max(size)));
+        }
+    });
+}
+
+// SAFETY: every method forwards to `System` with the caller's arguments
+// unchanged; the bookkeeping touches only a const-initialised thread-local
+// `Cell` and never allocates.
+unsafe impl std::alloc::GlobalAlloc for Tracking {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        note_allocation(layout.size());
+        // SAFETY: the caller's contract for `alloc` is passed on unchanged.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        note_allocation(layout.size());
+        // SAFETY: as for `alloc`.
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        note_allocation(new_size);
+        // SAFETY: the caller's contract for `realloc` is passed on unchanged.
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: the caller's contract for `dealloc` is passed on unchanged.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+/// Runs `work` and returns its output with the largest single allocation
+/// this thread asked for meanwhile. On a current-thread runtime (the
+/// default of `#[tokio::test]`) that covers every task the work spawned.
+pub async fn largest_allocation<F: std::future::Future>(work: F) -> (F::Output, usize) {
+    LARGEST.with(|largest| largest.set(Some(0)));
+    let output = work.await;
+    let largest = LARGEST.with(|largest| largest.take()).unwrap_or(0);
+    (output, largest)
+}

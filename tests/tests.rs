@@ -29,6 +29,9 @@
 
 mod support;
 
+#[global_allocator]
+static ALLOCATOR: support::Tracking = support::Tracking;
+
 mod api;
 mod bootstrap;
 mod calls;

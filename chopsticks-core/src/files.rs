@@ -626,12 +626,28 @@ mod tests {
         names
     }
 
-    fn scratch(name: &str) -> PathBuf {
+    /// A scratch directory, removed when dropped, also when a test panics.
+    struct Scratch(PathBuf);
+
+    impl std::ops::Deref for Scratch {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn scratch(name: &str) -> Scratch {
         let directory =
             std::env::temp_dir().join(format!("chopsticks-files-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&directory);
         std::fs::create_dir_all(&directory).expect("mkdir");
-        directory
+        Scratch(directory)
     }
 
     #[test]
@@ -644,7 +660,6 @@ mod tests {
         drop(file);
         assert_eq!(entries(&directory), vec!["data".to_string()]);
         assert_eq!(std::fs::read(&target).expect("read"), b"old");
-        std::fs::remove_dir_all(&directory).expect("cleanup");
     }
 
     #[test]
@@ -661,7 +676,6 @@ mod tests {
         assert_eq!(error.source.kind(), io::ErrorKind::InvalidData);
         assert!(error.to_string().contains("checksum mismatch"), "{error}");
         assert!(entries(&directory).is_empty());
-        std::fs::remove_dir_all(&directory).expect("cleanup");
     }
 
     #[test]
@@ -678,7 +692,6 @@ mod tests {
             .to_string_lossy()
             .into_owned();
         assert!(name.starts_with(".x.chopsticks-"), "{name}");
-        std::fs::remove_dir_all(&directory).expect("cleanup");
     }
 
     #[test]
@@ -700,6 +713,5 @@ mod tests {
         let metadata = std::fs::metadata(&target).expect("metadata");
         assert_eq!(metadata.mode() & 0o7777, 0o640);
         assert_eq!(FileTime::modified(&metadata), mtime);
-        std::fs::remove_dir_all(&directory).expect("cleanup");
     }
 }

@@ -438,9 +438,19 @@ mod tests {
 
     #[test]
     fn oversized_length_is_rejected_without_allocating() {
-        let bytes = [0xff, 0xff, 0xff, 0xff, TAG_MESSAGE];
-        let error = decode_all(&bytes).expect_err("must fail");
+        // A header claiming 4 GiB, then a little of the body: the decoder
+        // must refuse before it reserves room for the claim.
+        let mut buffer = BytesMut::with_capacity(64);
+        buffer.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, TAG_MESSAGE, 1, 2, 3]);
+        let error = FrameDecoder::default()
+            .decode(&mut buffer)
+            .expect_err("must fail");
         assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        assert!(
+            buffer.capacity() < 1 << 20,
+            "the decoder reserved {} bytes for the claim",
+            buffer.capacity()
+        );
     }
 
     #[test]

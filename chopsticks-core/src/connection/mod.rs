@@ -22,11 +22,13 @@ use crate::protocol::{CallMode, Failure, FunctionRef, Hello, Message, Payload};
 use crate::stderr::{StderrSink, StderrTail};
 use crate::transport::ExitReport;
 use crate::wire::{
-    Assemblies, Frame, FrameDecoder, INLINE_LIMIT, MAX_PAYLOAD_LEN, OutFrame, Outbox, write_frames,
+    Assemblies, Frame, FrameDecoder, MAX_PAYLOAD_LEN, OutFrame, Outbox, write_frames,
 };
 
+mod request;
 mod start;
 
+pub(crate) use request::{Answer, CHUNK_LEN, RequestSender};
 pub(crate) use start::connect;
 
 /// How long a closing connection waits for stderr and the exit status, to explain itself.
@@ -336,20 +338,12 @@ impl Connection {
                 ),
             });
         }
-        let (id, receiver, alone) = self.register_alone()?;
-        let mut guard = CallGuard {
-            connection: self,
-            id,
-            streamed: args.len() > INLINE_LIMIT,
-            finished: false,
-        };
+        let (mut request, alone) = self.request_alone()?;
+        let id = request.id();
         // Alone, the call is written at once if the writer is idle; with
         // others in flight it is queued, and queued calls share writes.
-        // A closed outbox means the reader is failing this call right now.
-        let _ = self
-            .outbox
+        request
             .send_payload(
-                id,
                 args,
                 |args| Message::Call {
                     id,
@@ -360,29 +354,16 @@ impl Connection {
                 alone,
             )
             .await;
-        let reply = receiver.await;
-        guard.finished = true;
-        match reply {
-            Ok(Reply::Value(value)) => Ok(value),
-            Ok(Reply::Failed(failure)) => Err(Error::Remote {
-                host: self.shared.host.to_string(),
-                function: function.name().to_string(),
-                message: failure.describe(),
-                backtrace: failure.backtrace,
-            }),
-            Ok(Reply::Closed(closure)) => Err(self.closed_error(&closure)),
-            Err(_) => Err(self.dropped_error()),
+        match request.answer().await? {
+            Answer::Value(value) => Ok(value),
+            Answer::Failed(failure) => {
+                Err(Error::remote(&self.shared.host, function.name(), failure))
+            }
         }
     }
 
-    /// A new request id with a waiter for its reply; fails if the connection is closed.
-    pub(crate) fn register(&self) -> Result<(u64, oneshot::Receiver<Reply>)> {
-        self.register_alone()
-            .map(|(id, receiver, _alone)| (id, receiver))
-    }
-
-    /// Like [`register`](Self::register), also saying whether no other
-    /// request is waiting for a reply.
+    /// A new request id with a waiter for its reply, and whether no other
+    /// request is waiting; fails if the connection is closed.
     fn register_alone(&self) -> Result<(u64, oneshot::Receiver<Reply>, bool)> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = oneshot::channel();
@@ -394,20 +375,9 @@ impl Connection {
         Ok((id, receiver, pending.waiters.len() == 1))
     }
 
-    /// Routes the head and chunks of fetch `id` to the returned receiver,
-    /// until its final reply arrives or the connection closes.
-    pub(crate) fn register_stream(&self, id: u64) -> tokio::sync::mpsc::Receiver<StreamEvent> {
-        let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_QUEUE_LEN);
-        let mut pending = self.shared.lock();
-        if pending.closed.is_none() {
-            pending.streams.insert(id, sender);
-        }
-        receiver
-    }
-
     /// Forgets request `id` (waiter and stream) and tells the agent to drop it,
     /// behind any bulk data already queued. Returns whether it was still pending.
-    pub(crate) fn withdraw(&self, id: u64) -> bool {
+    fn withdraw(&self, id: u64) -> bool {
         let was_waiting = self.shared.forget(id);
         if was_waiting {
             let cancel = OutFrame::message(&Message::Cancel { id });
@@ -421,18 +391,13 @@ impl Connection {
         was_waiting
     }
 
-    /// The queue frames leave through.
-    pub(crate) fn outbox(&self) -> &Outbox {
-        &self.outbox
-    }
-
     /// The error a reply turns into, for request kinds other than calls.
-    pub(crate) fn closed_error(&self, closure: &ClosureRef) -> Error {
+    fn closed_error(&self, closure: &ClosureRef) -> Error {
         closure.0.to_error(&self.shared.host)
     }
 
     /// The error for a reply that will never come because the connection was dropped.
-    pub(crate) fn dropped_error(&self) -> Error {
+    fn dropped_error(&self) -> Error {
         Error::Disconnected {
             host: self.shared.host.to_string(),
             reason: "the connection was dropped".into(),
@@ -469,33 +434,6 @@ impl Connection {
         tokio::time::timeout(bound, exit.wait_for(Option::is_some))
             .await
             .is_ok()
-    }
-}
-
-/// Withdraws an unfinished call: forgets its waiter and tells the agent to cancel it.
-struct CallGuard<'c> {
-    connection: &'c Connection,
-    id: u64,
-    streamed: bool,
-    finished: bool,
-}
-
-impl Drop for CallGuard<'_> {
-    fn drop(&mut self) {
-        if self.finished {
-            return;
-        }
-        let connection = self.connection;
-        if self.streamed {
-            // Behind the chunks already queued, so the agent can drop a partial payload.
-            connection.withdraw(self.id);
-            return;
-        }
-        if connection.shared.forget(self.id) {
-            let _ = connection
-                .outbox
-                .send(OutFrame::message(&Message::Cancel { id: self.id }));
-        }
     }
 }
 

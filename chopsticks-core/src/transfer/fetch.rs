@@ -7,13 +7,12 @@ use std::sync::Arc;
 use tokio::sync::mpsc::Receiver;
 
 use super::{Route, Transfer, TransferOptions, advanced, effective_mode};
-use crate::connection::{Connection, Reply, StreamEvent};
+use crate::connection::{Answer, StreamEvent};
 use crate::error::Result;
 use crate::files::{AtomicFile, Expected, FileError, checksum_hex};
 use crate::progress::SharedProgress;
 use crate::protocol::{FileSummary, Message, decode_value};
 use crate::tunnel::Tunnel;
-use crate::wire::OutFrame;
 
 pub(super) async fn fetch(
     tunnel: &Tunnel,
@@ -21,18 +20,14 @@ pub(super) async fn fetch(
     options: TransferOptions,
 ) -> Result<Transfer> {
     let connection = tunnel.connection().await?;
-    let (id, reply) = connection.register()?;
-    let events = connection.register_stream(id);
-    let mut pending = Pending {
-        connection: &connection,
-        id,
-        finished: false,
-    };
-    let request = Message::Fetch {
-        id,
+    // Dropped unanswered, it withdraws the fetch: the agent stops sending
+    // and the writer stops writing.
+    let mut request = connection.request()?;
+    let events = request.stream();
+    request.send(&Message::Fetch {
+        id: request.id(),
         path: route.remote.as_os_str().as_bytes().to_vec(),
-    };
-    let _ = connection.outbox().send(OutFrame::message(&request));
+    });
     let mut writer = {
         let target = route.local.clone();
         let (create_dirs, sync) = (options.create_dirs, options.sync);
@@ -50,27 +45,23 @@ pub(super) async fn fetch(
             ))
         })
     };
-    tokio::pin!(reply);
-    let (reply, staged) = tokio::select! {
-        reply = &mut reply => (reply, joined(writer.await)),
+    let (answer, staged) = tokio::select! {
+        answer = request.answer() => (answer, joined(writer.await)),
         written = &mut writer => match joined(written) {
             // The agent broke the stream's rules: nothing is committed.
             Err(error) if error.source.kind() == std::io::ErrorKind::InvalidData => {
                 return Err(route.corrupt(error.to_string()));
             }
-            // The writer gave up (local disk full, say): the agent stops when `pending` drops.
+            // The writer gave up (local disk full, say): dropping `request` stops the agent.
             Err(error) => return Err(route.local_failure(error)),
-            Ok(staged) => (reply.await, Ok(staged)),
+            Ok(staged) => (request.answer().await, Ok(staged)),
         },
     };
-    pending.finished = true;
-    let summary = match reply {
-        Ok(Reply::Value(value)) => decode_value::<FileSummary>(&value).map_err(|message| {
+    let summary = match answer.map_err(|error| route.broken(error))? {
+        Answer::Value(value) => decode_value::<FileSummary>(&value).map_err(|message| {
             route.corrupt(format!("the agent's report was unreadable: {message}"))
         })?,
-        Ok(Reply::Failed(failure)) => return Err(route.remote_failure(failure)),
-        Ok(Reply::Closed(closure)) => return Err(route.broken(connection.closed_error(&closure))),
-        Err(_) => return Err(route.broken(connection.dropped_error())),
+        Answer::Failed(failure) => return Err(route.remote_failure(failure)),
     };
     let staged = staged.map_err(|error| route.local_failure(error))?;
     let Some((file, announced)) = staged else {
@@ -106,21 +97,6 @@ pub(super) async fn fetch(
         size: committed.size,
         checksum: checksum_hex(&committed.checksum),
     })
-}
-
-/// Withdraws an unfinished fetch: the agent stops sending, the writer stops writing.
-struct Pending<'c> {
-    connection: &'c Connection,
-    id: u64,
-    finished: bool,
-}
-
-impl Drop for Pending<'_> {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.connection.withdraw(self.id);
-        }
-    }
 }
 
 /// Writes the fetched file into an [`AtomicFile`] until the stream ends,

@@ -49,10 +49,10 @@ mod tunnel;
 mod wire;
 
 pub use error::{BoxError, Direction, Error, Phase, Result, ValueAction, ValuePart};
-pub use group::{Group, GroupResult};
+pub use group::{Group, GroupFetch, GroupPut, GroupResult};
 pub use remote::{AsyncRemoteFn, RemoteFn};
 pub use stderr::StderrSink;
-pub use transfer::{Fetch, GroupFetch, GroupPut, Put, Transfer};
+pub use transfer::{Fetch, Put, Transfer};
 pub use transport::{
     AgentCommand, AgentLaunch, AgentProcess, ExitReport, Pipes, Transport, shell_quote,
 };

@@ -1,6 +1,7 @@
 //! [`Tunnel`]: a cheap, cloneable handle to one agent on one target.
 
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -14,6 +15,7 @@ use crate::error::{Error, Phase, Result, ValueAction, ValuePart};
 use crate::protocol::{CallMode, FunctionRef, decode_value, encode_value};
 use crate::remote::{AsyncRemoteFn, RemoteFn, async_function_ref, function_ref};
 use crate::stderr::{self, StderrSink};
+use crate::transfer::{Fetch, Put};
 use crate::transport::Transport;
 
 /// The default bound on starting an agent and receiving its hello.
@@ -195,6 +197,22 @@ impl Tunnel {
     {
         let function_ref = async_function_ref(function);
         Call::new(self, function_ref, CallMode::Async, encode_value(&args))
+    }
+
+    /// Copies the local file `local` to `remote` on the host.
+    ///
+    /// The file is written beside `remote` under a hidden name, verified
+    /// (size and BLAKE3), synced and renamed over `remote`, so `remote` is
+    /// either untouched or complete. See [`Put`] for options.
+    pub fn put(&self, local: impl AsRef<Path>, remote: impl AsRef<Path>) -> Put<'_> {
+        Put::new(self, local.as_ref(), remote.as_ref())
+    }
+
+    /// Copies the file `remote` on the host to `local`, with the same
+    /// guarantees as [`put`](Self::put). A missing remote file creates
+    /// nothing locally.
+    pub fn fetch(&self, remote: impl AsRef<Path>, local: impl AsRef<Path>) -> Fetch<'_> {
+        Fetch::new(self, remote.as_ref(), local.as_ref())
     }
 
     fn lock_current(&self) -> std::sync::MutexGuard<'_, Option<Arc<Connection>>> {

@@ -9,7 +9,6 @@
 //! bounded by a few chunks on each side, whatever the file's size.
 
 mod fetch;
-mod group;
 mod put;
 
 use std::future::{Future, IntoFuture};
@@ -17,8 +16,6 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-
-pub use group::{GroupFetch, GroupPut};
 
 use crate::error::{Direction, Error, Result};
 use crate::files::FileError;
@@ -159,29 +156,23 @@ impl<'t> IntoFuture for Fetch<'t> {
     }
 }
 
-impl Tunnel {
-    /// Copies the local file `local` to `remote` on the host.
-    ///
-    /// The file is written beside `remote` under a hidden name, verified
-    /// (size and BLAKE3), synced and renamed over `remote`, so `remote` is
-    /// either untouched or complete. See [`Put`] for options.
-    pub fn put(&self, local: impl AsRef<Path>, remote: impl AsRef<Path>) -> Put<'_> {
+impl<'t> Put<'t> {
+    pub(crate) fn new(tunnel: &'t Tunnel, local: &Path, remote: &Path) -> Put<'t> {
         Put {
-            tunnel: self,
-            local: local.as_ref().to_path_buf(),
-            remote: remote.as_ref().to_path_buf(),
+            tunnel,
+            local: local.to_path_buf(),
+            remote: remote.to_path_buf(),
             options: TransferOptions::default(),
         }
     }
+}
 
-    /// Copies the file `remote` on the host to `local`, with the same
-    /// guarantees as [`put`](Self::put). A missing remote file creates
-    /// nothing locally.
-    pub fn fetch(&self, remote: impl AsRef<Path>, local: impl AsRef<Path>) -> Fetch<'_> {
+impl<'t> Fetch<'t> {
+    pub(crate) fn new(tunnel: &'t Tunnel, remote: &Path, local: &Path) -> Fetch<'t> {
         Fetch {
-            tunnel: self,
-            remote: remote.as_ref().to_path_buf(),
-            local: local.as_ref().to_path_buf(),
+            tunnel,
+            remote: remote.to_path_buf(),
+            local: local.to_path_buf(),
             options: TransferOptions::default(),
         }
     }

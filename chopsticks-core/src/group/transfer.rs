@@ -5,9 +5,9 @@ use std::future::{Future, IntoFuture};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
-use super::{Route, Transfer, TransferOptions, run, transfer_options};
+use super::{Group, GroupResult};
 use crate::error::{Direction, Error, Phase, Result};
-use crate::group::{Group, GroupResult};
+use crate::transfer::{Route, Transfer, TransferOptions, run, transfer_options};
 use crate::tunnel::Tunnel;
 
 /// A pending [`Group::put`]; await it, after setting any options.

@@ -9,6 +9,10 @@ use serde::de::DeserializeOwned;
 
 use std::sync::Arc;
 
+mod transfer;
+
+pub use transfer::{GroupFetch, GroupPut};
+
 use crate::error::{Error, Result};
 use crate::progress::{Progress, ProgressEvent, SharedProgress};
 use crate::protocol::{CallMode, FunctionRef, encode_value};

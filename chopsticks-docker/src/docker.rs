@@ -6,7 +6,7 @@ use std::io;
 use bollard::models::{ContainerCreateBody, ExecConfig, HostConfig};
 use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, DownloadFromContainerOptions,
-    RemoveContainerOptions, UploadToContainerOptions, WaitContainerOptions,
+    UploadToContainerOptions, WaitContainerOptions,
 };
 use chopsticks_core::{
     AgentCommand, AgentLaunch, AgentProcess, BoxError, ExitReport, Pipes, Transport, async_trait,
@@ -15,14 +15,9 @@ use futures_util::StreamExt;
 
 use crate::DockerError;
 use crate::attach::pipes;
+use crate::engine::{LABEL, remove};
 use crate::payload::Payload;
 use crate::remembered::Remembered;
-
-/// The label every container and volume chopsticks creates carries, so
-/// leftovers can be found (`docker ps -a --filter label=chopsticks`): `agent`
-/// on containers running the agent, `payload` on the agent's volumes
-/// (`docker volume ls --filter label=chopsticks=payload`).
-pub const LABEL: &str = "chopsticks";
 
 #[derive(Debug, Clone)]
 enum Target {
@@ -558,17 +553,6 @@ fn cannot_start(container: &str, image: &str, stderr_tail: &[String]) -> Option<
 /// Containers (by id) known to hold the payload (by directory), so a later
 /// exec into them skips the look, which reads the container's filesystem.
 static PLACED: Remembered = Remembered::new(1024);
-
-/// Removes a container, forcing it to stop first, with its anonymous volumes
-/// (as `docker run --rm` does).
-pub(crate) async fn remove(engine: &bollard::Docker, id: &str) {
-    let options = RemoveContainerOptions {
-        force: true,
-        v: true,
-        ..RemoveContainerOptions::default()
-    };
-    let _ = engine.remove_container(id, Some(options)).await;
-}
 
 /// Removes a created container when dropped armed, in the background: the
 /// connect that created it was cancelled before the agent started.

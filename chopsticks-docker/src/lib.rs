@@ -20,11 +20,13 @@
 
 mod attach;
 mod docker;
+mod engine;
 mod payload;
 mod remembered;
 mod volume;
 
-pub use docker::{Docker, LABEL};
+pub use docker::Docker;
+pub use engine::LABEL;
 
 /// Why a container could not carry an agent. Every variant names the container.
 #[derive(Debug, thiserror::Error)]

@@ -33,7 +33,7 @@ use bollard::query_parameters::{
     CreateContainerOptions, InspectContainerOptions, RemoveVolumeOptions, UploadToContainerOptions,
 };
 
-use crate::docker::{LABEL, remove};
+use crate::engine::{LABEL, remove};
 use crate::payload::Payload;
 use crate::remembered::Remembered;
 

@@ -71,6 +71,7 @@ impl AbandonedPut {
 }
 
 /// What a `Put` message asks for.
+#[derive(Debug)]
 pub(crate) struct PutRequest {
     pub(crate) path: Vec<u8>,
     pub(crate) size: u64,

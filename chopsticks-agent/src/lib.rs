@@ -20,6 +20,7 @@
 //! Without it, a tunnel refuses to start and says what to add. The crate has
 //! no other public items.
 
+mod dispatch;
 mod fds;
 mod files;
 mod output;

@@ -28,12 +28,13 @@ use chopsticks_core::__private::protocol::{
 };
 use chopsticks_core::__private::remote::{CallOutcome, Resolved, resolve};
 use chopsticks_core::__private::wire::{
-    Assemblies, Frame, INLINE_LIMIT, MAX_PAYLOAD_LEN, OutFrame, Outbox, write_frames,
+    Frame, INLINE_LIMIT, MAX_PAYLOAD_LEN, OutFrame, Outbox, write_frames,
 };
 use futures_util::FutureExt;
 use tokio::task::AbortHandle;
 
 use crate::AgentError;
+use crate::dispatch::{Action, Dispatcher};
 use crate::fds;
 use crate::files::{IncomingPut, PutRequest};
 use crate::output::{Output, OutputWriter};
@@ -202,8 +203,7 @@ async fn serve(
         },
         reader: Mutex::new(ReadState {
             reader,
-            assemblies: Assemblies::default(),
-            awaiting_payload: HashMap::new(),
+            dispatcher: Dispatcher::default(),
         }),
         puts: Mutex::default(),
         exit,
@@ -334,14 +334,14 @@ impl Agent {
     }
 }
 
-/// What only the reader touches: the input and the payloads being reassembled.
+/// What only the reader touches: the input and the dispatcher's state.
 struct ReadState {
     reader: Reader,
-    assemblies: Assemblies,
-    awaiting_payload: HashMap<u64, (FunctionRef, CallMode)>,
+    dispatcher: Dispatcher,
 }
 
-/// The reader role: runs on a pool thread, reads frames and dispatches calls.
+/// The reader role: runs on a pool thread, reads frames and does what the
+/// [`Dispatcher`] says.
 ///
 /// The last blocking call of what has been read runs right here, and its
 /// reply goes straight to the pipe, so a lone call costs no thread hand-off
@@ -366,13 +366,17 @@ fn lead(agent: &Agent) {
                 return finish(agent, 2);
             }
         };
-        let violation = match frame {
-            Frame::Message(Message::Call {
+        if matches!(frame, Frame::Chunk { .. }) {
+            crate::pipe_size::bulk();
+        }
+        match state.dispatcher.handle(frame) {
+            Action::Call {
                 id,
                 function,
                 mode: CallMode::Blocking,
-                args: Payload::Inline(args),
-            }) => {
+                args,
+                inline: true,
+            } => {
                 let Some(job) = agent.dispatch.prepare_blocking(id, &function, args) else {
                     continue;
                 };
@@ -390,132 +394,85 @@ fn lead(agent: &Agent) {
                     .reader
                     .lock()
                     .unwrap_or_else(|poison| poison.into_inner());
-                None
             }
-            Frame::Message(Message::Call {
+            Action::Call {
                 id,
                 function,
                 mode,
-                args: Payload::Inline(args),
-            }) => {
-                agent.dispatch.start(id, &function, mode, args);
-                None
-            }
-            Frame::Message(Message::Call {
-                id,
-                function,
-                mode,
-                args: Payload::Streamed { len },
-            }) => {
-                state.awaiting_payload.insert(id, (function, mode));
-                state.assemblies.start(id, len).err()
-            }
-            Frame::Message(Message::Put {
-                id,
-                path,
-                size,
-                mode,
-                apply_umask,
-                sync,
-                create_dirs,
-                mtime,
-            }) => {
-                let request = PutRequest {
-                    path,
-                    size,
-                    mode,
-                    apply_umask,
-                    sync,
-                    create_dirs,
-                    mtime,
-                };
-                match IncomingPut::start(request) {
-                    Ok((put, writer)) => {
-                        agent.puts().insert(id, put);
-                        let outbox = agent.dispatch.outbox.clone();
-                        pool.submit(move || {
-                            let outcome = writer();
-                            CALLS_FINISHED.fetch_add(1, Ordering::Relaxed);
-                            if let Some(outcome) = outcome {
-                                let _ = outbox.send(reply(id, outcome));
-                            }
-                        });
-                    }
-                    Err(failure) => {
-                        let _ = agent.dispatch.outbox.send(reply(id, Err(failure)));
-                    }
+                args,
+                ..
+            } => agent.dispatch.start(id, &function, mode, args),
+            Action::StartPut { id, request } => agent.start_put(id, request),
+            Action::PutChunk { id, data } => {
+                // The chunk is handed over without the lock: a writer behind on
+                // a slow disk must not hold up the exit path, which needs it.
+                let put = agent.puts().get(&id).map(IncomingPut::handle);
+                // False when the writer failed and replied; later chunks are ignored.
+                if let Some(put) = put
+                    && !put.write(data)
+                {
+                    agent.puts().remove(&id);
                 }
-                None
             }
-            Frame::Message(Message::PutEnd { id, checksum }) => {
+            Action::EndPut { id, checksum } => {
                 let put = agent.puts().remove(&id);
                 if let Some(put) = put {
                     put.end(checksum);
                 }
-                None
             }
-            Frame::Message(Message::Fetch { id, path }) => {
-                let cancelled = Arc::new(AtomicBool::new(false));
-                lock(&agent.dispatch.running).insert(id, RunningCall::Blocking(cancelled.clone()));
-                let (outbox, running) = (
-                    agent.dispatch.outbox.clone(),
-                    agent.dispatch.running.clone(),
-                );
-                pool.submit(Box::new(move || {
-                    crate::files::send_file(id, path, &outbox, &cancelled, reply);
-                    lock(&running).remove(&id);
+            Action::Fetch { id, path } => agent.start_fetch(id, path),
+            Action::Cancel { id } => agent.cancel(id),
+            Action::Shutdown => return finish(agent, 0),
+            Action::Nothing => {}
+            Action::Violation(message) => {
+                crate::warn(format_args!("protocol violation: {message}; exiting"));
+                return finish(agent, 2);
+            }
+        }
+    }
+}
+
+impl Agent {
+    /// Starts receiving a file: its writer runs on the pool, fed by the reader.
+    fn start_put(&self, id: u64, request: PutRequest) {
+        match IncomingPut::start(request) {
+            Ok((put, writer)) => {
+                self.puts().insert(id, put);
+                let outbox = self.dispatch.outbox.clone();
+                self.dispatch.pool.submit(move || {
+                    let outcome = writer();
                     CALLS_FINISHED.fetch_add(1, Ordering::Relaxed);
-                }));
-                None
-            }
-            Frame::Chunk { id, data } => {
-                crate::pipe_size::bulk();
-                // The chunk is handed over without the lock: a writer behind on
-                // a slow disk must not hold up the exit path, which needs it.
-                let put = agent.puts().get(&id).map(IncomingPut::handle);
-                match put {
-                    Some(put) => {
-                        // False when the writer failed and replied; later chunks are ignored.
-                        if !put.write(data) {
-                            agent.puts().remove(&id);
-                        }
-                        None
+                    if let Some(outcome) = outcome {
+                        let _ = outbox.send(reply(id, outcome));
                     }
-                    None => match state.assemblies.add(id, &data) {
-                        Ok(Some(args)) => {
-                            if let Some((function, mode)) = state.awaiting_payload.remove(&id) {
-                                agent.dispatch.start(id, &function, mode, args);
-                            }
-                            None
-                        }
-                        Ok(None) => None,
-                        Err(message) => Some(message),
-                    },
-                }
+                });
             }
-            Frame::Message(Message::Cancel { id }) => {
-                state.assemblies.cancel(id);
-                agent.puts().remove(&id);
-                state.awaiting_payload.remove(&id);
-                match lock(&agent.dispatch.running).remove(&id) {
-                    Some(RunningCall::Task(handle)) => handle.abort(),
-                    Some(RunningCall::Blocking(cancelled)) => {
-                        cancelled.store(true, Ordering::Relaxed)
-                    }
-                    None => {}
-                }
-                None
+            Err(failure) => {
+                let _ = self.dispatch.outbox.send(reply(id, Err(failure)));
             }
-            Frame::Message(Message::Shutdown) => return finish(agent, 0),
-            Frame::Message(Message::Heartbeat) => None,
-            Frame::Message(other) => Some(format!(
-                "the controller sent {}, which only an agent may send",
-                other.kind()
-            )),
-        };
-        if let Some(message) = violation {
-            crate::warn(format_args!("protocol violation: {message}; exiting"));
-            return finish(agent, 2);
+        }
+    }
+
+    /// Sends a file from a pool thread; a cancel stops it.
+    fn start_fetch(&self, id: u64, path: Vec<u8>) {
+        let cancelled = Arc::new(AtomicBool::new(false));
+        lock(&self.dispatch.running).insert(id, RunningCall::Blocking(cancelled.clone()));
+        let (outbox, running) = (self.dispatch.outbox.clone(), self.dispatch.running.clone());
+        self.dispatch.pool.submit(Box::new(move || {
+            crate::files::send_file(id, path, &outbox, &cancelled, reply);
+            lock(&running).remove(&id);
+            CALLS_FINISHED.fetch_add(1, Ordering::Relaxed);
+        }));
+    }
+
+    /// Stops request `id`: drops its staged put, aborts its task (an async
+    /// call or a result's stream), or marks its blocking call or fetch.
+    fn cancel(&self, id: u64) {
+        self.puts().remove(&id);
+        match lock(&self.dispatch.running).remove(&id) {
+            Some(RunningCall::Task(handle)) => handle.abort(),
+            Some(RunningCall::Blocking(cancelled)) => cancelled.store(true, Ordering::Relaxed),
+            None => {}
         }
     }
 }

@@ -37,7 +37,6 @@ use crate::AgentError;
 use crate::dispatch::{Action, Dispatcher};
 use crate::fds;
 use crate::files::{IncomingPut, PutRequest};
-use crate::output::{Output, OutputWriter};
 use crate::pool::CallPool;
 use crate::reader::{INPUT, Reader};
 use crate::watchdog::Watchdog;
@@ -59,8 +58,6 @@ fn lock(running: &Running) -> std::sync::MutexGuard<'_, HashMap<u64, RunningCall
 /// What every call needs: where to send its reply and how to register for cancellation.
 struct Dispatch {
     outbox: Outbox,
-    /// The protocol output, for replies written straight from pool threads.
-    output: Arc<Output>,
     running: Running,
     pool: CallPool,
     /// The runtime that reads and writes the protocol.
@@ -172,9 +169,9 @@ async fn serve(
     calls: tokio::runtime::Handle,
 ) -> Result<i32, AgentError> {
     let reader = Reader::new(descriptors.input).map_err(AgentError::Descriptors)?;
-    let output = Output::new(fds::writer(descriptors.output).map_err(AgentError::Descriptors)?);
-    let (outbox, outbox_receiver) = Outbox::new();
-    let mut writer = OutputWriter(output.clone());
+    let sink = fds::writer(descriptors.output).map_err(AgentError::Descriptors)?;
+    // Replies of the pool may be written by their own thread when the writer is idle.
+    let (outbox, outbox_receiver, mut writer) = Outbox::with_direct_writes(Box::new(sink));
     tokio::spawn(async move {
         let _ = write_frames(outbox_receiver, &mut writer).await;
     });
@@ -195,7 +192,6 @@ async fn serve(
     let agent = Arc::new(Agent {
         dispatch: Dispatch {
             outbox: outbox.clone(),
-            output,
             running: Running::default(),
             pool: CallPool::default(),
             io: tokio::runtime::Handle::current(),
@@ -539,9 +535,8 @@ impl Dispatch {
         };
         let cancelled = Arc::new(AtomicBool::new(false));
         lock(&self.running).insert(id, RunningCall::Blocking(cancelled.clone()));
-        let (outbox, output, running, io, calls, pool) = (
+        let (outbox, running, io, calls, pool) = (
             self.outbox.clone(),
-            self.output.clone(),
             self.running.clone(),
             self.io.clone(),
             self.calls.clone(),
@@ -579,9 +574,11 @@ impl Dispatch {
                     // writer is idle (one thread hand-off fewer); replies with more
                     // calls queued behind them are batched by the writer.
                     let frame = reply(id, outcome);
-                    if !(pool.queue_is_empty() && output.try_send_now(&frame, &outbox)) {
-                        let _ = outbox.send(frame);
-                    }
+                    let _ = if pool.queue_is_empty() {
+                        outbox.send_or_write_now(frame)
+                    } else {
+                        outbox.send(frame)
+                    };
                 }
             }
         }))

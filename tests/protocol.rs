@@ -211,13 +211,15 @@ async fn a_protocol_violation_fails_at_once_and_kills_the_agent() {
     bytes.extend(
         OutFrame::message(&Message::Put {
             id: 1,
-            path: b"/etc/some/path/\xff/".repeat(10_000),
-            size: 1,
-            mode: 0o600,
-            apply_umask: false,
-            sync: false,
-            create_dirs: false,
-            mtime: None,
+            request: chopsticks_core::__private::protocol::PutRequest {
+                path: b"/etc/some/path/\xff/".repeat(10_000),
+                size: 1,
+                mode: 0o600,
+                apply_umask: false,
+                sync: false,
+                create_dirs: false,
+                mtime: None,
+            },
         })
         .to_bytes(),
     );

@@ -10,10 +10,8 @@
 use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
-use chopsticks_core::__private::protocol::{CallMode, FunctionRef, Message, Payload};
+use chopsticks_core::__private::protocol::{CallMode, FunctionRef, Message, Payload, PutRequest};
 use chopsticks_core::__private::wire::{Assemblies, Frame};
-
-use crate::files::PutRequest;
 
 /// What the reader does with a frame.
 #[derive(Debug)]
@@ -82,29 +80,9 @@ impl Dispatcher {
                 }
                 Err(message) => Action::Violation(message),
             },
-            Frame::Message(Message::Put {
-                id,
-                path,
-                size,
-                mode,
-                apply_umask,
-                sync,
-                create_dirs,
-                mtime,
-            }) => {
+            Frame::Message(Message::Put { id, request }) => {
                 self.puts.insert(id);
-                Action::StartPut {
-                    id,
-                    request: PutRequest {
-                        path,
-                        size,
-                        mode,
-                        apply_umask,
-                        sync,
-                        create_dirs,
-                        mtime,
-                    },
-                }
+                Action::StartPut { id, request }
             }
             Frame::Message(Message::PutEnd { id, checksum }) => {
                 if self.puts.remove(&id) {
@@ -176,13 +154,15 @@ mod tests {
     fn put(id: u64, size: u64) -> Frame {
         Frame::Message(Message::Put {
             id,
-            path: b"/tmp/target".to_vec(),
-            size,
-            mode: 0o600,
-            apply_umask: false,
-            sync: false,
-            create_dirs: false,
-            mtime: None,
+            request: PutRequest {
+                path: b"/tmp/target".to_vec(),
+                size,
+                mode: 0o600,
+                apply_umask: false,
+                sync: false,
+                create_dirs: false,
+                mtime: None,
+            },
         })
     }
 

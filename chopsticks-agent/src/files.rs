@@ -18,7 +18,7 @@ use std::sync::mpsc::{Receiver, SyncSender};
 use bytes::Bytes;
 use chopsticks_core::__private::files::{self, AtomicFile, Expected, FileError, FileTime, Source};
 use chopsticks_core::__private::protocol::{
-    Failure, FailureKind, FileFailure, FileSummary, Message, encode_value,
+    Failure, FailureKind, FileFailure, FileSummary, Message, PutRequest, encode_value,
 };
 use chopsticks_core::__private::remote::CallOutcome;
 use chopsticks_core::__private::wire::{CHUNK_LEN, OutFrame, Outbox};
@@ -68,18 +68,6 @@ impl AbandonedPut {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let _ = self.writer_gone.recv_timeout(left);
     }
-}
-
-/// What a `Put` message asks for.
-#[derive(Debug)]
-pub(crate) struct PutRequest {
-    pub(crate) path: Vec<u8>,
-    pub(crate) size: u64,
-    pub(crate) mode: u32,
-    pub(crate) apply_umask: bool,
-    pub(crate) sync: bool,
-    pub(crate) create_dirs: bool,
-    pub(crate) mtime: Option<FileTime>,
 }
 
 fn failure(error: FileError) -> Failure {

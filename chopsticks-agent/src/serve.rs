@@ -25,6 +25,7 @@ use chopsticks_core::__private::heartbeat::{self, SilenceClock};
 use chopsticks_core::__private::identity::{binary_id, uname};
 use chopsticks_core::__private::protocol::{
     CallMode, Failure, FailureKind, FunctionRef, Hello, Message, PROTOCOL_VERSION, Payload,
+    PutRequest,
 };
 use chopsticks_core::__private::remote::{CallOutcome, Resolved, resolve};
 use chopsticks_core::__private::wire::{
@@ -36,7 +37,7 @@ use tokio::task::AbortHandle;
 use crate::AgentError;
 use crate::dispatch::{Action, Dispatcher};
 use crate::fds;
-use crate::files::{IncomingPut, PutRequest};
+use crate::files::IncomingPut;
 use crate::pool::CallPool;
 use crate::reader::{INPUT, Reader};
 use crate::watchdog::Watchdog;

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::files::FileTime;
 
 /// The protocol version both ends must speak.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// One protocol message, carried CBOR-encoded in one frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,21 +66,8 @@ pub enum Message {
     Put {
         /// The transfer id, from the same space as call ids.
         id: u64,
-        /// The target path, as raw bytes.
-        #[serde(with = "serde_bytes")]
-        path: Vec<u8>,
-        /// How many bytes follow.
-        size: u64,
-        /// The permission bits to give the file.
-        mode: u32,
-        /// Whether the agent's umask is applied to `mode` (when the mode is the source's, not chosen).
-        apply_umask: bool,
-        /// Whether the file and its rename are synced to disk before the reply.
-        sync: bool,
-        /// Whether missing parent directories are created.
-        create_dirs: bool,
-        /// The modification time to give the file, if any.
-        mtime: Option<FileTime>,
+        /// Where the file goes and how.
+        request: PutRequest,
     },
     /// The data of a put is complete.
     PutEnd {
@@ -156,6 +143,27 @@ pub fn bounded_text(text: &str, limit: usize) -> std::borrow::Cow<'_, str> {
         tail - head,
         &text[tail..]
     ))
+}
+
+/// What a [`Message::Put`] asks of the agent: one struct from the
+/// controller's builder to the agent's writer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutRequest {
+    /// The target path, as raw bytes.
+    #[serde(with = "serde_bytes")]
+    pub path: Vec<u8>,
+    /// How many bytes follow.
+    pub size: u64,
+    /// The permission bits to give the file.
+    pub mode: u32,
+    /// Whether the agent's umask is applied to `mode` (when the mode is the source's, not chosen).
+    pub apply_umask: bool,
+    /// Whether the file and its rename are synced to disk before the reply.
+    pub sync: bool,
+    /// Whether missing parent directories are created.
+    pub create_dirs: bool,
+    /// The modification time to give the file, if any.
+    pub mtime: Option<FileTime>,
 }
 
 /// What a finished put or fetch moved, as the agent reports it.
@@ -415,16 +423,18 @@ mod tests {
             Message::Heartbeat,
             Message::Put {
                 id: 10,
-                path: b"/srv/\xffapp".to_vec(),
-                size: 1 << 33,
-                mode: 0o640,
-                apply_umask: false,
-                sync: false,
-                create_dirs: true,
-                mtime: Some(FileTime {
-                    seconds: -5,
-                    nanos: 7,
-                }),
+                request: PutRequest {
+                    path: b"/srv/\xffapp".to_vec(),
+                    size: 1 << 33,
+                    mode: 0o640,
+                    apply_umask: false,
+                    sync: false,
+                    create_dirs: true,
+                    mtime: Some(FileTime {
+                        seconds: -5,
+                        nanos: 7,
+                    }),
+                },
             },
             Message::PutEnd {
                 id: 10,

@@ -9,7 +9,7 @@ use crate::connection::{Answer, CHUNK_LEN, RequestSender};
 use crate::error::Result;
 use crate::files::{self, FileError, FileTime, Source, checksum_hex};
 use crate::progress::SharedProgress;
-use crate::protocol::{FileSummary, Message, decode_value};
+use crate::protocol::{FileSummary, Message, PutRequest, decode_value};
 use crate::tunnel::Tunnel;
 
 pub(super) async fn put(
@@ -30,15 +30,17 @@ pub(super) async fn put(
     let mut request = connection.request()?;
     let start = Message::Put {
         id: request.id(),
-        path: route.remote.as_os_str().as_bytes().to_vec(),
-        size,
-        mode: options.mode.unwrap_or(metadata.mode() & 0o777),
-        apply_umask: options.mode.is_none(),
-        sync: options.sync,
-        create_dirs: options.create_dirs,
-        mtime: options
-            .preserve_mtime
-            .then(|| FileTime::modified(&metadata)),
+        request: PutRequest {
+            path: route.remote.as_os_str().as_bytes().to_vec(),
+            size,
+            mode: options.mode.unwrap_or(metadata.mode() & 0o777),
+            apply_umask: options.mode.is_none(),
+            sync: options.sync,
+            create_dirs: options.create_dirs,
+            mtime: options
+                .preserve_mtime
+                .then(|| FileTime::modified(&metadata)),
+        },
     };
     request.send_bulk(&start).await;
     let mut sender = {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::codec::FramedRead;
@@ -27,6 +28,47 @@ pub(crate) async fn connect(
     options: &ConnectOptions,
 ) -> Result<Connection> {
     let host: Arc<str> = transport.host().into();
+    let (command, agent_file) = launch_command(transport, &host, options).await?;
+    let Pipes {
+        mut stdin,
+        mut stdout,
+        stderr,
+        process,
+    } = transport
+        .spawn(&command)
+        .await
+        .map_err(|source| Error::Spawn {
+            host: host.to_string(),
+            message: match descriptor_limit::exhaustion(source.as_ref()) {
+                Some(limit) => format!("{source}: {limit}"),
+                None => source.to_string(),
+            },
+            source: Some(source),
+        })?;
+    let shared = supervise_process(&host, options, stderr, process);
+    if let Some(file) = agent_file {
+        bootstrap(transport, &shared, file, &mut stdout, &mut stdin).await?;
+    }
+    let mut frames: Frames = FramedRead::new(stdout, FrameDecoder::default());
+    let hello = read_hello(transport, &shared, &mut frames).await?;
+    check_hello(&host, &hello)?;
+    Ok(Connection::start(
+        shared,
+        frames,
+        stdin,
+        hello,
+        options.heartbeat_timeout,
+    ))
+}
+
+/// The command that starts the agent (direct, or through the shell
+/// bootstrap with the agent file to send); refuses a program without the
+/// agent runtime and nesting past the limit.
+async fn launch_command(
+    transport: &dyn Transport,
+    host: &str,
+    options: &ConnectOptions,
+) -> Result<(AgentCommand, Option<&'static identity::AgentFile>)> {
     let spawn_error = |message: String| Error::Spawn {
         host: host.to_string(),
         message,
@@ -47,46 +89,39 @@ pub(crate) async fn connect(
         )));
     }
     descriptor_limit::raise_soft_limit();
-    let launch = transport.launch();
-    let (os, arch) = identity::uname();
-    let agent_file = match launch {
-        AgentLaunch::ShellBootstrap => Some(
-            tokio::task::spawn_blocking(identity::agent_file)
+    let heartbeat_ms = options.heartbeat_timeout.as_millis().to_string();
+    match transport.launch() {
+        AgentLaunch::ShellBootstrap => {
+            let file = tokio::task::spawn_blocking(identity::agent_file)
                 .await
                 .map_err(|error| spawn_error(format!("hashing this program failed: {error}")))?
                 .map_err(|error| Error::Io {
                     host: host.to_string(),
                     phase: Phase::Bootstrap,
                     source: error,
-                })?,
-        ),
-        _ => None,
-    };
-    let heartbeat_ms = options.heartbeat_timeout.as_millis().to_string();
-    let command = match agent_file {
-        Some(file) => bootstrap::command(file, depth, &heartbeat_ms, &os, &arch),
-        None => AgentCommand::new(format!("/proc/{}/exe", std::process::id()))
-            .env(AGENT_MARKER, PROTOCOL_VERSION.to_string())
-            .env(AGENT_DEPTH, depth.to_string())
-            .env(AGENT_HEARTBEAT, heartbeat_ms),
-    };
-    let Pipes {
-        mut stdin,
-        stdout,
-        stderr,
-        process,
-    } = transport
-        .spawn(&command)
-        .await
-        .map_err(|source| Error::Spawn {
-            host: host.to_string(),
-            message: match descriptor_limit::exhaustion(source.as_ref()) {
-                Some(limit) => format!("{source}: {limit}"),
-                None => source.to_string(),
-            },
-            source: Some(source),
-        })?;
+                })?;
+            let (os, arch) = identity::uname();
+            let command = bootstrap::command(file, depth, &heartbeat_ms, &os, &arch);
+            Ok((command, Some(file)))
+        }
+        _ => {
+            let command = AgentCommand::new(format!("/proc/{}/exe", std::process::id()))
+                .env(AGENT_MARKER, PROTOCOL_VERSION.to_string())
+                .env(AGENT_DEPTH, depth.to_string())
+                .env(AGENT_HEARTBEAT, heartbeat_ms);
+            Ok((command, None))
+        }
+    }
+}
 
+/// Starts forwarding the agent's stderr and supervising its process;
+/// returns the state the connection shares with both.
+fn supervise_process(
+    host: &Arc<str>,
+    options: &ConnectOptions,
+    stderr: Option<Box<dyn AsyncRead + Send + Unpin>>,
+    process: Box<dyn AgentProcess>,
+) -> Arc<Shared> {
     let tail = StderrTail::new();
     let stderr_task = match stderr {
         Some(pipe) => Some(tokio::spawn(stderr::forward(
@@ -103,74 +138,68 @@ pub(crate) async fn connect(
     let (exit_sender, exit) = watch::channel(None);
     let (kill, kill_requested) = oneshot::channel();
     tokio::spawn(supervise(process, kill_requested, exit_sender, stderr_task));
-    let shared = Arc::new(Shared::new(host.clone(), tail, exit, kill));
+    Arc::new(Shared::new(host.clone(), tail, exit, kill))
+}
 
-    let mut stdout = stdout;
-    if let Some(file) = agent_file {
-        let outcome = bootstrap::dialogue(file, &mut stdout, &mut stdin)
-            .await
-            .map_err(|error| Error::Bootstrap {
-                host: host.to_string(),
-                message: format!("talking to the bootstrap script failed: {error}"),
-            })?;
-        match outcome {
-            Outcome::Exec { .. } => {}
-            Outcome::Failed(message) => {
-                return Err(Error::Bootstrap {
-                    host: host.to_string(),
-                    message,
-                });
-            }
-            Outcome::WrongPlatform(platform) => {
-                return Err(Error::Bootstrap {
-                    host: host.to_string(),
-                    message: format!(
-                        "the target runs {platform} but this program is built for {os} {arch}; \
-                         build the program for the target's architecture to call functions there"
-                    ),
-                });
-            }
-            Outcome::Ended => return Err(ended_early(transport, &shared).await),
-        }
-    }
-
-    let mut frames: Frames = FramedRead::new(stdout, FrameDecoder::default());
-    let hello = match frames.next().await {
-        Some(Ok(Frame::Message(Message::Hello(hello)))) => hello,
-        Some(Ok(other)) => {
-            return Err(Error::Handshake {
-                host: host.to_string(),
-                message: format!("expected the agent's hello, received {}", other.kind()),
-            });
-        }
-        Some(Err(error)) if error.kind() == std::io::ErrorKind::InvalidData => {
-            return Err(Error::Handshake {
-                host: host.to_string(),
-                message: format!(
-                    "expected the agent's hello, but the process wrote something else to stdout ({error})"
-                ),
-            });
-        }
-        Some(Err(error)) => {
-            return Err(match ended_early(transport, &shared).await {
-                Error::Bootstrap { host, message } => Error::Bootstrap {
-                    host,
-                    message: format!("{message} (reading its output failed: {error})"),
-                },
-                diagnosed => diagnosed,
-            });
-        }
-        None => return Err(ended_early(transport, &shared).await),
+/// Runs the shell bootstrap's dialogue until it execs the agent.
+async fn bootstrap(
+    transport: &dyn Transport,
+    shared: &Shared,
+    file: &identity::AgentFile,
+    stdout: &mut Box<dyn AsyncRead + Send + Unpin>,
+    stdin: &mut Box<dyn AsyncWrite + Send + Unpin>,
+) -> Result<()> {
+    let failed = |message: String| Error::Bootstrap {
+        host: shared.host.to_string(),
+        message,
     };
-    check_hello(&host, &hello)?;
+    let outcome = bootstrap::dialogue(file, stdout, stdin)
+        .await
+        .map_err(|error| failed(format!("talking to the bootstrap script failed: {error}")))?;
+    match outcome {
+        Outcome::Exec { .. } => Ok(()),
+        Outcome::Failed(message) => Err(failed(message)),
+        Outcome::WrongPlatform(platform) => {
+            let (os, arch) = identity::uname();
+            Err(failed(format!(
+                "the target runs {platform} but this program is built for {os} {arch}; \
+                 build the program for the target's architecture to call functions there"
+            )))
+        }
+        Outcome::Ended => Err(ended_early(transport, shared).await),
+    }
+}
 
-    Ok(Connection::start(
-        shared,
-        frames,
-        stdin,
-        hello,
-        options.heartbeat_timeout,
-    ))
+/// The agent's first frame, which must be its hello.
+async fn read_hello(
+    transport: &dyn Transport,
+    shared: &Shared,
+    frames: &mut Frames,
+) -> Result<Hello> {
+    let handshake = |message: String| Error::Handshake {
+        host: shared.host.to_string(),
+        message,
+    };
+    match frames.next().await {
+        Some(Ok(Frame::Message(Message::Hello(hello)))) => Ok(hello),
+        Some(Ok(other)) => Err(handshake(format!(
+            "expected the agent's hello, received {}",
+            other.kind()
+        ))),
+        Some(Err(error)) if error.kind() == std::io::ErrorKind::InvalidData => {
+            Err(handshake(format!(
+                "expected the agent's hello, but the process wrote something else to stdout ({error})"
+            )))
+        }
+        Some(Err(error)) => Err(match ended_early(transport, shared).await {
+            Error::Bootstrap { host, message, .. } => Error::Bootstrap {
+                host,
+                message: format!("{message} (reading its output failed: {error})"),
+            },
+            diagnosed => diagnosed,
+        }),
+        None => Err(ended_early(transport, shared).await),
+    }
 }
 
 fn check_hello(host: &str, hello: &Hello) -> Result<()> {

@@ -394,136 +394,154 @@ impl Transport for Docker {
                 message: error.to_string(),
             })?;
         match &self.target {
-            Target::Create { image } => {
-                if image.is_empty() {
-                    return Err(Box::new(DockerError::NoImage {
-                        container: self.name.clone(),
-                    }));
-                }
-                // Without the shared volume, the payload is uploaded into the container.
-                let mut volume =
-                    crate::volume::ensure(&engine, self.engine.as_deref(), image, &payload)
-                        .await
-                        .ok();
-                let env = self.agent_env(command);
-                let created = self
-                    .create(&engine, image, &payload, env.clone(), volume.as_deref())
-                    .await;
-                let id = match created {
-                    // The Engine took the volume but not the mount (a policy, a
-                    // clash with the user's mounts): the payload is uploaded instead.
-                    Err(DockerError::Refused { .. }) if volume.is_some() => {
-                        volume = None;
-                        self.create(&engine, image, &payload, env, None).await?
-                    }
-                    created => created?,
-                };
-                // A connect that times out or is cancelled from here on must
-                // not leave the container behind (a later connect would meet
-                // its name).
-                let mut unfinished = RemoveUnlessStarted {
-                    engine: Some(engine.clone()),
-                    id: id.clone(),
-                };
-                let started = async {
-                    let attach = AttachContainerOptions {
-                        stdin: true,
-                        stdout: true,
-                        stderr: true,
-                        stream: true,
-                        logs: true,
-                        ..AttachContainerOptions::default()
-                    };
-                    // Both must be done before the start; neither needs the other.
-                    let place = async {
-                        match volume {
-                            Some(_) => Ok(()),
-                            None => self.place(&engine, &id, &payload).await,
-                        }
-                    };
-                    let (placed, attached) =
-                        tokio::join!(place, engine.attach_container(&id, Some(attach)));
-                    placed?;
-                    let attached = attached
-                        .map_err(|error| self.explain("attaching to the container", error))?;
-                    engine
-                        .start_container(
-                            &id,
-                            None::<bollard::query_parameters::StartContainerOptions>,
-                        )
-                        .await
-                        .map_err(|error| self.explain("starting the container", error))?;
-                    Ok::<_, DockerError>(attached)
-                };
-                let attached = match started.await {
-                    Ok(attached) => attached,
-                    Err(error) => {
-                        remove(&engine, &id).await;
-                        unfinished.engine = None;
-                        return Err(Box::new(error));
-                    }
-                };
-                unfinished.engine = None;
-                let process = ContainerProcess {
-                    engine: engine.clone(),
-                    id: id.clone(),
-                    exec: None,
-                    remove: !self.keep,
-                };
-                Ok(pipes(attached.output, attached.input, Box::new(process)))
-            }
-            Target::Exec => {
-                let config = ExecConfig {
-                    attach_stdin: Some(true),
-                    attach_stdout: Some(true),
-                    attach_stderr: Some(true),
-                    tty: Some(false),
-                    cmd: Some(payload.command.clone()),
-                    env: Some(self.agent_env(command)),
-                    user: self.user.clone(),
-                    working_dir: self.working_dir.clone(),
-                    ..ExecConfig::default()
-                };
-                // The payload stays in the container, so later tunnels skip the
-                // upload. Containers already seen by this process (by id) skip
-                // even the look, which reads the container's filesystem.
-                let (inspected, exec) = tokio::join!(
-                    engine.inspect_container(
-                        &self.name,
-                        None::<bollard::query_parameters::InspectContainerOptions>
-                    ),
-                    engine.create_exec(&self.name, config)
-                );
-                let id = inspected
-                    .map_err(|error| self.explain("inspecting the container", error))?
-                    .id
-                    .unwrap_or_else(|| self.name.clone());
-                if !PLACED.contains(&id, &payload.dir) {
-                    if !self.placed(&engine, &id, &payload).await? {
-                        self.place(&engine, &id, &payload).await?;
-                    }
-                    PLACED.insert(&id, &payload.dir);
-                }
-                let exec = exec.map_err(|error| self.explain("creating the exec", error))?;
-                let started = engine
-                    .start_exec(&exec.id, None)
-                    .await
-                    .map_err(|error| self.explain("starting the exec", error))?;
-                let bollard::exec::StartExecResults::Attached { output, input } = started else {
-                    return Err(Box::new(DockerError::Engine {
-                        container: self.name.clone(),
-                        message: "the Engine started the exec detached".into(),
-                    }));
-                };
-                let process = ContainerProcess {
-                    engine: engine.clone(),
-                    id: self.name.clone(),
-                    exec: Some(exec.id),
-                    remove: false,
-                };
-                Ok(pipes(output, input, Box::new(process)))
-            }
+            Target::Create { image } => self.spawn_new(&engine, command, &payload, image).await,
+            Target::Exec => self.spawn_exec(&engine, command, &payload).await,
         }
+    }
+}
+
+impl Docker {
+    /// A new container from `image`, with the agent as its command.
+    async fn spawn_new(
+        &self,
+        engine: &bollard::Docker,
+        command: &AgentCommand,
+        payload: &Payload,
+        image: &str,
+    ) -> Result<Pipes, BoxError> {
+        if image.is_empty() {
+            return Err(Box::new(DockerError::NoImage {
+                container: self.name.clone(),
+            }));
+        }
+        // Without the shared volume, the payload is uploaded into the container.
+        let mut volume = crate::volume::ensure(engine, self.engine.as_deref(), image, payload)
+            .await
+            .ok();
+        let env = self.agent_env(command);
+        let created = self
+            .create(engine, image, payload, env.clone(), volume.as_deref())
+            .await;
+        let id = match created {
+            // The Engine took the volume but not the mount (a policy, a
+            // clash with the user's mounts): the payload is uploaded instead.
+            Err(DockerError::Refused { .. }) if volume.is_some() => {
+                volume = None;
+                self.create(engine, image, payload, env, None).await?
+            }
+            created => created?,
+        };
+        // A connect that times out or is cancelled from here on must
+        // not leave the container behind (a later connect would meet
+        // its name).
+        let mut unfinished = RemoveUnlessStarted {
+            engine: Some(engine.clone()),
+            id: id.clone(),
+        };
+        let started = async {
+            let attach = AttachContainerOptions {
+                stdin: true,
+                stdout: true,
+                stderr: true,
+                stream: true,
+                logs: true,
+                ..AttachContainerOptions::default()
+            };
+            // Both must be done before the start; neither needs the other.
+            let place = async {
+                match volume {
+                    Some(_) => Ok(()),
+                    None => self.place(engine, &id, payload).await,
+                }
+            };
+            let (placed, attached) =
+                tokio::join!(place, engine.attach_container(&id, Some(attach)));
+            placed?;
+            let attached =
+                attached.map_err(|error| self.explain("attaching to the container", error))?;
+            engine
+                .start_container(
+                    &id,
+                    None::<bollard::query_parameters::StartContainerOptions>,
+                )
+                .await
+                .map_err(|error| self.explain("starting the container", error))?;
+            Ok::<_, DockerError>(attached)
+        };
+        let attached = match started.await {
+            Ok(attached) => attached,
+            Err(error) => {
+                remove(engine, &id).await;
+                unfinished.engine = None;
+                return Err(Box::new(error));
+            }
+        };
+        unfinished.engine = None;
+        let process = ContainerProcess {
+            engine: engine.clone(),
+            id: id.clone(),
+            exec: None,
+            remove: !self.keep,
+        };
+        Ok(pipes(attached.output, attached.input, Box::new(process)))
+    }
+
+    /// The agent as an exec in the running container.
+    async fn spawn_exec(
+        &self,
+        engine: &bollard::Docker,
+        command: &AgentCommand,
+        payload: &Payload,
+    ) -> Result<Pipes, BoxError> {
+        let config = ExecConfig {
+            attach_stdin: Some(true),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            tty: Some(false),
+            cmd: Some(payload.command.clone()),
+            env: Some(self.agent_env(command)),
+            user: self.user.clone(),
+            working_dir: self.working_dir.clone(),
+            ..ExecConfig::default()
+        };
+        // The payload stays in the container, so later tunnels skip the
+        // upload. Containers already seen by this process (by id) skip
+        // even the look, which reads the container's filesystem.
+        let (inspected, exec) = tokio::join!(
+            engine.inspect_container(
+                &self.name,
+                None::<bollard::query_parameters::InspectContainerOptions>
+            ),
+            engine.create_exec(&self.name, config)
+        );
+        let id = inspected
+            .map_err(|error| self.explain("inspecting the container", error))?
+            .id
+            .unwrap_or_else(|| self.name.clone());
+        if !PLACED.contains(&id, &payload.dir) {
+            if !self.placed(engine, &id, payload).await? {
+                self.place(engine, &id, payload).await?;
+            }
+            PLACED.insert(&id, &payload.dir);
+        }
+        let exec = exec.map_err(|error| self.explain("creating the exec", error))?;
+        let started = engine
+            .start_exec(&exec.id, None)
+            .await
+            .map_err(|error| self.explain("starting the exec", error))?;
+        let bollard::exec::StartExecResults::Attached { output, input } = started else {
+            return Err(Box::new(DockerError::Engine {
+                container: self.name.clone(),
+                message: "the Engine started the exec detached".into(),
+            }));
+        };
+        let process = ContainerProcess {
+            engine: engine.clone(),
+            id: self.name.clone(),
+            exec: Some(exec.id),
+            remove: false,
+        };
+        Ok(pipes(output, input, Box::new(process)))
     }
 }
 

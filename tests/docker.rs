@@ -22,9 +22,8 @@ fn tunnel(docker: Docker) -> Tunnel {
 fn docker_error(error: &Error) -> &DockerError {
     match error {
         Error::Spawn {
-            source: Some(source),
-            ..
-        } => source
+            cause: Some(cause), ..
+        } => cause
             .downcast_ref::<DockerError>()
             .unwrap_or_else(|| panic!("not a DockerError: {error:?}")),
         other => panic!("expected Error::Spawn with a DockerError, got {other:?}"),

@@ -288,4 +288,29 @@ async fn errors_say_their_host_phase_and_kind() {
     assert!(
         !unstartable.is_timeout() && !unstartable.is_disconnected() && !unstartable.is_remote()
     );
+    // The transport's error is in the message once, and not again as a source.
+    assert!(
+        unstartable.to_string().contains("permission denied"),
+        "{unstartable}"
+    );
+    assert!(std::error::Error::source(&unstartable).is_none());
+}
+
+/// A call's timeout that runs out before the agent said hello is a connect
+/// that did not finish (an unreachable host), not a slow function.
+#[tokio::test]
+async fn a_call_timeout_before_the_hello_names_the_connect_phase() {
+    let silent = Tunnel::builder(FakeAgent {
+        script: "sleep 30".into(),
+    })
+    .stderr(chopsticks::stderr::discard())
+    .build();
+    let error = silent
+        .call(pid, ())
+        .timeout(Duration::from_millis(300))
+        .await
+        .expect_err("no hello comes");
+    assert!(error.is_timeout(), "{error:?}");
+    assert_eq!(error.phase(), Phase::Connect, "{error}");
+    assert!(error.to_string().contains("connect"), "{error}");
 }

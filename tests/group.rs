@@ -204,7 +204,6 @@ async fn put_and_fetch_on_every_host_with_a_host_template() {
     let template = format!("{}/{{host}}.bin", dir.path("fetched").display());
     let fetched = web
         .fetch(dir.path("remote/app.bin"), &template)
-        .expect("distinct paths")
         .create_dirs(true)
         .await
         .into_result()
@@ -221,15 +220,18 @@ async fn a_fetch_template_that_collides_is_refused_before_any_transfer() {
     let dir = crate::support::Scratch::new("group-collide");
     crate::support::patterned(&dir.path("source"), 10);
     let web = local_group(&["web1", "web2"]);
-    let error = web
+    let result = web
         .fetch(
             dir.path("source"),
             dir.path("same.log").display().to_string(),
         )
-        .err()
-        .expect("colliding paths");
-    assert!(matches!(error, Error::Group { .. }), "{error:?}");
-    assert!(error.to_string().contains("{host}"), "{error}");
+        .await;
+    let failures: Vec<_> = result.failures().collect();
+    assert_eq!(failures.len(), 2, "every host gets the refusal");
+    for (_, error) in failures {
+        assert!(matches!(error, Error::Group { .. }), "{error:?}");
+        assert!(error.to_string().contains("{host}"), "{error}");
+    }
     assert!(web.tunnels().all(|tunnel| !tunnel.is_connected()));
     assert_eq!(dir.entries(), ["source"]);
 }

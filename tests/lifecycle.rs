@@ -151,3 +151,26 @@ async fn close_kills_a_frozen_agent_and_fails_the_calls_in_flight() {
         "the frozen agent {agent} was not killed"
     );
 }
+
+/// A call pending when its tunnel is closed says the tunnel was closed,
+/// not merely that the agent exited with status 0.
+#[tokio::test]
+async fn a_call_pending_at_close_says_the_tunnel_was_closed() {
+    let tun = Tunnel::builder(Local::named("closing"))
+        .stderr(chopsticks::stderr::discard())
+        .build();
+    tun.connect().await.expect("connect");
+    let pending = tokio::spawn({
+        let tun = tun.clone();
+        async move { tun.call(speak_then_sleep, ()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tun.close().await.expect("close");
+    let error = tokio::time::timeout(crate::support::EVENT_BOUND, pending)
+        .await
+        .expect("the close ends the pending call")
+        .expect("join")
+        .expect_err("the call cannot finish");
+    assert!(error.is_disconnected(), "{error:?}");
+    assert!(error.to_string().contains("tunnel was closed"), "{error}");
+}

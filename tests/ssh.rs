@@ -313,3 +313,39 @@ async fn control_persist_shares_one_connection_across_reconnects() {
         .arg(sshd.alias(0))
         .output();
 }
+
+/// Every message of an error and its causes, as a cause-chain printer
+/// (anyhow's `{:#}`) shows them.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
+}
+
+#[tokio::test]
+async fn a_missing_ssh_client_is_named_once_in_the_cause_chain() {
+    let tun = Tunnel::new(Ssh::new("web1").program("/nonexistent/ssh-client"));
+    let error = tun.connect().await.expect_err("no such client");
+    let SshError::ClientMissing { program, .. } = ssh_error(&error) else {
+        panic!("{error:?}");
+    };
+    assert_eq!(program, "/nonexistent/ssh-client");
+    let printed = chain(&error);
+    // The reason (ENOENT) and the advice each appear exactly once.
+    assert_eq!(
+        printed.matches("No such file or directory").count(),
+        1,
+        "{printed}"
+    );
+    assert_eq!(
+        printed.matches("install openssh-client").count(),
+        1,
+        "{printed}"
+    );
+    assert!(printed.contains("web1"), "{printed}");
+}

@@ -342,9 +342,8 @@ pub fn patterned(path: &Path, len: usize) -> Vec<u8> {
 pub fn ssh_error(error: &chopsticks::Error) -> &chopsticks::SshError {
     match error {
         chopsticks::Error::Spawn {
-            source: Some(source),
-            ..
-        } => source
+            cause: Some(cause), ..
+        } => cause
             .downcast_ref::<chopsticks::SshError>()
             .unwrap_or_else(|| panic!("not an SshError: {error:?}")),
         other => panic!("expected Error::Spawn with an SshError, got {other:?}"),

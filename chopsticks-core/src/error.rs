@@ -50,11 +50,13 @@ pub enum Error {
     Spawn {
         /// The host the tunnel points at.
         host: String,
-        /// What went wrong, as a sentence.
+        /// What went wrong, as a sentence; it includes the text of `cause`.
         message: String,
-        /// The underlying error, when there is one.
-        #[source]
-        source: Option<BoxError>,
+        /// The transport's own error, when there is one, for a program to
+        /// downcast (`SshError`, `DockerError`, `LocalError`). Its text is
+        /// already in `message`, so it is not returned again as `source()`:
+        /// a cause-chain printer shows it once.
+        cause: Option<BoxError>,
     },
     /// The process started but the agent never said hello: the bootstrap
     /// script failed, the program exited, or the target cannot run this binary.
@@ -172,15 +174,15 @@ pub enum Error {
     },
     /// An I/O error on this side.
     #[non_exhaustive]
-    #[error("I/O error on {host} during {phase}: {source}")]
+    #[error("I/O error on {host} during {phase}: {error}")]
     Io {
         /// The host the tunnel points at.
         host: String,
         /// The phase the error happened in.
         phase: Phase,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        /// The error, whose text this error's message includes (so it is
+        /// not returned again as `source()`).
+        error: std::io::Error,
     },
 }
 

@@ -357,8 +357,12 @@ async fn run_call<R: DeserializeOwned>(
     };
     let args =
         args.map_err(|message| value_error(ValuePart::Arguments, ValueAction::Encode, message))?;
+    // A timeout before the agent answered its hello is a connect that did
+    // not finish (an unreachable host), not a slow function.
+    let connected = std::sync::atomic::AtomicBool::new(false);
     let run = async {
         let connection = tunnel.connection().await?;
+        connected.store(true, std::sync::atomic::Ordering::Relaxed);
         connection.call(&function, mode, args).await
     };
     let encoded = match timeout {
@@ -367,7 +371,11 @@ async fn run_call<R: DeserializeOwned>(
             .await
             .map_err(|_| Error::Timeout {
                 host: host.to_string(),
-                phase: Phase::Call,
+                phase: if connected.load(std::sync::atomic::Ordering::Relaxed) {
+                    Phase::Call
+                } else {
+                    Phase::Connect
+                },
                 after,
             })??,
     };

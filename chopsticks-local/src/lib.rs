@@ -26,7 +26,7 @@ pub use sudo::Sudo;
 #[non_exhaustive]
 pub enum LocalError {
     /// The program could not be executed.
-    #[error("could not run {program}: {source}")]
+    #[error("could not run {program}")]
     Exec {
         /// The program that was to run.
         program: String,

@@ -119,9 +119,7 @@ pub enum SshError {
         reason: &'static str,
     },
     /// The OpenSSH client could not be run.
-    #[error(
-        "could not run the ssh client {program}: {source}; install openssh-client or use NativeSsh"
-    )]
+    #[error("could not run the ssh client {program} (install openssh-client or use NativeSsh)")]
     ClientMissing {
         /// The program that was to run.
         program: String,

@@ -123,6 +123,8 @@ struct Shared {
     input: InputWatch,
     /// Dropping or sending on it makes the supervisor kill the agent.
     kill: Mutex<Option<oneshot::Sender<()>>>,
+    /// Set by `Tunnel::close`: an ending that follows is the close, not a fault.
+    closing: std::sync::atomic::AtomicBool,
     /// Streamed results being reassembled. Apart from `pending` so that
     /// copying a chunk never holds up a call being registered; a withdrawn
     /// call's partial result is dropped here at once.
@@ -144,6 +146,7 @@ impl Shared {
             input: InputWatch::default(),
             kill: Mutex::new(Some(kill)),
             assemblies: Mutex::new(Assemblies::default()),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -422,6 +425,7 @@ impl Connection {
 
     /// Asks the agent to exit and waits for it, at most `bound`.
     pub(crate) async fn shutdown(&self, bound: Duration) -> bool {
+        self.shared.closing.store(true, Ordering::Relaxed);
         let bound = if self.is_alive() {
             let _ = self.outbox.send(OutFrame::message(&Message::Shutdown));
             bound
@@ -481,6 +485,12 @@ async fn read_replies(mut frames: Frames, shared: Arc<Shared>) {
                 break (true, error.to_string());
             }
             Some(Err(error)) => break (false, format!("reading from the agent failed: {error}")),
+            None if shared.closing.load(Ordering::Relaxed) => {
+                break (
+                    false,
+                    "the tunnel was closed (Tunnel::close) while this was pending".to_string(),
+                );
+            }
             None => break (false, "the agent's output ended".to_string()),
         };
         let result = match frame {

@@ -40,10 +40,10 @@ pub(crate) async fn connect(
         .map_err(|source| Error::Spawn {
             host: host.to_string(),
             message: match descriptor_limit::exhaustion(source.as_ref()) {
-                Some(limit) => format!("{source}: {limit}"),
-                None => source.to_string(),
+                Some(limit) => format!("{}: {limit}", chain_text(source.as_ref())),
+                None => chain_text(source.as_ref()),
             },
-            source: Some(source),
+            cause: Some(source),
         })?;
     let shared = supervise_process(&host, options, stderr, process);
     if let Some(file) = agent_file {
@@ -72,7 +72,7 @@ async fn launch_command(
     let spawn_error = |message: String| Error::Spawn {
         host: host.to_string(),
         message,
-        source: None,
+        cause: None,
     };
     if !agent_env::runtime_linked() {
         return Err(spawn_error(
@@ -98,7 +98,7 @@ async fn launch_command(
                 .map_err(|error| Error::Io {
                     host: host.to_string(),
                     phase: Phase::Bootstrap,
-                    source: error,
+                    error,
                 })?;
             let (os, arch) = identity::uname();
             let command = bootstrap::command(file, depth, &heartbeat_ms, &os, &arch);
@@ -235,14 +235,31 @@ fn check_hello(host: &str, hello: &Hello) -> Result<()> {
     Ok(())
 }
 
+/// An error and its causes, as one sentence: each is shown once, whether
+/// a transport's error puts its cause in its own text or returns it as
+/// `source()`.
+fn chain_text(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        let part = next.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = next.source();
+    }
+    text
+}
+
 /// The error for a process that ended before its agent said hello.
 async fn ended_early(transport: &dyn Transport, shared: &Shared) -> Error {
     shared.tail.wait_closed(EXPLAIN_WAIT).await;
     if let Some(diagnosis) = transport.diagnose(&shared.tail.snapshot()) {
         return Error::Spawn {
             host: shared.host.to_string(),
-            message: diagnosis.to_string(),
-            source: Some(diagnosis),
+            message: chain_text(diagnosis.as_ref()),
+            cause: Some(diagnosis),
         };
     }
     let mut exit = shared.exit.clone();

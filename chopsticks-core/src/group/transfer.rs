@@ -24,8 +24,8 @@ pub struct GroupPut<'g> {
 pub struct GroupFetch<'g> {
     group: &'g Group,
     remote: PathBuf,
-    /// The local path for each host.
-    locals: BTreeMap<String, PathBuf>,
+    /// The local path for each host, or why the template cannot give one.
+    locals: Result<BTreeMap<String, PathBuf>>,
     options: TransferOptions,
 }
 
@@ -51,37 +51,20 @@ impl Group {
     /// other than letters, digits, `.`, `-`, `_`, `@` and `:` become `_`, so a
     /// host name cannot leave the directory).
     ///
-    /// Fails with [`Error::Group`] before anything moves when two hosts would
-    /// write the same local path (a template without `{host}`, say).
+    /// When two hosts would write the same local path (a template without
+    /// `{host}`, say), nothing moves: every host's result is that
+    /// [`Error::Group`].
     pub fn fetch(
         &self,
         remote: impl AsRef<Path>,
         local_template: impl AsRef<str>,
-    ) -> Result<GroupFetch<'_>> {
-        let template = local_template.as_ref();
-        let mut owners: BTreeMap<PathBuf, &str> = BTreeMap::new();
-        let mut locals = BTreeMap::new();
-        for host in self.hosts() {
-            let local = PathBuf::from(template.replace("{host}", &path_safe(host)));
-            if let Some(other) = owners.insert(local.clone(), host) {
-                return Err(Error::Group {
-                    host: host.to_string(),
-                    phase: Phase::Transfer,
-                    message: format!(
-                        "the local path template {template:?} gives {} for both {other} and \
-                         {host}; put {{host}} in it so every host gets its own file",
-                        local.display()
-                    ),
-                });
-            }
-            locals.insert(host.to_string(), local);
-        }
-        Ok(GroupFetch {
+    ) -> GroupFetch<'_> {
+        GroupFetch {
             group: self,
             remote: remote.as_ref().to_path_buf(),
-            locals,
+            locals: local_paths(self, local_template.as_ref()),
             options: self.transfer_options(),
-        })
+        }
     }
 }
 
@@ -119,6 +102,24 @@ impl<'g> IntoFuture for GroupFetch<'g> {
             options,
         } = self;
         Box::pin(async move {
+            let locals = match locals {
+                Ok(locals) => locals,
+                Err(error) => {
+                    let text = error.to_string();
+                    let results = group
+                        .hosts()
+                        .map(|host| {
+                            let refused = Error::Group {
+                                host: host.to_string(),
+                                phase: Phase::Transfer,
+                                message: text.clone(),
+                            };
+                            (host.to_string(), Err(refused))
+                        })
+                        .collect();
+                    return GroupResult { results };
+                }
+            };
             let locals = &locals;
             group
                 .each(None, |tunnel: &'g Tunnel| {
@@ -129,6 +130,29 @@ impl<'g> IntoFuture for GroupFetch<'g> {
                 .await
         })
     }
+}
+
+/// The local path of each host from `template`, or the error for two hosts
+/// that would share one.
+fn local_paths(group: &Group, template: &str) -> Result<BTreeMap<String, PathBuf>> {
+    let mut owners: BTreeMap<PathBuf, &str> = BTreeMap::new();
+    let mut locals = BTreeMap::new();
+    for host in group.hosts() {
+        let local = PathBuf::from(template.replace("{host}", &path_safe(host)));
+        if let Some(other) = owners.insert(local.clone(), host) {
+            return Err(Error::Group {
+                host: host.to_string(),
+                phase: Phase::Transfer,
+                message: format!(
+                    "the local path template {template:?} gives {} for both {other} and \
+                     {host}; put {{host}} in it so every host gets its own file",
+                    local.display()
+                ),
+            });
+        }
+        locals.insert(host.to_string(), local);
+    }
+    Ok(locals)
 }
 
 /// `host` with every character that could change a path's meaning replaced by `_`.

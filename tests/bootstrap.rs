@@ -394,3 +394,37 @@ fn descriptors_on_own_executable() -> Vec<String> {
         .map(|entry| entry.file_name().to_string_lossy().into_owned())
         .collect()
 }
+
+/// Without a usable HOME (empty, as under `env -i`, or a directory that does
+/// not exist, as Debian's `nobody` has) the agent is cached in the private
+/// temporary directory, and no path is created for the missing HOME.
+#[tokio::test]
+async fn a_missing_home_falls_back_to_the_temporary_directory_and_creates_nothing() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let missing_home = root.path().join("nonexistent");
+    for home in [String::new(), missing_home.display().to_string()] {
+        let tun = Tunnel::builder(
+            Local::named("homeless")
+                .shell_bootstrap(true)
+                .env("HOME", home.clone())
+                .env("XDG_CACHE_HOME", "")
+                .env("TMPDIR", root.path().display().to_string()),
+        )
+        .stderr(chopsticks::stderr::discard())
+        .build();
+        tun.call(pid, ())
+            .await
+            .unwrap_or_else(|error| panic!("HOME={home:?}: {error}"));
+        tun.close().await.expect("close");
+        assert!(
+            !missing_home.exists(),
+            "HOME={home:?}: the missing HOME was created"
+        );
+        let fallback = root.path().join(format!("chopsticks-{}", uid()));
+        assert!(
+            same_as_this_program(&cached_agent(&fallback)),
+            "HOME={home:?}: the agent is not in {}",
+            fallback.display()
+        );
+    }
+}

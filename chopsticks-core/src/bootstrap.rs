@@ -8,8 +8,10 @@
 //! 1. refuses a target whose `uname -sm` differs from the controller's;
 //! 2. picks `${XDG_CACHE_HOME:-$HOME/.cache}/chopsticks` if it is an absolute
 //!    path to a directory owned by the user and not writable by group or
-//!    others, else a `${TMPDIR:-/tmp}/chopsticks-UID` directory (absolute, or
-//!    under `/tmp`) that must be owned by the user with mode 0700;
+//!    others (a `HOME` that is unset, empty or missing is not used, and
+//!    nothing is created for it), else a `${TMPDIR:-/tmp}/chopsticks-UID`
+//!    directory (absolute, or under `/tmp`) that must be owned by the user
+//!    with mode 0700;
 //! 3. on a cache hit, verifies size and SHA-256 of `agent-HASH` and execs it;
 //!    a corrupt entry is deleted, never executed. The file is hashed and
 //!    executed through one descriptor (`/proc/self/fd/9`) opened before the
@@ -63,8 +65,12 @@ EOF
 }
 owned() { [ -d "$dir" ] && [ ! -L "$dir" ] && [ -O "$dir" ] && [ -w "$dir" ] && [ -x "$dir" ]; }
 private() { case $dirmode in d????-??-*) return 0;; esac; return 1; }
-dir=${XDG_CACHE_HOME:-${HOME:-/nonexistent}/.cache}/chopsticks
-# Only an absolute directory is a cache; anything else falls back below.
+# The cache is under a directory the user named: XDG_CACHE_HOME, or a HOME
+# that exists (cron, systemd and `env -i` may give none, or /nonexistent).
+# Only an absolute path is a cache; anything else falls back below.
+if [ -n "${XDG_CACHE_HOME:-}" ]; then dir=$XDG_CACHE_HOME/chopsticks
+elif [ -n "${HOME:-}" ] && [ -d "$HOME" ]; then dir=$HOME/.cache/chopsticks
+else dir=; fi
 case $dir in /*) [ -d "$dir" ] || mkdir -p -m 700 -- "$dir" 2>/dev/null;; *) dir=;; esac
 inspect
 if ! { owned && private; }; then

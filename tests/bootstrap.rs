@@ -428,3 +428,62 @@ async fn a_missing_home_falls_back_to_the_temporary_directory_and_creates_nothin
         );
     }
 }
+
+/// Runs the bootstrap in a mount namespace whose `/dev` is an empty tmpfs:
+/// a target without `/dev/null`, as a bare chroot or container can be.
+struct WithoutDevNull;
+
+#[chopsticks::async_trait]
+impl chopsticks::Transport for WithoutDevNull {
+    fn host(&self) -> &str {
+        "no-dev-null"
+    }
+
+    fn launch(&self) -> chopsticks::AgentLaunch {
+        chopsticks::AgentLaunch::ShellBootstrap
+    }
+
+    async fn spawn(
+        &self,
+        command: &chopsticks::AgentCommand,
+    ) -> Result<chopsticks::Pipes, chopsticks::BoxError> {
+        let mut process = tokio::process::Command::new("unshare");
+        process
+            .args(["--mount", "--", "sh", "-c"])
+            .arg(r#"mount -t tmpfs none /dev && exec "$@""#)
+            .arg("wrapper")
+            .arg(command.program())
+            .args(command.args())
+            .envs(command.env_vars().iter().map(|(key, value)| (key, value)))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        Ok(chopsticks::Pipes::from_child(process.spawn()?)?)
+    }
+}
+
+#[tokio::test]
+async fn a_target_without_dev_null_is_told_so() {
+    if chopsticks_testkit::require(
+        if crate::support::is_root() {
+            Ok(())
+        } else {
+            Err("a mount namespace needs root".to_string())
+        },
+        "the /dev/null test",
+    )
+    .is_none()
+    {
+        return;
+    }
+    let error = Tunnel::builder(WithoutDevNull)
+        .stderr(chopsticks::stderr::discard())
+        .build()
+        .connect()
+        .await
+        .expect_err("no /dev/null");
+    assert!(matches!(error, Error::Bootstrap { .. }), "{error:?}");
+    assert!(error.to_string().contains("/dev/null"), "{error}");
+    assert!(!error.to_string().contains("uname"), "{error}");
+}

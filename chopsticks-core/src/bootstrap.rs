@@ -44,6 +44,9 @@ fail() { say error "$*"; exit 111; }
 case $hash in ''|*[!0-9a-f]*) fail "invalid agent hash";; esac
 case $size in ''|*[!0-9]*) fail "invalid agent size";; esac
 case $heartbeat in ''|*[!0-9]*) fail "invalid heartbeat timeout";; esac
+# Every check below sends its noise to /dev/null; without it they would
+# all fail and blame the wrong thing.
+[ -c /dev/null ] && [ -w /dev/null ] || fail "the target has no writable /dev/null, which the bootstrap needs"
 for tool in uname ls head mktemp; do
   command -v "$tool" >/dev/null 2>&1 || fail "the target has no $tool, which the bootstrap needs"
 done

@@ -174,3 +174,45 @@ async fn a_call_pending_at_close_says_the_tunnel_was_closed() {
     assert!(error.is_disconnected(), "{error:?}");
     assert!(error.to_string().contains("tunnel was closed"), "{error}");
 }
+
+fn say(line: String) {
+    eprintln!("{line}");
+}
+
+/// A disconnect explains itself with what the agent wrote since the last
+/// call that completed, not with lines of earlier, unrelated calls.
+#[tokio::test]
+async fn a_disconnect_shows_only_stderr_written_since_the_last_completed_call() {
+    let tun = Tunnel::builder(Local::named("stale"))
+        .stderr(chopsticks::stderr::discard())
+        .build();
+    tun.call(say, ("from an earlier call".to_string(),))
+        .await
+        .expect("say");
+    let agent = tun.call(pid, ()).await.expect("pid");
+    let pending = tokio::spawn({
+        let tun = tun.clone();
+        async move { tun.call(speak_then_sleep, ()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(agent as i32, libc::SIGKILL) }, 0);
+    let error = tokio::time::timeout(crate::support::EVENT_BOUND, pending)
+        .await
+        .expect("the kill fails the pending call")
+        .expect("join")
+        .expect_err("killed");
+    let Error::Disconnected { stderr_tail, .. } = &error else {
+        panic!("{error:?}");
+    };
+    assert!(
+        stderr_tail
+            .iter()
+            .any(|line| line.contains("about to sleep")),
+        "{stderr_tail:?}"
+    );
+    assert!(
+        !stderr_tail.iter().any(|line| line.contains("earlier call")),
+        "{stderr_tail:?}"
+    );
+}

@@ -1,6 +1,7 @@
 //! Forwarding the agent's stderr line by line, and keeping the last lines for error messages.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -31,7 +32,13 @@ const MAX_LINE_LEN: usize = 4096;
 /// The last lines the agent wrote to stderr, and whether its stderr has closed.
 #[derive(Debug)]
 pub(crate) struct StderrTail {
-    lines: Mutex<VecDeque<String>>,
+    /// The kept lines, each with its number among all lines ever written.
+    lines: Mutex<VecDeque<(u64, String)>>,
+    /// How many lines have been written.
+    written: AtomicU64,
+    /// How many had been written when a request last completed; lines
+    /// before that belong to calls that are over.
+    settled: AtomicU64,
     closed: watch::Sender<bool>,
 }
 
@@ -39,6 +46,8 @@ impl StderrTail {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(StderrTail {
             lines: Mutex::new(VecDeque::with_capacity(TAIL_LINES)),
+            written: AtomicU64::new(0),
+            settled: AtomicU64::new(0),
             closed: watch::channel(false).0,
         })
     }
@@ -51,16 +60,29 @@ impl StderrTail {
         if lines.len() == TAIL_LINES {
             lines.pop_front();
         }
-        lines.push_back(line);
+        let number = self.written.fetch_add(1, Ordering::Relaxed);
+        lines.push_back((number, line));
     }
 
-    /// A copy of the kept lines, oldest first.
+    /// A request completed: the lines so far belong to finished work and are
+    /// left out of later explanations.
+    pub(crate) fn settle(&self) {
+        self.settled
+            .store(self.written.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// A copy of the kept lines written since a request last completed, oldest first.
     pub(crate) fn snapshot(&self) -> Vec<String> {
+        let settled = self.settled.load(Ordering::Relaxed);
         let lines = self
             .lines
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
-        lines.iter().cloned().collect()
+        lines
+            .iter()
+            .filter(|(number, _)| *number >= settled)
+            .map(|(_, line)| line.clone())
+            .collect()
     }
 
     /// Waits until stderr has closed, at most `bound`.

@@ -187,6 +187,7 @@ impl Shared {
     }
 
     fn deliver(&self, id: u64, reply: Reply) {
+        self.tail.settle();
         let waiter = {
             let mut pending = self.lock();
             if !pending.streams.is_empty() {

@@ -420,3 +420,31 @@ async fn user_env_working_dir_mounts_network_labels_and_keep() {
     assert!(container_exists(&name), "keep(true) keeps the container");
     remove_container(&name);
 }
+
+#[tokio::test]
+async fn an_exec_into_a_stopped_container_says_it_is_not_running() {
+    if docker_or_skip().is_none() {
+        return;
+    }
+    let name = unique("stopped");
+    running_container(&name).expect("start a container");
+    let stopped = std::process::Command::new("docker")
+        .args(["stop", "-t", "0", &name])
+        .output()
+        .expect("docker stop");
+    assert!(stopped.status.success(), "docker stop failed");
+    let error = tunnel(Docker::exec(&name))
+        .connect()
+        .await
+        .expect_err("a stopped container runs no exec");
+    assert!(
+        matches!(docker_error(&error), DockerError::NotRunning { .. }),
+        "{error:?}"
+    );
+    let text = error.to_string();
+    assert!(
+        text.contains("not running") && !text.contains("(image )"),
+        "{text}"
+    );
+    remove_container(&name);
+}

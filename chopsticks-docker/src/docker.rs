@@ -226,6 +226,15 @@ impl Docker {
                 container: self.name.clone(),
                 message,
             },
+            Error::DockerResponseServerError {
+                status_code: 409,
+                message,
+            } if matches!(self.target, Target::Exec) && message.contains("is not running") => {
+                DockerError::NotRunning {
+                    container: self.name.clone(),
+                    message,
+                }
+            }
             Error::DockerResponseServerError { message, .. } => DockerError::Refused {
                 container: self.name.clone(),
                 image: self.image_name().to_string(),
@@ -518,13 +527,14 @@ impl Docker {
             .map_err(|error| self.explain("inspecting the container", error))?
             .id
             .unwrap_or_else(|| self.name.clone());
+        // A stopped container refuses the exec: say so before placing anything in it.
+        let exec = exec.map_err(|error| self.explain("creating the exec", error))?;
         if !PLACED.contains(&id, &payload.dir) {
             if !self.placed(engine, &id, payload).await? {
                 self.place(engine, &id, payload).await?;
             }
             PLACED.insert(&id, &payload.dir);
         }
-        let exec = exec.map_err(|error| self.explain("creating the exec", error))?;
         let started = engine
             .start_exec(&exec.id, None)
             .await

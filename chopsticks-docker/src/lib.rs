@@ -74,6 +74,14 @@ pub enum DockerError {
         /// What the Engine said.
         message: String,
     },
+    /// The container to exec into exists but is not running.
+    #[error("container {container} is not running; start it before an exec ({message})")]
+    NotRunning {
+        /// The container.
+        container: String,
+        /// What the Engine said.
+        message: String,
+    },
     /// `Docker::new` without `.image(...)`.
     #[error("container {container} needs an image: use Docker::new(name).image(image)")]
     NoImage {
@@ -82,7 +90,8 @@ pub enum DockerError {
     },
     /// The Engine refused a step.
     #[error(
-        "the Docker Engine refused {phase} for container {container} (image {image}): {message}"
+        "the Docker Engine refused {phase} for container {container}{}: {message}",
+        image_clause(image)
     )]
     Refused {
         /// The container.
@@ -96,9 +105,10 @@ pub enum DockerError {
     },
     /// The agent was placed but could not start in the container.
     #[error(
-        "the agent cannot start in container {container} (image {image}): {detail}; the image \
+        "the agent cannot start in container {container}{}: {detail}; the image \
          must be for this machine's architecture, and the container must allow executing \
-         files under /.chopsticks"
+         files under /.chopsticks",
+        image_clause(image)
     )]
     CannotStart {
         /// The container.
@@ -116,4 +126,13 @@ pub enum DockerError {
         /// What went wrong.
         message: String,
     },
+}
+
+/// ` (image NAME)`, or nothing for an exec, which has no image of its own.
+fn image_clause(image: &str) -> String {
+    if image.is_empty() {
+        String::new()
+    } else {
+        format!(" (image {image})")
+    }
 }

@@ -63,8 +63,8 @@
 pub use chopsticks_core::{
     AgentCommand, AgentLaunch, AgentProcess, AsyncRemoteFn, BoxError, Call, DEFAULT_CLOSE_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT, Direction, Error, ExitReport, Fetch, Group, GroupFetch, GroupPut,
-    GroupResult, Phase, Pipes, Put, RemoteFn, Result, StderrSink, Transfer, Transport, Tunnel,
-    TunnelBuilder, async_trait, shell_quote,
+    GroupResult, Phase, Pipes, Put, RemoteError, RemoteFn, Result, StderrSink, Transfer, Transport,
+    Tunnel, TunnelBuilder, async_trait, shell_quote,
 };
 pub use chopsticks_core::{progress, stderr};
 

@@ -314,3 +314,58 @@ async fn a_call_timeout_before_the_hello_names_the_connect_phase() {
     assert_eq!(error.phase(), Phase::Connect, "{error}");
     assert!(error.to_string().contains("connect"), "{error}");
 }
+
+fn read_text(path: String) -> Result<String, chopsticks::RemoteError> {
+    Ok(std::fs::read_to_string(path)?)
+}
+
+#[derive(Debug)]
+struct Wrapped(std::io::Error);
+
+impl std::fmt::Display for Wrapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("loading the settings failed")
+    }
+}
+
+impl std::error::Error for Wrapped {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+fn load_settings() -> Result<(), chopsticks::RemoteError> {
+    let missing = std::fs::read("/no/such/settings").expect_err("missing");
+    Err(Wrapped(missing))?
+}
+
+/// A remote function's own errors come back whole through `RemoteError`:
+/// `Ok(Err(..))`, with the io kind, the OS error number and the causes.
+#[tokio::test]
+async fn errors_of_remote_functions_arrive_with_kind_errno_and_causes() {
+    let tun = Tunnel::new(Local::new());
+    let missing = tun
+        .call(read_text, ("/no/such/file".to_string(),))
+        .await
+        .expect("the call itself worked")
+        .expect_err("the file is missing");
+    assert_eq!(missing.kind(), Some(std::io::ErrorKind::NotFound));
+    assert_eq!(missing.raw_os_error(), Some(libc::ENOENT));
+    assert_eq!(
+        missing.clone().into_io_error().kind(),
+        std::io::ErrorKind::NotFound
+    );
+
+    let wrapped = tun
+        .call(load_settings, ())
+        .await
+        .expect("the call itself worked")
+        .expect_err("the settings are missing");
+    assert_eq!(wrapped.message(), "loading the settings failed");
+    assert_eq!(wrapped.causes().len(), 1, "{wrapped:?}");
+    assert!(
+        wrapped.to_string().contains("No such file or directory"),
+        "{wrapped}"
+    );
+    assert_eq!(wrapped.kind(), None, "the outer error is not an io error");
+}

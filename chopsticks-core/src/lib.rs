@@ -42,6 +42,7 @@ mod identity;
 pub mod progress;
 mod protocol;
 mod remote;
+mod remote_error;
 pub mod stderr;
 mod transfer;
 mod transport;
@@ -51,6 +52,7 @@ mod wire;
 pub use error::{BoxError, Direction, Error, Phase, Result, ValueAction, ValuePart};
 pub use group::{Group, GroupFetch, GroupPut, GroupResult};
 pub use remote::{AsyncRemoteFn, RemoteFn};
+pub use remote_error::RemoteError;
 pub use stderr::StderrSink;
 pub use transfer::{Fetch, Put, Transfer};
 pub use transport::{

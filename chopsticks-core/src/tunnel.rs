@@ -176,8 +176,14 @@ impl Tunnel {
     /// Calls the blocking function `function` with the argument tuple `args` on the agent.
     ///
     /// `function` must capture nothing (a `fn` item or a closure without
-    /// captures); this is checked when the program is built. The returned
-    /// [`Call`] can take a [`timeout`](Call::timeout) before it is awaited.
+    /// captures). This is checked when the program is built: by `cargo
+    /// build` and `cargo test`, not by `cargo check`, which stable Rust does
+    /// not let a library reach. The returned [`Call`] can take a
+    /// [`timeout`](Call::timeout) before it is awaited.
+    ///
+    /// A function that returns `Result<T, E>` gives `Ok(Err(e))` when it ran
+    /// and failed; the outer `Err` is chopsticks' own ([`Error`]). Returning
+    /// [`RemoteError`](crate::RemoteError) lets it use `?` on any error.
     pub fn call<F, Args>(&self, function: F, args: Args) -> Call<'_, F::Output>
     where
         F: RemoteFn<Args>,

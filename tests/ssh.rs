@@ -349,3 +349,25 @@ async fn a_missing_ssh_client_is_named_once_in_the_cause_chain() {
     );
     assert!(printed.contains("web1"), "{printed}");
 }
+
+/// `Group::ssh_with` gives every host the settings of one builder (here the
+/// test kit's client config, without which no alias resolves).
+#[tokio::test]
+async fn a_group_shares_one_set_of_ssh_settings() {
+    let Some(sshd) = sshd_or_skip("shared-settings", 2) else {
+        return;
+    };
+    use chopsticks::SshGroup;
+    let settings = Ssh::new("unused").config_file(sshd.client_config());
+    let group = Group::ssh_with(sshd.aliases().iter().cloned(), &settings).expect("group");
+    let sums = group
+        .call(add, (2, 3))
+        .await
+        .into_result()
+        .expect("every host, through the shared config");
+    let hosts: Vec<&str> = sums.keys().map(String::as_str).collect();
+    let mut aliases: Vec<&str> = sshd.aliases().iter().map(String::as_str).collect();
+    aliases.sort();
+    assert_eq!(hosts, aliases);
+    assert!(sums.values().all(|sum| *sum == 5));
+}

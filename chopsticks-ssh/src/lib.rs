@@ -202,18 +202,33 @@ impl SshError {
     }
 }
 
-/// `Group::ssh([...])`: a group of [`Ssh`] tunnels, one per host.
+/// `Group::ssh([...])`: a group of [`Ssh`] tunnels, one per host; and
+/// `Group::ssh_with([...], &settings)`, where every host gets the settings
+/// of one [`Ssh`] builder (user, identity, config file, options, ...).
 ///
 /// ```
 /// use chopsticks_core::Group;
-/// use chopsticks_ssh::SshGroup;
+/// use chopsticks_ssh::{Ssh, SshGroup};
 ///
 /// let web = Group::ssh(["web1", "web2", "web3"]).unwrap();
 /// assert_eq!(web.hosts().collect::<Vec<_>>(), ["web1", "web2", "web3"]);
+///
+/// let settings = Ssh::new("any").user("deploy").port(2222).option("Compression", "yes");
+/// let db = Group::ssh_with(["db1", "db2"], &settings).unwrap();
+/// assert_eq!(db.hosts().collect::<Vec<_>>(), ["db1", "db2"]);
 /// ```
+///
+/// For settings that differ per host, build the tunnels and use `Group::new`.
 pub trait SshGroup: Sized {
     /// One tunnel per host, each `Ssh::new(host)` with default settings.
     fn ssh<I>(hosts: I) -> chopsticks_core::Result<Self>
+    where
+        I: IntoIterator,
+        I::Item: Into<String>;
+
+    /// One tunnel per host, each with the settings of `settings` (its own
+    /// host is not used; see [`Ssh::for_host`]).
+    fn ssh_with<I>(hosts: I, settings: &Ssh) -> chopsticks_core::Result<Self>
     where
         I: IntoIterator,
         I::Item: Into<String>;
@@ -229,6 +244,18 @@ impl SshGroup for chopsticks_core::Group {
             hosts
                 .into_iter()
                 .map(|host| chopsticks_core::Tunnel::new(Ssh::new(host))),
+        )
+    }
+
+    fn ssh_with<I>(hosts: I, settings: &Ssh) -> chopsticks_core::Result<Self>
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        chopsticks_core::Group::new(
+            hosts
+                .into_iter()
+                .map(|host| chopsticks_core::Tunnel::new(settings.for_host(host))),
         )
     }
 }

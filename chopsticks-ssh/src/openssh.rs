@@ -51,6 +51,18 @@ pub struct Ssh {
 }
 
 impl Ssh {
+    /// A copy of these settings (user, port, identity, config file, jump
+    /// host, options, ...) for another host; `Group::ssh_with` makes one per
+    /// host this way.
+    pub fn for_host(&self, host: impl Into<String>) -> Ssh {
+        let destination = host.into();
+        Ssh {
+            name: destination.clone(),
+            destination,
+            ..self.clone()
+        }
+    }
+
     /// The host as `ssh` would take it: a name, an address or a config alias.
     pub fn new(host: impl Into<String>) -> Ssh {
         let destination = host.into();

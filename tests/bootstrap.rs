@@ -487,3 +487,41 @@ async fn a_target_without_dev_null_is_told_so() {
     assert!(error.to_string().contains("/dev/null"), "{error}");
     assert!(!error.to_string().contains("uname"), "{error}");
 }
+
+/// An upload leaves the three most recently uploaded agents in the cache
+/// (one per build) and removes older ones, so rebuilds do not fill the disk.
+#[tokio::test]
+async fn an_upload_keeps_the_three_newest_agents_and_removes_older_ones() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let cache = root.path().join("cache");
+    let dir = cache.join("chopsticks");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    // Five agents of earlier builds, uploaded one day apart.
+    let now = std::time::SystemTime::now();
+    let day = std::time::Duration::from_secs(24 * 3600);
+    for age in 1..=5u32 {
+        let path = dir.join(format!("agent-{age:064x}"));
+        let file = std::fs::File::create(&path).expect("plant");
+        file.set_modified(now - day * age).expect("age");
+    }
+    let tun = bootstrapped(&cache, root.path());
+    tun.call(pid, ()).await.expect("uploads this build");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .expect("list")
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let mut expected = vec![
+        cached_agent(&dir)
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned(),
+        format!("agent-{:064x}", 1),
+        format!("agent-{:064x}", 2),
+    ];
+    expected.sort();
+    assert_eq!(names, expected);
+}

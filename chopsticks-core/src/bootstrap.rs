@@ -21,7 +21,9 @@
 //! 4. on a miss, says `send`, reads exactly SIZE bytes into a `mktemp` file
 //!    (created exclusively), verifies them, makes the file executable,
 //!    renames it into place and execs it, through its descriptor again. The
-//!    controller sends the file at most once per connection.
+//!    controller sends the file at most once per connection. The cache keeps
+//!    the three most recently uploaded agents (one per build of the
+//!    program); an upload removes older ones.
 //!
 //! The warm path forks only `uname`, one `ls` (directory mode and agent size
 //! together) and the digest, so it costs little more than hashing the file.
@@ -114,6 +116,13 @@ $(ls -ln -- "$tmp")
 EOF
 verify "$tmp" "$received" || { rm -f -- "$tmp"; fail "the uploaded agent did not match its size and checksum"; }
 chmod 700 "$tmp" && mv -f -- "$tmp" "$agent" || { rm -f -- "$tmp"; fail "cannot install the agent in $dir"; }
+# The cache keeps the three most recently uploaded agents (one per build);
+# older ones go. A process running one keeps its file until it exits, and a
+# bootstrap about to exec one holds it open on descriptor 9.
+kept=0
+for old in $(ls -t -- "$dir" 2>/dev/null); do
+  case $old in agent-*) kept=$((kept + 1)); [ "$kept" -le 3 ] || rm -f -- "$dir/$old";; esac
+done
 run uploaded
 "#;
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
 use super::{Group, GroupResult};
-use crate::error::{Direction, Error, Phase, Result};
+use crate::error::{Direction, Error, Phase};
 use crate::transfer::{Route, Transfer, TransferOptions, run, transfer_options};
 use crate::tunnel::Tunnel;
 
@@ -25,7 +25,7 @@ pub struct GroupFetch<'g> {
     group: &'g Group,
     remote: PathBuf,
     /// The local path for each host, or why the template cannot give one.
-    locals: Result<BTreeMap<String, PathBuf>>,
+    locals: Result<BTreeMap<String, PathBuf>, String>,
     options: TransferOptions,
 }
 
@@ -104,15 +104,14 @@ impl<'g> IntoFuture for GroupFetch<'g> {
         Box::pin(async move {
             let locals = match locals {
                 Ok(locals) => locals,
-                Err(error) => {
-                    let text = error.to_string();
+                Err(message) => {
                     let results = group
                         .hosts()
                         .map(|host| {
                             let refused = Error::Group {
                                 host: host.to_string(),
                                 phase: Phase::Transfer,
-                                message: text.clone(),
+                                message: message.clone(),
                             };
                             (host.to_string(), Err(refused))
                         })
@@ -132,23 +131,19 @@ impl<'g> IntoFuture for GroupFetch<'g> {
     }
 }
 
-/// The local path of each host from `template`, or the error for two hosts
-/// that would share one.
-fn local_paths(group: &Group, template: &str) -> Result<BTreeMap<String, PathBuf>> {
+/// The local path of each host from `template`, or why two hosts would
+/// share one.
+fn local_paths(group: &Group, template: &str) -> Result<BTreeMap<String, PathBuf>, String> {
     let mut owners: BTreeMap<PathBuf, &str> = BTreeMap::new();
     let mut locals = BTreeMap::new();
     for host in group.hosts() {
         let local = PathBuf::from(template.replace("{host}", &path_safe(host)));
         if let Some(other) = owners.insert(local.clone(), host) {
-            return Err(Error::Group {
-                host: host.to_string(),
-                phase: Phase::Transfer,
-                message: format!(
-                    "the local path template {template:?} gives {} for both {other} and \
-                     {host}; put {{host}} in it so every host gets its own file",
-                    local.display()
-                ),
-            });
+            return Err(format!(
+                "the local path template {template:?} gives {} for both {other} and {host}; \
+                 put {{host}} in it so every host gets its own file",
+                local.display()
+            ));
         }
         locals.insert(host.to_string(), local);
     }

@@ -197,11 +197,8 @@ async fn a_target_of_another_architecture_gets_a_clear_error() {
     assert!(text.contains("build the program"), "{text}");
 }
 
-/// A bootstrapped tunnel named `name` whose PATH holds only `tools` (links to
-/// the real ones), with its cache under `root`.
-fn with_only_tools(root: &Path, name: &str, tools: &[&str]) -> Tunnel {
-    let bin = root.join("restricted-bin");
-    std::fs::create_dir_all(&bin).expect("mkdir");
+/// Links each of `tools` (from /usr/bin or /bin) into `bin`.
+fn link_tools(bin: &Path, tools: &[&str]) {
     for tool in tools {
         let real = ["/usr/bin", "/bin"]
             .iter()
@@ -210,6 +207,14 @@ fn with_only_tools(root: &Path, name: &str, tools: &[&str]) -> Tunnel {
             .unwrap_or_else(|| panic!("{tool} is not installed"));
         std::os::unix::fs::symlink(real, bin.join(tool)).expect("symlink");
     }
+}
+
+/// A bootstrapped tunnel named `name` whose PATH holds only `tools` (links to
+/// the real ones), with its cache under `root`.
+fn with_only_tools(root: &Path, name: &str, tools: &[&str]) -> Tunnel {
+    let bin = root.join("restricted-bin");
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    link_tools(&bin, tools);
     Tunnel::builder(
         Local::named(name)
             .shell_bootstrap(true)
@@ -330,14 +335,7 @@ async fn a_cache_entry_swapped_after_its_check_is_not_what_runs() {
     std::fs::write(&evil, format!("#!/bin/sh\ntouch '{}'\n", trace.display())).expect("evil");
     let bin = root.path().join("swapping-bin");
     std::fs::create_dir(&bin).expect("mkdir");
-    for tool in BOOTSTRAP_TOOLS {
-        let real = ["/usr/bin", "/bin"]
-            .iter()
-            .map(|dir| Path::new(dir).join(tool))
-            .find(|path| path.exists())
-            .unwrap_or_else(|| panic!("{tool} is not installed"));
-        std::os::unix::fs::symlink(real, bin.join(tool)).expect("symlink");
-    }
+    link_tools(&bin, &BOOTSTRAP_TOOLS);
     let sha256sum = ["/usr/bin/sha256sum", "/bin/sha256sum"]
         .into_iter()
         .find(|path| Path::new(path).exists())

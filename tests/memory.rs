@@ -102,18 +102,11 @@ async fn the_agents_pipes_are_large_only_while_bulk_data_moves() {
 /// The frames of a fake agent that streams `chunks` chunks of a result it
 /// announced as twice as large, and then says nothing more.
 fn half_streamed_result(path: &std::path::Path, chunks: usize) {
-    use chopsticks_core::__private::protocol::{Hello, Message, PROTOCOL_VERSION, Payload};
+    use chopsticks_core::__private::protocol::{Message, Payload};
     use chopsticks_core::__private::wire::{CHUNK_LEN, OutFrame};
     use std::io::Write;
     let mut out = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
-    let hello = Message::Hello(Hello {
-        protocol: PROTOCOL_VERSION,
-        binary_id: chopsticks_core::__private::identity::binary_id().to_vec(),
-        pid: 1,
-        os: "Linux".into(),
-        arch: std::env::consts::ARCH.into(),
-        depth: 1,
-    });
+    let hello = crate::support::our_hello_message();
     let head = Message::Return {
         id: 1,
         value: Payload::Streamed {

@@ -4,28 +4,17 @@
 use std::time::Duration;
 
 use chopsticks::{Error, Tunnel};
-use chopsticks_core::__private::protocol::{Hello, Message, PROTOCOL_VERSION};
+use chopsticks_core::__private::protocol::{Message, PROTOCOL_VERSION};
 use chopsticks_core::__private::wire::OutFrame;
 
 use crate::support::FakeAgent;
 
 fn hello(protocol: u32, binary_id: Vec<u8>) -> Vec<u8> {
-    OutFrame::message(&Message::Hello(Hello {
-        protocol,
-        binary_id,
-        pid: 1,
-        os: "Linux".into(),
-        arch: std::env::consts::ARCH.into(),
-        depth: 1,
-    }))
-    .to_bytes()
+    OutFrame::message(&crate::support::hello_message(protocol, binary_id)).to_bytes()
 }
 
 fn our_hello() -> Vec<u8> {
-    hello(
-        PROTOCOL_VERSION,
-        chopsticks_core::__private::identity::binary_id().to_vec(),
-    )
+    OutFrame::message(&crate::support::our_hello_message()).to_bytes()
 }
 
 /// A fake agent that writes `bytes` to stdout and then waits for its stdin to close.

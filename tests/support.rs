@@ -484,3 +484,27 @@ pub async fn largest_allocation<F: std::future::Future>(work: F) -> (F::Output, 
     let largest = LARGEST.with(|largest| largest.take()).unwrap_or(0);
     (output, largest)
 }
+
+/// The hello a fake agent sends: this binary's id and `protocol`.
+pub fn hello_message(
+    protocol: u32,
+    binary_id: Vec<u8>,
+) -> chopsticks_core::__private::protocol::Message {
+    use chopsticks_core::__private::protocol::{Hello, Message};
+    Message::Hello(Hello {
+        protocol,
+        binary_id,
+        pid: 1,
+        os: "Linux".into(),
+        arch: std::env::consts::ARCH.into(),
+        depth: 1,
+    })
+}
+
+/// The hello of a fake agent that passes the controller's checks.
+pub fn our_hello_message() -> chopsticks_core::__private::protocol::Message {
+    hello_message(
+        chopsticks_core::__private::protocol::PROTOCOL_VERSION,
+        chopsticks_core::__private::identity::binary_id().to_vec(),
+    )
+}

@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use chopsticks::progress::ProgressEvent;
 use chopsticks::{Direction, Error, Local, Tunnel};
-use chopsticks_core::__private::protocol::{
-    FileSummary, Hello, Message, PROTOCOL_VERSION, Payload, encode_value,
-};
+use chopsticks_core::__private::protocol::{FileSummary, Message, Payload, encode_value};
 use chopsticks_core::__private::wire::OutFrame;
 
 use crate::support::FakeAgent;
@@ -131,14 +129,7 @@ fn frames(messages: &[Message]) -> Vec<u8> {
 /// announcing `announced` bytes, then `sent` bytes, then a summary of what it sent.
 fn lying_agent(dir: &Scratch, announced: u64, sent: usize) -> Tunnel {
     let data = vec![9u8; sent];
-    let mut bytes = frames(&[Message::Hello(Hello {
-        protocol: PROTOCOL_VERSION,
-        binary_id: chopsticks_core::__private::identity::binary_id().to_vec(),
-        pid: 1,
-        os: "Linux".into(),
-        arch: std::env::consts::ARCH.into(),
-        depth: 1,
-    })]);
+    let mut bytes = frames(&[crate::support::our_hello_message()]);
     std::fs::write(dir.path("hello"), &bytes).expect("write");
     bytes = frames(&[Message::FetchHead {
         id: 1,

@@ -279,6 +279,16 @@ fn disconnected_sentence(host: &str, reason: &str, stderr_tail: &[String]) -> St
 }
 
 impl Error {
+    /// The error of a call whose function failed on the agent.
+    pub(crate) fn remote(host: &str, function: &str, failure: crate::protocol::Failure) -> Error {
+        Error::Remote {
+            host: host.to_string(),
+            function: function.to_string(),
+            message: failure.describe(),
+            backtrace: failure.backtrace,
+        }
+    }
+
     /// The host this error is about.
     pub fn host(&self) -> &str {
         match self {

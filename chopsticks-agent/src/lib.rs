@@ -21,6 +21,7 @@
 //! no other public items.
 
 mod dispatch;
+mod evict;
 mod fds;
 mod files;
 mod output;
@@ -30,7 +31,9 @@ mod reader;
 mod serve;
 mod watchdog;
 
-use chopsticks_core::__private::agent_env::{self, AGENT_DEPTH, AGENT_HEARTBEAT, AGENT_MARKER};
+use chopsticks_core::__private::agent_env::{
+    self, AGENT_DEPTH, AGENT_EVICT, AGENT_HEARTBEAT, AGENT_MARKER,
+};
 use chopsticks_core::__private::heartbeat;
 
 /// Errors that stop an agent before it can serve.
@@ -62,12 +65,20 @@ extern "C" fn enter_if_agent() {
         .and_then(|millis| millis.parse().ok())
         .map(std::time::Duration::from_millis)
         .map_or(heartbeat::DEFAULT_HEARTBEAT_TIMEOUT, heartbeat::clamp);
+    let own_payload = std::env::var_os(AGENT_EVICT).map(std::path::PathBuf::from);
     // SAFETY: constructors run before main, while the process has one thread,
     // so nothing can read the environment concurrently.
     unsafe {
         std::env::remove_var(AGENT_MARKER);
         std::env::remove_var(AGENT_DEPTH);
         std::env::remove_var(AGENT_HEARTBEAT);
+        std::env::remove_var(AGENT_EVICT);
+    }
+    if let Some(own) = own_payload {
+        // Housekeeping beside serving: it never delays the hello.
+        let _ = std::thread::Builder::new()
+            .name("chopsticks-evict".into())
+            .spawn(move || evict::stale_payloads(&own));
     }
     // A panic must not unwind into the C caller of this constructor.
     let code = std::panic::catch_unwind(|| match serve::run(depth, heartbeat_timeout) {

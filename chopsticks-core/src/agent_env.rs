@@ -10,6 +10,10 @@ pub const AGENT_MARKER: &str = "CHOPSTICKS_AGENT";
 pub const AGENT_DEPTH: &str = "CHOPSTICKS_DEPTH";
 /// The environment variable that tells an agent its heartbeat timeout, in milliseconds.
 pub const AGENT_HEARTBEAT: &str = "CHOPSTICKS_HEARTBEAT_MS";
+/// The environment variable that names the agent's own payload directory,
+/// set by transports that leave one per build on a target: the agent removes
+/// older ones beside it.
+pub const AGENT_EVICT: &str = "CHOPSTICKS_EVICT";
 /// How many agents deep a chain of nested tunnels may go.
 pub const MAX_DEPTH: u32 = 8;
 

@@ -375,6 +375,18 @@ impl Docker {
             .map(|(key, value)| format!("{key}={value}"))
             .collect()
     }
+
+    /// An exec's agent also removes older payloads in the container, keeping
+    /// the three most recently placed (its own among them).
+    fn exec_env(&self, command: &AgentCommand, payload: &Payload) -> Vec<String> {
+        let mut env = self.agent_env(command);
+        env.push(format!(
+            "{}={}",
+            chopsticks_core::__private::agent_env::AGENT_EVICT,
+            payload.dir
+        ));
+        env
+    }
 }
 
 #[async_trait]
@@ -508,7 +520,7 @@ impl Docker {
             attach_stderr: Some(true),
             tty: Some(false),
             cmd: Some(payload.command.clone()),
-            env: Some(self.agent_env(command)),
+            env: Some(self.exec_env(command, payload)),
             user: self.user.clone(),
             working_dir: self.working_dir.clone(),
             ..ExecConfig::default()

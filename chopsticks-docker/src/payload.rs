@@ -5,7 +5,10 @@
 //! The files travel as a tar stream through the Engine's archive API, into
 //! `/.chopsticks/<sha256>/`; the agent runs as
 //! `lib/<loader> --library-path lib agent` (or `agent` itself when the
-//! program is static), so nothing from the image is used.
+//! program is static), so nothing from the image is used. The marker
+//! file, written last, carries the time of placing; an exec's agent keeps
+//! the three most recently placed payloads and removes older ones
+//! (`chopsticks-agent`'s `evict`).
 
 use std::ffi::CStr;
 use std::io::Read;
@@ -198,7 +201,7 @@ impl TarState {
             return None;
         }
         match self.items.next() {
-            Some((name, None)) => Some(Ok(Bytes::from(header(&name, 0o755, 0, b'5')))),
+            Some((name, None)) => Some(Ok(Bytes::from(header(&name, 0o755, 0, b'5', 0)))),
             Some((name, Some(entry))) if entry.source.as_os_str().is_empty() => {
                 // The marker: its content is the payload directory's name.
                 let content = name
@@ -207,7 +210,12 @@ impl TarState {
                     .unwrap_or_default()
                     .as_bytes()
                     .to_vec();
-                let mut data = header(&name, 0o644, content.len() as u64, b'0');
+                // Its modification time says when the payload was placed:
+                // the agents of later builds keep the newest payloads.
+                let placed = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |since| since.as_secs());
+                let mut data = header(&name, 0o644, content.len() as u64, b'0', placed);
                 data.extend_from_slice(&content);
                 data.resize(data.len() + (BLOCK - content.len() % BLOCK) % BLOCK, 0);
                 Some(Ok(Bytes::from(data)))
@@ -223,7 +231,7 @@ impl TarState {
                 if entry.size > 0 {
                     self.current = Some((file, entry.size));
                 }
-                Some(Ok(Bytes::from(header(&name, 0o755, entry.size, b'0'))))
+                Some(Ok(Bytes::from(header(&name, 0o755, entry.size, b'0', 0))))
             }
             None => {
                 self.finished = true;
@@ -234,7 +242,7 @@ impl TarState {
 }
 
 /// A ustar header block.
-fn header(name: &str, mode: u32, size: u64, kind: u8) -> Vec<u8> {
+fn header(name: &str, mode: u32, size: u64, kind: u8, mtime: u64) -> Vec<u8> {
     let mut block = vec![0u8; BLOCK];
     let (prefix, name) = if name.len() > 100 {
         let split = name[..name.len() - 100]
@@ -254,7 +262,7 @@ fn header(name: &str, mode: u32, size: u64, kind: u8) -> Vec<u8> {
     octal(&mut block, 108, 8, 0);
     octal(&mut block, 116, 8, 0);
     octal(&mut block, 124, 12, size);
-    octal(&mut block, 136, 12, 0);
+    octal(&mut block, 136, 12, mtime);
     block[156] = kind;
     block[257..263].copy_from_slice(b"ustar\0");
     block[263..265].copy_from_slice(b"00");
@@ -366,11 +374,11 @@ mod tests {
 
     #[test]
     fn headers_checksum_and_split_long_names() {
-        let block = header("a/b", 0o755, 10, b'0');
+        let block = header("a/b", 0o755, 10, b'0', 0);
         assert_eq!(&block[..3], b"a/b");
         assert_eq!(&block[124..135], b"00000000012");
         let long = format!("{}/{}", "d".repeat(120), "file");
-        let block = header(&long, 0o644, 0, b'0');
+        let block = header(&long, 0o644, 0, b'0', 0);
         assert_eq!(&block[..4], b"file");
         assert_eq!(&block[345..465], "d".repeat(120).as_bytes());
     }

@@ -37,7 +37,7 @@ pub(crate) fn stale_payloads(own: &Path) {
             (placed, entry.path())
         })
         .collect();
-    others.sort_by(|a, b| b.0.cmp(&a.0));
+    others.sort_by_key(|(placed, _)| std::cmp::Reverse(*placed));
     for (_, stale) in others.into_iter().skip(KEEP - 1) {
         let _ = std::fs::remove_dir_all(stale);
     }

@@ -51,6 +51,26 @@
 //! # }).unwrap();
 //! ```
 //!
+//! # Start here
+//!
+//! 1. Depend on `chopsticks` (transports are features, below) and on `tokio`
+//!    with its `macros` and `rt-multi-thread` features.
+//! 2. Make a [`Tunnel`] from a transport: [`Local`], `Ssh`, `Docker`, or
+//!    [`TunnelBuilder`] for timeouts and where the agent's stderr goes. It
+//!    connects on first use.
+//! 3. [`Tunnel::call`] a plain `fn`, [`Tunnel::call_async`] an `async fn`.
+//!    A function returning `Result<T, E>` gives `Ok(Err(e))` when it ran and
+//!    failed; return [`RemoteError`] there to use `?` on any error.
+//! 4. Move files with [`Tunnel::put`] and [`Tunnel::fetch`].
+//! 5. Reach many hosts with a [`Group`]: every operation gives a
+//!    [`GroupResult`], one outcome per host.
+//! 6. Act on failures with [`Error`]: [`Error::host`], [`Error::phase`],
+//!    [`Error::is_timeout`], [`Error::is_disconnected`].
+//! 7. Write your own [`Transport`] for any command that can run a program
+//!    with a pipe (`kubectl exec`, `ip netns exec`, `chroot`).
+//!
+//! The README says what a target must provide and what stays on it.
+//!
 //! # Features
 //!
 //! - `local` (default): [`Local`] and [`Sudo`].

@@ -33,26 +33,119 @@ pub struct AgentFile {
     pub sha256: String,
 }
 
-/// Hashes this program's file once (through `/proc/self/exe`).
+/// Hashes this program's file once per process (through `/proc/self/exe`),
+/// and remembers the digest across runs in the controller's cache
+/// directory, keyed by the file's identity and times (see `digest_cache`).
 pub fn agent_file() -> io::Result<&'static AgentFile> {
     static FILE: OnceLock<AgentFile> = OnceLock::new();
     if let Some(file) = FILE.get() {
         return Ok(file);
     }
     let mut reader = std::fs::File::open(SELF_EXE)?;
+    let size = reader.metadata()?.len();
+    let program = std::fs::read_link(SELF_EXE).unwrap_or_else(|_| SELF_EXE.into());
+    let cache = crate::digest_cache::directory();
+    if let Some(sha256) = cache
+        .as_deref()
+        .and_then(|cache| crate::digest_cache::recall(cache, &program, &reader))
+    {
+        return Ok(FILE.get_or_init(|| AgentFile { size, sha256 }));
+    }
+    let sha256 = match system_sha256(&mut reader, size) {
+        Some(sha256) => sha256,
+        None => {
+            std::io::Seek::rewind(&mut reader)?;
+            sha256_in_process(&mut reader, size)?
+        }
+    };
+    if let Some(cache) = &cache {
+        crate::digest_cache::remember(cache, &program, &reader, &sha256);
+    }
+    Ok(FILE.get_or_init(|| AgentFile { size, sha256 }))
+}
+
+/// The SHA-256 of `size` bytes from `reader`, computed here.
+fn sha256_in_process(reader: &mut std::fs::File, size: u64) -> io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
-    let mut size = 0u64;
+    let mut hashed = 0u64;
     loop {
         let read = reader.read(&mut buffer)?;
         if read == 0 {
             break;
         }
         hasher.update(&buffer[..read]);
-        size += read as u64;
+        hashed += read as u64;
     }
-    let sha256 = hex(&hasher.finalize());
-    Ok(FILE.get_or_init(|| AgentFile { size, sha256 }))
+    if hashed != size {
+        return Err(io::Error::other(format!(
+            "this program's file changed while it was hashed ({size} bytes, then {hashed})"
+        )));
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+/// The SHA-256 of the file `reader` reads, from the system's `openssl` or
+/// `sha256sum` (the tools the bootstrap uses on targets), used in builds
+/// with debug assertions (unoptimised, as a rule) and only for a large
+/// program.
+///
+/// Unoptimised, the `sha2` crate hashes about 12 MB/s, and a debug build
+/// is 40–70 MB: seconds on the first run after every build. The tools are
+/// compiled optimised and read the same open file as their input. Any
+/// failure (no such tool, odd output, more than 30 s) gives `None`, and
+/// the caller hashes in process.
+fn system_sha256(reader: &mut std::fs::File, size: u64) -> Option<String> {
+    const WORTH_IT: u64 = 4 << 20;
+    if !cfg!(debug_assertions) || size < WORTH_IT {
+        return None;
+    }
+    let tools: [(&str, &[&str]); 2] = [("openssl", &["dgst", "-sha256", "-r"]), ("sha256sum", &[])];
+    tools.iter().find_map(|(tool, args)| {
+        // The tool reads through a descriptor that shares this one's offset.
+        std::io::Seek::rewind(reader).ok()?;
+        digest_with(tool, args, reader)
+    })
+}
+
+/// Runs `tool args` with `input` as its standard input, and takes the
+/// 64 hex digits it prints first; at most 30 s.
+fn digest_with(tool: &str, args: &[&str], input: &std::fs::File) -> Option<String> {
+    let mut child = std::process::Command::new(tool)
+        .args(args)
+        .stdin(input.try_clone().ok()?)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    };
+    let mut output = String::new();
+    child
+        .stdout
+        .take()?
+        .take(256)
+        .read_to_string(&mut output)
+        .ok()?;
+    let digest = output.split_whitespace().next()?;
+    let valid = status.success()
+        && digest.len() == 64
+        && digest
+            .bytes()
+            .all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte));
+    valid.then(|| digest.to_string())
 }
 
 /// Lowercase hex of `bytes`.
@@ -169,6 +262,21 @@ mod tests {
         let file = agent_file().expect("hash self");
         assert_eq!(file.sha256.len(), 64);
         assert!(file.size > 0);
+    }
+
+    #[test]
+    fn the_system_tool_and_the_crate_agree() {
+        let mut file = std::fs::File::open(SELF_EXE).expect("open self");
+        let size = file.metadata().expect("metadata").len();
+        assert!(size >= 4 << 20, "a test binary is large");
+        let system = system_sha256(&mut file, size).expect("openssl or sha256sum here");
+        // The tools read through a shared offset.
+        std::io::Seek::rewind(&mut file).expect("rewind");
+        let coreutils = digest_with("sha256sum", &[], &file);
+        std::io::Seek::rewind(&mut file).expect("rewind");
+        assert_eq!(system, sha256_in_process(&mut file, size).expect("hash"));
+        assert_eq!(coreutils.as_deref(), Some(system.as_str()));
+        assert_eq!(agent_file().expect("agent file").sha256, system);
     }
 
     #[test]

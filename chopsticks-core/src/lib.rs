@@ -34,6 +34,7 @@ mod buffer;
 mod cbor;
 mod connection;
 mod descriptor_limit;
+mod digest_cache;
 mod error;
 mod files;
 mod group;

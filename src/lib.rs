@@ -46,6 +46,18 @@
 //! assert_eq!(sent.size, 14);
 //! let back = tun.fetch(dir.join("remote/app.conf"), dir.join("copy.conf")).await?;
 //! assert_eq!(back.checksum, sent.checksum);
+//!
+//! // A rendered configuration, written only when it differs from what is there.
+//! let rendered = format!("workers = {}\n", 4);
+//! let first = tun.put_bytes(rendered.clone(), dir.join("remote/workers.conf"))
+//!     .mode(0o640)
+//!     .skip_unchanged(true)
+//!     .await?;
+//! let again = tun.put_bytes(rendered, dir.join("remote/workers.conf"))
+//!     .mode(0o640)
+//!     .skip_unchanged(true)
+//!     .await?;
+//! assert!(first.changed && !again.changed);
 //! # std::fs::remove_dir_all(&dir)?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! # }).unwrap();

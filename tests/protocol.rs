@@ -208,6 +208,8 @@ async fn a_protocol_violation_fails_at_once_and_kills_the_agent() {
                 sync: false,
                 create_dirs: false,
                 mtime: None,
+                owner: None,
+                group: None,
             },
         })
         .to_bytes(),

@@ -26,6 +26,7 @@
 //! - `torn_files`: sources changed mid-transfer, peers that send other than they announce, FIFOs
 //! - `files`: put and fetch: round trips, modes, atomic replacement, corruption, full disk,
 //!   killed agents, permissions, constant memory
+//! - `deploy`: puts from memory, owners and groups, and puts that skip an unchanged target
 
 mod support;
 
@@ -37,6 +38,7 @@ mod bootstrap;
 mod calls;
 mod controller_killed;
 mod custom_transport;
+mod deploy;
 mod descriptors;
 #[cfg(feature = "docker")]
 mod docker;

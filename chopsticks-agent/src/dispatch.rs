@@ -162,6 +162,8 @@ mod tests {
                 sync: false,
                 create_dirs: false,
                 mtime: None,
+                owner: None,
+                group: None,
             },
         })
     }

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
 
 use bytes::Bytes;
+use chopsticks_core::__private::accounts::Ownership;
 use chopsticks_core::__private::files::{self, AtomicFile, Expected, FileError, FileTime, Source};
 use chopsticks_core::__private::protocol::{
     Failure, FailureKind, FileFailure, FileSummary, Message, PutRequest, encode_value,
@@ -96,7 +97,10 @@ impl IncomingPut {
         Failure,
     > {
         let target = PathBuf::from(OsString::from_vec(request.path));
+        let ownership = Ownership::resolve(request.owner.as_deref(), request.group.as_deref())
+            .map_err(|error| failure(FileError::new("setting the owner of", &target, error)))?;
         let mut file = AtomicFile::create(&target, request.create_dirs).map_err(failure)?;
+        file.set_owner(ownership).map_err(failure)?;
         file.set_durable(request.sync);
         let mode = if request.apply_umask {
             request.mode & !umask()

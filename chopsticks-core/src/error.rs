@@ -163,7 +163,7 @@ pub enum Error {
         host: String,
         /// Put or fetch.
         direction: Direction,
-        /// The path on this machine.
+        /// The path on this machine (empty for a put from memory).
         local_path: std::path::PathBuf,
         /// The path on the host.
         remote_path: std::path::PathBuf,
@@ -252,6 +252,9 @@ fn transfer_route(
     remote: &std::path::Path,
 ) -> String {
     match direction {
+        Direction::Put if local.as_os_str().is_empty() => {
+            format!("put from memory → {host}:{}", remote.display())
+        }
         Direction::Put => format!("put {} → {host}:{}", local.display(), remote.display()),
         Direction::Fetch => format!("fetch {host}:{} → {}", remote.display(), local.display()),
     }

@@ -225,6 +225,33 @@ impl AtomicFile {
         Ok(())
     }
 
+    /// Gives the file (still staged) the owner and group asked for, so
+    /// that the target never appears with another; a refusal (`EPERM` for
+    /// an agent that is not root) fails before any data moves.
+    pub fn set_owner(&self, owner: crate::accounts::Ownership) -> FileResult<()> {
+        if owner.is_empty() {
+            return Ok(());
+        }
+        let keep = u32::MAX; // chown's -1: leave as it is
+        // SAFETY: fchown on an open descriptor has no memory-safety preconditions.
+        let changed = unsafe {
+            libc::fchown(
+                self.file.as_raw_fd(),
+                owner.uid.unwrap_or(keep),
+                owner.gid.unwrap_or(keep),
+            )
+        };
+        if changed == 0 {
+            Ok(())
+        } else {
+            Err(FileError::new(
+                "setting the owner of",
+                &self.target,
+                io::Error::last_os_error(),
+            ))
+        }
+    }
+
     /// How many bytes were written so far.
     pub fn written(&self) -> u64 {
         self.written

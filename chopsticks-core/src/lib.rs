@@ -28,6 +28,7 @@
 //! # });
 //! ```
 
+mod accounts;
 mod agent_env;
 mod bootstrap;
 mod buffer;
@@ -70,6 +71,10 @@ pub use async_trait::async_trait;
 /// needed to call functions, move files or write a [`Transport`].
 #[doc(hidden)]
 pub mod __private {
+    /// User and group names resolved where files are written.
+    pub mod accounts {
+        pub use crate::accounts::*;
+    }
     /// Environment variables between controller and agent, and the nesting depth.
     pub mod agent_env {
         pub use crate::agent_env::*;

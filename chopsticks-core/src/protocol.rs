@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::files::FileTime;
 
 /// The protocol version both ends must speak.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// One protocol message, carried CBOR-encoded in one frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,6 +164,10 @@ pub struct PutRequest {
     pub create_dirs: bool,
     /// The modification time to give the file, if any.
     pub mtime: Option<FileTime>,
+    /// The owner to give the file, a user name or decimal id resolved on the agent.
+    pub owner: Option<String>,
+    /// The group to give the file, a group name or decimal id resolved on the agent.
+    pub group: Option<String>,
 }
 
 /// What a finished put or fetch moved, as the agent reports it.
@@ -434,6 +438,8 @@ mod tests {
                         seconds: -5,
                         nanos: 7,
                     }),
+                    owner: Some("www-data".into()),
+                    group: Some("33".into()),
                 },
             },
             Message::PutEnd {

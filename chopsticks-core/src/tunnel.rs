@@ -15,7 +15,7 @@ use crate::error::{Error, Phase, Result, ValueAction, ValuePart};
 use crate::protocol::{CallMode, FunctionRef, decode_value, encode_value};
 use crate::remote::{AsyncRemoteFn, RemoteFn, async_function_ref, function_ref};
 use crate::stderr::{self, StderrSink};
-use crate::transfer::{Fetch, Put};
+use crate::transfer::{Fetch, Put, PutSource};
 use crate::transport::Transport;
 
 /// The default bound on starting an agent and receiving its hello.
@@ -211,7 +211,18 @@ impl Tunnel {
     /// (size and BLAKE3), synced and renamed over `remote`, so `remote` is
     /// either untouched or complete. See [`Put`] for options.
     pub fn put(&self, local: impl AsRef<Path>, remote: impl AsRef<Path>) -> Put<'_> {
-        Put::new(self, local.as_ref(), remote.as_ref())
+        let local = PutSource::File(local.as_ref().to_path_buf());
+        Put::new(self, local, remote.as_ref())
+    }
+
+    /// Writes `contents` (bytes or a string: a rendered configuration, a
+    /// key) to `remote` on the host, with the guarantees and options of
+    /// [`put`](Self::put). Unless a [`mode`](Put::mode) is given, the file
+    /// gets 0666 minus the host's umask, as a newly created file would.
+    ///
+    pub fn put_bytes(&self, contents: impl Into<Vec<u8>>, remote: impl AsRef<Path>) -> Put<'_> {
+        let contents = PutSource::Memory(bytes::Bytes::from(contents.into()));
+        Put::new(self, contents, remote.as_ref())
     }
 
     /// Copies the file `remote` on the host to `local`, with the same

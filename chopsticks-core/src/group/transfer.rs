@@ -7,14 +7,16 @@ use std::pin::Pin;
 
 use super::{Group, GroupResult};
 use crate::error::{Direction, Error, Phase};
-use crate::transfer::{Route, Transfer, TransferOptions, run, transfer_options};
+use crate::transfer::{
+    Job, PutSource, Route, Transfer, TransferOptions, put_options, run, transfer_options,
+};
 use crate::tunnel::Tunnel;
 
 /// A pending [`Group::put`]; await it, after setting any options.
 #[must_use = "a put does nothing until it is awaited"]
 pub struct GroupPut<'g> {
     group: &'g Group,
-    local: PathBuf,
+    source: PutSource,
     remote: PathBuf,
     options: TransferOptions,
 }
@@ -31,6 +33,7 @@ pub struct GroupFetch<'g> {
 
 transfer_options!(GroupPut);
 transfer_options!(GroupFetch);
+put_options!(GroupPut);
 
 type Running<'g> = Pin<Box<dyn Future<Output = GroupResult<Transfer>> + Send + 'g>>;
 
@@ -40,7 +43,23 @@ impl Group {
     pub fn put(&self, local: impl AsRef<Path>, remote: impl AsRef<Path>) -> GroupPut<'_> {
         GroupPut {
             group: self,
-            local: local.as_ref().to_path_buf(),
+            source: PutSource::File(local.as_ref().to_path_buf()),
+            remote: remote.as_ref().to_path_buf(),
+            options: self.transfer_options(),
+        }
+    }
+
+    /// Writes `contents` to `remote` on every host, with the guarantees of
+    /// [`Tunnel::put_bytes`](crate::Tunnel::put_bytes) on each; the bytes
+    /// are shared, not copied per host.
+    pub fn put_bytes(
+        &self,
+        contents: impl Into<Vec<u8>>,
+        remote: impl AsRef<Path>,
+    ) -> GroupPut<'_> {
+        GroupPut {
+            group: self,
+            source: PutSource::Memory(bytes::Bytes::from(contents.into())),
             remote: remote.as_ref().to_path_buf(),
             options: self.transfer_options(),
         }
@@ -75,15 +94,21 @@ impl<'g> IntoFuture for GroupPut<'g> {
     fn into_future(self) -> Running<'g> {
         let GroupPut {
             group,
-            local,
+            source,
             remote,
             options,
         } = self;
         Box::pin(async move {
+            let local = source.local_path();
             group
                 .each(None, |tunnel: &'g Tunnel| {
                     let route = Route::new(tunnel, Direction::Put, local.clone(), remote.clone());
-                    Box::pin(run(tunnel, route, options.clone()))
+                    Box::pin(run(
+                        tunnel,
+                        route,
+                        options.clone(),
+                        Job::Put(source.clone()),
+                    ))
                 })
                 .await
         })
@@ -124,7 +149,7 @@ impl<'g> IntoFuture for GroupFetch<'g> {
                 .each(None, |tunnel: &'g Tunnel| {
                     let local = locals.get(tunnel.host()).cloned().unwrap_or_default();
                     let route = Route::new(tunnel, Direction::Fetch, local, remote.clone());
-                    Box::pin(run(tunnel, route, options.clone()))
+                    Box::pin(run(tunnel, route, options.clone(), Job::Fetch))
                 })
                 .await
         })

@@ -96,6 +96,7 @@ pub(super) async fn fetch(
         remote_path: route.remote.clone(),
         size: committed.size,
         checksum: checksum_hex(&committed.checksum),
+        changed: true,
     })
 }
 

@@ -10,6 +10,7 @@
 
 mod fetch;
 mod put;
+mod unchanged;
 
 use std::future::{Future, IntoFuture};
 use std::path::{Path, PathBuf};
@@ -25,8 +26,10 @@ use crate::tunnel::Tunnel;
 
 /// What a finished [`put`](Tunnel::put) or [`fetch`](Tunnel::fetch) moved.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Transfer {
-    /// The path on this machine.
+    /// The path on this machine (empty for a put from memory,
+    /// [`Tunnel::put_bytes`]).
     pub local_path: PathBuf,
     /// The path on the host.
     pub remote_path: PathBuf,
@@ -35,6 +38,11 @@ pub struct Transfer {
     /// The BLAKE3 digest of the content, as 64 lowercase hex digits
     /// (the same as `b3sum` prints).
     pub checksum: String,
+    /// Whether the target was written. Always true, except for a put with
+    /// [`skip_unchanged`](Put::skip_unchanged) that found the target
+    /// already as asked and left it alone: `size` and `checksum` then
+    /// describe what is there.
+    pub changed: bool,
 }
 
 /// Options shared by every transfer builder.
@@ -46,6 +54,9 @@ pub(crate) struct TransferOptions {
     pub(crate) sync: bool,
     pub(crate) progress: Option<SharedProgress>,
     pub(crate) timeout: Option<Duration>,
+    pub(crate) owner: Option<String>,
+    pub(crate) group: Option<String>,
+    pub(crate) skip_unchanged: bool,
 }
 
 impl Default for TransferOptions {
@@ -57,6 +68,9 @@ impl Default for TransferOptions {
             sync: true,
             progress: None,
             timeout: None,
+            owner: None,
+            group: None,
+            skip_unchanged: false,
         }
     }
 }
@@ -113,11 +127,74 @@ macro_rules! transfer_options {
 }
 pub(crate) use transfer_options;
 
+/// The builder methods of puts only.
+macro_rules! put_options {
+    ($builder:ident) => {
+        impl $builder<'_> {
+            /// Gives the written file this owner: a user name, resolved on
+            /// the host, or a decimal user id (as `chown` takes them). The
+            /// staged file gets it before any data moves, so an agent that
+            /// may not (one that is not root) fails at once with kind
+            /// `PermissionDenied`, an unknown name with `NotFound`, and the
+            /// target is untouched.
+            pub fn owner(mut self, user: impl Into<String>) -> Self {
+                self.options.owner = Some(user.into());
+                self
+            }
+
+            /// Gives the written file this group: a group name, resolved on
+            /// the host, or a decimal group id; see [`owner`](Self::owner).
+            pub fn group(mut self, group: impl Into<String>) -> Self {
+                self.options.group = Some(group.into());
+                self
+            }
+
+            /// Leaves the target alone when it is already a regular file with
+            /// this content (same size and BLAKE3) and the mode, owner and
+            /// group asked for (those not asked for are not compared). The
+            /// result's [`changed`](crate::Transfer::changed) says which
+            /// happened. It costs one more round trip, reading the target on
+            /// the host, and for a file, reading it here before it is sent.
+            pub fn skip_unchanged(mut self, skip: bool) -> Self {
+                self.options.skip_unchanged = skip;
+                self
+            }
+        }
+    };
+}
+pub(crate) use put_options;
+
+/// What a put sends.
+#[derive(Clone)]
+pub(crate) enum PutSource {
+    /// A file on this machine.
+    File(PathBuf),
+    /// Bytes in memory.
+    Memory(bytes::Bytes),
+}
+
+impl PutSource {
+    /// The local path, for reports and errors (empty for memory).
+    pub(crate) fn local_path(&self) -> PathBuf {
+        match self {
+            PutSource::File(path) => path.clone(),
+            PutSource::Memory(_) => PathBuf::new(),
+        }
+    }
+}
+
+/// What a transfer does: a put of what, or a fetch.
+#[derive(Clone)]
+pub(crate) enum Job {
+    Put(PutSource),
+    Fetch,
+}
+
 /// A pending [`Tunnel::put`]; await it, after setting any options.
 #[must_use = "a put does nothing until it is awaited"]
 pub struct Put<'t> {
     tunnel: &'t Tunnel,
-    local: PathBuf,
+    source: PutSource,
     remote: PathBuf,
     options: TransferOptions,
 }
@@ -133,6 +210,7 @@ pub struct Fetch<'t> {
 
 transfer_options!(Put);
 transfer_options!(Fetch);
+put_options!(Put);
 
 type Running<'t> = Pin<Box<dyn Future<Output = Result<Transfer>> + Send + 't>>;
 
@@ -141,8 +219,9 @@ impl<'t> IntoFuture for Put<'t> {
     type IntoFuture = Running<'t>;
 
     fn into_future(self) -> Running<'t> {
-        let route = Route::new(self.tunnel, Direction::Put, self.local, self.remote);
-        Box::pin(run(self.tunnel, route, self.options))
+        let local = self.source.local_path();
+        let route = Route::new(self.tunnel, Direction::Put, local, self.remote);
+        Box::pin(run(self.tunnel, route, self.options, Job::Put(self.source)))
     }
 }
 
@@ -152,15 +231,15 @@ impl<'t> IntoFuture for Fetch<'t> {
 
     fn into_future(self) -> Running<'t> {
         let route = Route::new(self.tunnel, Direction::Fetch, self.local, self.remote);
-        Box::pin(run(self.tunnel, route, self.options))
+        Box::pin(run(self.tunnel, route, self.options, Job::Fetch))
     }
 }
 
 impl<'t> Put<'t> {
-    pub(crate) fn new(tunnel: &'t Tunnel, local: &Path, remote: &Path) -> Put<'t> {
+    pub(crate) fn new(tunnel: &'t Tunnel, source: PutSource, remote: &Path) -> Put<'t> {
         Put {
             tunnel,
-            local: local.to_path_buf(),
+            source,
             remote: remote.to_path_buf(),
             options: TransferOptions::default(),
         }
@@ -178,19 +257,23 @@ impl<'t> Fetch<'t> {
     }
 }
 
-/// Runs the transfer `route` describes on `tunnel`, with its timeout and
-/// progress events around it.
+/// Runs `job` on `tunnel` (`route` says where, for reports and errors),
+/// with its timeout and progress events around it.
 pub(crate) async fn run(
     tunnel: &Tunnel,
     route: Route,
     options: TransferOptions,
+    job: Job,
 ) -> Result<Transfer> {
     let route = Arc::new(route);
     let progress = options.progress.clone();
     if let Some(progress) = &progress {
-        let task = match route.direction {
-            Direction::Put => format!("put {}", route.local.display()),
-            Direction::Fetch => format!("fetch {}", route.remote.display()),
+        let task = match &job {
+            Job::Put(PutSource::File(local)) => format!("put {}", local.display()),
+            Job::Put(PutSource::Memory(bytes)) => {
+                format!("put {} bytes to {}", bytes.len(), route.remote.display())
+            }
+            Job::Fetch => format!("fetch {}", route.remote.display()),
         };
         progress.report(&ProgressEvent::Started {
             host: &route.host,
@@ -199,9 +282,9 @@ pub(crate) async fn run(
         });
     }
     let timeout = options.timeout;
-    let running: Running<'_> = match route.direction {
-        Direction::Put => Box::pin(put::put(tunnel, route.clone(), options)),
-        Direction::Fetch => Box::pin(fetch::fetch(tunnel, route.clone(), options)),
+    let running: Running<'_> = match job {
+        Job::Put(source) => Box::pin(put::put(tunnel, route.clone(), source, options)),
+        Job::Fetch => Box::pin(fetch::fetch(tunnel, route.clone(), options)),
     };
     let result = match timeout {
         None => running.await,

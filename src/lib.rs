@@ -83,6 +83,35 @@
 //!
 //! The README says what a target must provide and what stays on it.
 //!
+//! # Functions that capture nothing
+//!
+//! The agent finds a function by its type, so a closure that captures
+//! variables cannot be called: send the data as arguments instead. Stable
+//! Rust lets a library check this only when the program is built (`cargo
+//! build`, `cargo test`), not in `cargo check`; the build then fails with
+//! one error, E0080, whose note points at the call:
+//!
+//! ```compile_fail,E0080
+//! use chopsticks::{Local, Tunnel};
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let tun = Tunnel::new(Local::new());
+//! let offset = 5u64;
+//! let _ = tun.call(move |a: u64| a + offset, (1,)).await; // captures `offset`
+//! # });
+//! ```
+//!
+//! ```
+//! use chopsticks::{Local, Tunnel};
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let tun = Tunnel::new(Local::new());
+//! let offset = 5u64;
+//! assert_eq!(tun.call(|a: u64, offset: u64| a + offset, (1, offset)).await?, 6);
+//! # Ok::<(), chopsticks::Error>(())
+//! # }).unwrap();
+//! ```
+//!
 //! # Features
 //!
 //! - `local` (default): [`Local`] and [`Sudo`].

@@ -175,7 +175,7 @@ fn expected_tag() -> u64 {
 /// type is inhabited), and a zero-sized `Copy` value carries no state and no
 /// invariant a fresh value could break.
 unsafe fn conjure<F: Copy>() -> F {
-    const { assert!(size_of::<F>() == 0) };
+    let () = CapturesNothing::<F>::CHECK;
     // SAFETY: F is zero-sized and Copy (see the function's contract).
     unsafe { std::mem::zeroed() }
 }
@@ -210,6 +210,23 @@ where
     })
 }
 
+/// Fails the build when `F` captures something: a function that captures
+/// nothing is zero-sized, so its type alone names it.
+///
+/// Every public entry point (`Tunnel::call`, `Group::call`, ...) names
+/// this constant itself, so the compiler's note "the above error was
+/// encountered while instantiating" points at the user's call, and the
+/// one constant is one error however many layers name it.
+pub struct CapturesNothing<F>(std::marker::PhantomData<F>);
+
+impl<F> CapturesNothing<F> {
+    /// Evaluating it fails unless `F` is zero-sized.
+    pub const CHECK: () = assert!(
+        size_of::<F>() == 0,
+        "chopsticks can only call functions that capture nothing: pass a fn item, an async fn item or a closure without captured variables, and send data as arguments"
+    );
+}
+
 /// The reference to a blocking function, checked at build time to capture nothing.
 pub fn function_ref<F, Args>(_function: F) -> FunctionRef
 where
@@ -217,12 +234,7 @@ where
     Args: DeserializeOwned,
     F::Output: Serialize,
 {
-    const {
-        assert!(
-            size_of::<F>() == 0,
-            "chopsticks can only call functions that capture nothing: pass a fn item or a closure without captured variables, and send data as arguments"
-        )
-    };
+    let () = CapturesNothing::<F>::CHECK;
     let entry: &'static Entry = const {
         &Entry {
             tag: ENTRY_TAG,
@@ -244,12 +256,7 @@ where
     Args: DeserializeOwned + Send + 'static,
     F::Output: Serialize + 'static,
 {
-    const {
-        assert!(
-            size_of::<F>() == 0,
-            "chopsticks can only call functions that capture nothing: pass an async fn item or a closure without captured variables, and send data as arguments"
-        )
-    };
+    let () = CapturesNothing::<F>::CHECK;
     let entry: &'static Entry = const {
         &Entry {
             tag: ENTRY_TAG,

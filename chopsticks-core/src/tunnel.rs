@@ -178,7 +178,10 @@ impl Tunnel {
     /// `function` must capture nothing (a `fn` item or a closure without
     /// captures). This is checked when the program is built: by `cargo
     /// build` and `cargo test`, not by `cargo check`, which stable Rust does
-    /// not let a library reach. The returned [`Call`] can take a
+    /// not let a library reach. A capturing closure fails the build with one
+    /// error (E0080, "chopsticks can only call functions that capture
+    /// nothing") whose note "the above error was encountered while
+    /// instantiating" points at your call. The returned [`Call`] can take a
     /// [`timeout`](Call::timeout) before it is awaited.
     ///
     /// A function that returns `Result<T, E>` gives `Ok(Err(e))` when it ran
@@ -190,6 +193,7 @@ impl Tunnel {
         Args: Serialize + DeserializeOwned,
         F::Output: Serialize + DeserializeOwned,
     {
+        let () = crate::remote::CapturesNothing::<F>::CHECK;
         let function_ref = function_ref(function);
         Call::new(self, function_ref, CallMode::Blocking, encode_value(&args))
     }
@@ -201,6 +205,7 @@ impl Tunnel {
         Args: Serialize + DeserializeOwned + Send + 'static,
         F::Output: Serialize + DeserializeOwned + 'static,
     {
+        let () = crate::remote::CapturesNothing::<F>::CHECK;
         let function_ref = async_function_ref(function);
         Call::new(self, function_ref, CallMode::Async, encode_value(&args))
     }

@@ -146,6 +146,7 @@ impl Group {
         Args: Serialize + DeserializeOwned,
         F::Output: Serialize + DeserializeOwned + Send,
     {
+        let () = crate::remote::CapturesNothing::<F>::CHECK;
         self.call_all(
             function_ref(function),
             CallMode::Blocking,
@@ -161,6 +162,7 @@ impl Group {
         Args: Serialize + DeserializeOwned + Send + 'static,
         F::Output: Serialize + DeserializeOwned + Send + 'static,
     {
+        let () = crate::remote::CapturesNothing::<F>::CHECK;
         self.call_all(
             async_function_ref(function),
             CallMode::Async,
@@ -176,6 +178,7 @@ impl Group {
         F: RemoteFn<Args, Output = bool>,
         Args: Serialize + DeserializeOwned,
     {
+        let () = crate::remote::CapturesNothing::<F>::CHECK;
         let verdicts = self.call(function, args).await;
         self.keep(|host| matches!(verdicts.get(host), Some(Ok(true))))
     }

@@ -114,7 +114,7 @@
 //!
 //! # Features
 //!
-//! - `local` (default): [`Local`] and [`Sudo`].
+//! - `local` (default): [`Local`], [`Sudo`] and [`Exec`] (any command: `kubectl exec -i`, `ip netns exec`, `chroot`).
 //! - `ssh`: `Ssh`, through the system's OpenSSH client, and `Group::ssh` (`SshGroup`).
 //! - `libssh2`: `NativeSsh`, libssh2 in-process (needs a C compiler and OpenSSL headers).
 //! - `docker`: `Docker`, containers through the Engine API, even `FROM scratch` images.
@@ -132,7 +132,7 @@ pub use chopsticks_core::{progress, stderr};
 #[cfg(feature = "docker")]
 pub use chopsticks_docker::{Docker, DockerError};
 #[cfg(feature = "local")]
-pub use chopsticks_local::{Local, LocalError, Sudo};
+pub use chopsticks_local::{Exec, Local, LocalError, Sudo};
 #[cfg(feature = "libssh2")]
 pub use chopsticks_ssh::{NativePhase, NativeSsh};
 #[cfg(feature = "ssh")]

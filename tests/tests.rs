@@ -14,6 +14,8 @@
 //! - `protocol`: fake agents that send garbage, oversized frames, a wrong version or binary
 //! - `bootstrap`: the shell bootstrap and its cache: upload, reuse, corruption, unsafe dirs
 //! - `sudo`: the `Sudo` transport with a throwaway user
+//! - `exec`: the `Exec` transport into a network namespace, a chroot and a container (docker
+//!   CLI); failing and hostile prefixes
 //! - `custom_transport`: a transport written outside core (`examples/custom_transport.rs`)
 //! - `memory`: resident memory of idle agents; a given-up call's partial result is freed
 //! - `descriptors`: hundreds of local tunnels from a low soft limit; running out names the limit
@@ -42,6 +44,7 @@ mod deploy;
 mod descriptors;
 #[cfg(feature = "docker")]
 mod docker;
+mod exec;
 mod failures;
 mod files;
 mod forged_calls;

@@ -1,5 +1,7 @@
-//! Transports that start the agent on this machine: [`Local`] (a subprocess)
-//! and [`Sudo`] (a subprocess running as another user through `sudo -n`).
+//! Transports that start the agent from this machine: [`Local`] (a
+//! subprocess), [`Sudo`] (a subprocess running as another user through
+//! `sudo -n`) and [`Exec`] (through any command that runs a program on a
+//! target: `kubectl exec -i`, `ip netns exec`, `chroot`, ...).
 //!
 //! ```
 //! use chopsticks_core::Tunnel;
@@ -15,9 +17,11 @@
 //! # });
 //! ```
 
+mod exec;
 mod local;
 mod sudo;
 
+pub use exec::Exec;
 pub use local::Local;
 pub use sudo::Sudo;
 
@@ -34,6 +38,20 @@ pub enum LocalError {
         #[source]
         source: std::io::Error,
     },
+    /// An [`Exec`] with no command words.
+    #[error("the command for {host:?} is empty; give Exec the words of a command")]
+    EmptyCommand {
+        /// The host name of the transport.
+        host: String,
+    },
+    /// An [`Exec`] command ended before the agent said hello.
+    #[error("`{command}` ended before the agent started{}", stderr_text(stderr))]
+    CommandEnded {
+        /// The command prefix, its words joined by spaces.
+        command: String,
+        /// Its last stderr lines, joined by " / ".
+        stderr: String,
+    },
     /// The user name given to [`Sudo`] cannot be passed safely.
     #[error("{user:?} is not a usable user name: {reason}")]
     InvalidUser {
@@ -42,6 +60,14 @@ pub enum LocalError {
         /// Why it was rejected.
         reason: &'static str,
     },
+}
+
+fn stderr_text(stderr: &str) -> String {
+    if stderr.is_empty() {
+        " (it wrote nothing to stderr)".to_string()
+    } else {
+        format!(": {stderr}")
+    }
 }
 
 fn spawn_piped(

@@ -8,6 +8,9 @@ pub const SCRATCH_IMAGE: &str = "chopsticks-test/scratch:1";
 /// An image with `sh`, `sleep`, `cat` and `true` and their libraries, copied
 /// from this machine, for containers that must keep running.
 pub const TOOLS_IMAGE: &str = "chopsticks-test/tools:1";
+/// An image with the shell bootstrap's tools and the libraries of the
+/// running test program, so the bootstrap can start an agent in it.
+pub const BOOTSTRAP_IMAGE: &str = "chopsticks-test/bootstrap:2";
 /// The label on every container the tests start themselves.
 pub const TEST_LABEL: &str = "chopsticks-test";
 
@@ -41,6 +44,9 @@ pub fn prepare() -> Result<(), String> {
             TOOLS_IMAGE,
             &["/bin/sh", "/bin/sleep", "/bin/cat", "/bin/true"],
         )?;
+    }
+    if docker(&["image", "inspect", BOOTSTRAP_IMAGE]).is_err() {
+        import_root(BOOTSTRAP_IMAGE, crate::rootfs::bootstrap_root)?;
     }
     remove_stale_payload_volumes();
     Ok(())
@@ -80,30 +86,18 @@ fn remove_stale_payload_volumes() {
 
 /// Imports a root filesystem holding `programs` (with their libraries) and an empty `/tmp`.
 fn import(image: &str, programs: &[&str]) -> Result<(), String> {
+    let programs: Vec<std::path::PathBuf> = programs.iter().map(Into::into).collect();
+    import_root(image, |root| crate::rootfs::populate(root, &programs, &[]))
+}
+
+/// Imports the root filesystem `fill` makes as `image`.
+fn import_root(
+    image: &str,
+    fill: impl FnOnce(&std::path::Path) -> Result<(), String>,
+) -> Result<(), String> {
     let root = std::env::temp_dir().join(format!("chopsticks-image-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(root.join("tmp")).map_err(|e| e.to_string())?;
-    let mut files: Vec<String> = Vec::new();
-    for program in programs {
-        files.push(program.to_string());
-        let ldd = Command::new("ldd")
-            .arg(program)
-            .output()
-            .map_err(|e| format!("ldd: {e}"))?;
-        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-            if let Some(path) = line.split_whitespace().find(|word| word.starts_with('/')) {
-                files.push(path.to_string());
-            }
-        }
-    }
-    for file in &files {
-        let real = std::fs::canonicalize(file).map_err(|e| format!("{file}: {e}"))?;
-        let target = root.join(file.trim_start_matches('/'));
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
-        }
-        std::fs::copy(&real, &target).map_err(|e| format!("copying {file}: {e}"))?;
-    }
+    fill(&root)?;
     let tar = Command::new("tar")
         .arg("-C")
         .arg(&root)
@@ -132,6 +126,11 @@ pub fn docker_or_skip() -> Option<()> {
 
 /// Starts a container from the tools image that sleeps until removed; returns its id.
 pub fn running_container(name: &str) -> Result<String, String> {
+    running_container_of(name, TOOLS_IMAGE)
+}
+
+/// A running container of `image` (one of the test images), sleeping.
+pub fn running_container_of(name: &str, image: &str) -> Result<String, String> {
     let _ = docker(&["rm", "-f", name]);
     docker(&[
         "run",
@@ -140,7 +139,7 @@ pub fn running_container(name: &str) -> Result<String, String> {
         name,
         "--label",
         TEST_LABEL,
-        TOOLS_IMAGE,
+        image,
         "/bin/sleep",
         "3600",
     ])

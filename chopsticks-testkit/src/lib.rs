@@ -26,6 +26,7 @@
 
 pub mod docker;
 pub mod netns;
+pub mod rootfs;
 
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

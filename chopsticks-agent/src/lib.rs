@@ -74,21 +74,16 @@ extern "C" fn enter_if_agent() {
         std::env::remove_var(AGENT_HEARTBEAT);
         std::env::remove_var(AGENT_EVICT);
     }
-    if let Some(own) = own_payload {
-        // Housekeeping beside serving: it never delays the hello.
-        let _ = std::thread::Builder::new()
-            .name("chopsticks-evict".into())
-            .spawn(move || evict::stale_payloads(&own));
-    }
     // A panic must not unwind into the C caller of this constructor.
-    let code = std::panic::catch_unwind(|| match serve::run(depth, heartbeat_timeout) {
-        Ok(code) => code,
-        Err(error) => {
-            warn(format_args!("{error}"));
-            71
-        }
-    })
-    .unwrap_or(70);
+    let code =
+        std::panic::catch_unwind(|| match serve::run(depth, heartbeat_timeout, own_payload) {
+            Ok(code) => code,
+            Err(error) => {
+                warn(format_args!("{error}"));
+                71
+            }
+        })
+        .unwrap_or(70);
     std::process::exit(code);
 }
 

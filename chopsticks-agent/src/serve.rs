@@ -102,8 +102,19 @@ impl<F: std::future::Future + Unpin> std::future::Future for InCall<F> {
 }
 
 /// Runs the agent to completion and returns its exit code.
-pub(crate) fn run(depth: u32, heartbeat_timeout: Duration) -> Result<i32, AgentError> {
+pub(crate) fn run(
+    depth: u32,
+    heartbeat_timeout: Duration,
+    own_payload: Option<std::path::PathBuf>,
+) -> Result<i32, AgentError> {
     let descriptors = fds::take_protocol_fds().map_err(AgentError::Descriptors)?;
+    if let Some(own) = own_payload {
+        // Housekeeping beside serving, once the descriptors are in place:
+        // it never delays the hello.
+        let _ = std::thread::Builder::new()
+            .name("chopsticks-evict".into())
+            .spawn(move || crate::evict::stale_payloads(&own));
+    }
     chopsticks_core::__private::agent_env::set_depth(depth);
     let previous_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {

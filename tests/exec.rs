@@ -8,7 +8,7 @@ use chopsticks::{Error, Exec, LocalError, Tunnel};
 use chopsticks_testkit::docker::{BOOTSTRAP_IMAGE, docker_or_skip, remove_container};
 use chopsticks_testkit::netns::netns_or_skip;
 
-use crate::support::Scratch;
+use crate::support::{LibclessRoot, Scratch, has_c_library, lookups};
 
 fn tunnel(exec: Exec) -> Tunnel {
     Tunnel::builder(exec)
@@ -236,4 +236,82 @@ async fn hostile_words_in_a_prefix_reach_the_command_as_they_are() {
         .expect("call");
     assert!(seen.starts_with("$(touch "), "{seen}");
     assert!(!witness.exists(), "a shell ran a word of the prefix");
+}
+
+fn libcless_tunnel(root: &LibclessRoot, bundle: bool) -> Tunnel {
+    let chroot = root.path().display().to_string();
+    Tunnel::builder(Exec::new(["chroot".to_string(), chroot]).named("libcless"))
+        .stderr(chopsticks::stderr::discard())
+        .connect_timeout(Duration::from_secs(60))
+        .bundle_libraries(bundle)
+        .build()
+}
+
+#[tokio::test]
+async fn a_host_without_any_c_library_runs_the_bundled_agent() {
+    let Some(root) = chopsticks_testkit::require(LibclessRoot::build("bundled"), "exec::libcless")
+    else {
+        return;
+    };
+    let tun = libcless_tunnel(&root, true);
+    assert!(
+        !tun.call(has_c_library, ()).await.expect("call"),
+        "the root has no libc"
+    );
+    assert_eq!(tun.call(add, (20, 22)).await.expect("call"), 42);
+    assert_eq!(tun.call_async(ticks, (4,)).await.expect("async call"), 4);
+    let (uid, addresses) = tun.call(lookups, ()).await.expect("lookups");
+    assert_eq!(uid, Some(4321), "getpwnam through the shipped C library");
+    assert_eq!(
+        addresses,
+        ["10.9.8.7"],
+        "getaddrinfo through the shipped C library"
+    );
+    tun.put_bytes("bundled\n", "/tmp/put").await.expect("put");
+    let dir = Scratch::new("exec-libcless");
+    tun.fetch("/tmp/put", dir.path("fetched"))
+        .await
+        .expect("fetch");
+    assert_eq!(
+        std::fs::read(dir.path("fetched")).expect("read"),
+        b"bundled\n"
+    );
+    tun.close().await.expect("close");
+
+    // Warm: nothing is sent again. A corrupted library in the cache is
+    // deleted and sent again, never executed.
+    let cache = root.path().join("tmp/chopsticks-0");
+    let bundle = std::fs::read_dir(&cache)
+        .expect("cache")
+        .flatten()
+        .find(|entry| entry.file_name().to_string_lossy().starts_with("bundle-"))
+        .expect("a bundle in the cache")
+        .path();
+    let libc = std::fs::read_dir(bundle.join("lib"))
+        .expect("lib")
+        .flatten()
+        .find(|entry| entry.file_name().to_string_lossy().starts_with("libc.so"))
+        .expect("libc in the bundle")
+        .path();
+    std::fs::write(&libc, b"not a library").expect("corrupt");
+    let again = libcless_tunnel(&root, true);
+    assert_eq!(again.call(add, (1, 1)).await.expect("call after repair"), 2);
+    assert_ne!(std::fs::read(&libc).expect("read"), b"not a library");
+    again.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn without_the_bundle_the_missing_loader_is_named() {
+    let Some(root) = chopsticks_testkit::require(LibclessRoot::build("alone"), "exec::libcless")
+    else {
+        return;
+    };
+    let error = libcless_tunnel(&root, false)
+        .call(add, (1, 1))
+        .await
+        .expect_err("no loader on the target");
+    let text = error.to_string();
+    assert_eq!(error.host(), "libcless", "{text}");
+    assert!(text.contains("ld-linux"), "{text}");
+    assert!(text.contains("bundle_libraries"), "{text}");
 }

@@ -391,3 +391,65 @@ async fn a_group_shares_one_set_of_ssh_settings() {
     assert_eq!(hosts, aliases);
     assert!(sums.values().all(|sum| *sum == 5));
 }
+
+/// A session root without any C library, served by an sshd whose sessions
+/// are chrooted into it: a host that cannot run this program's libc.
+fn libcless_sshd(name: &str) -> Option<(crate::support::LibclessRoot, Sshd)> {
+    let root = chopsticks_testkit::require(
+        crate::support::LibclessRoot::build(name),
+        "a host without a C library over ssh",
+    )?;
+    let sshd = chopsticks_testkit::require(
+        Sshd::start_chrooted(name, 1, root.path()),
+        "a host without a C library over ssh",
+    )?;
+    Some((root, sshd))
+}
+
+#[tokio::test]
+async fn a_host_without_any_c_library_runs_the_bundled_agent_over_ssh() {
+    let Some((root, sshd)) = libcless_sshd("libcless-ssh") else {
+        return;
+    };
+    let tun = Tunnel::builder(Ssh::new(sshd.alias(0)).config_file(sshd.client_config()))
+        .stderr(chopsticks::stderr::discard())
+        .bundle_libraries(true)
+        .build();
+    assert!(
+        !tun.call(crate::support::has_c_library, ())
+            .await
+            .expect("call"),
+        "the session root has no C library"
+    );
+    assert_eq!(tun.call(add, (2, 40)).await.expect("call"), 42);
+    let (uid, addresses) = tun
+        .call(crate::support::lookups, ())
+        .await
+        .expect("lookups");
+    assert_eq!((uid, addresses), (Some(4321), vec!["10.9.8.7".to_string()]));
+    tun.put_bytes("over ssh\n", "/tmp/put").await.expect("put");
+    assert_eq!(
+        std::fs::read(root.path().join("tmp/put")).expect("read"),
+        b"over ssh\n"
+    );
+    let dir = crate::support::Scratch::new("ssh-libcless");
+    tun.fetch("/tmp/put", dir.path("fetched"))
+        .await
+        .expect("fetch");
+    assert_eq!(
+        std::fs::read(dir.path("fetched")).expect("read"),
+        b"over ssh\n"
+    );
+    tun.close().await.expect("close");
+
+    let alone = Tunnel::builder(Ssh::new(sshd.alias(0)).config_file(sshd.client_config()))
+        .stderr(chopsticks::stderr::discard())
+        .build();
+    let error = alone.call(add, (1, 1)).await.expect_err("no loader there");
+    let text = error.to_string();
+    assert!(text.contains(sshd.alias(0)), "{text}");
+    assert!(
+        text.contains("ld-linux") && text.contains("bundle_libraries"),
+        "{text}"
+    );
+}

@@ -508,3 +508,116 @@ pub fn our_hello_message() -> chopsticks_core::__private::protocol::Message {
         chopsticks_core::__private::identity::binary_id().to_vec(),
     )
 }
+
+/// A root with no C library at all: a static busybox as `/bin/sh` and the
+/// bootstrap's tools, `/proc`, `/dev/null`, a user and a host name in
+/// `/etc`; undone when dropped.
+pub struct LibclessRoot(PathBuf);
+
+impl LibclessRoot {
+    pub fn build(name: &str) -> Result<LibclessRoot, String> {
+        if !crate::support::is_root() {
+            return Err("chroot needs root".into());
+        }
+        let busybox = std::path::Path::new("/bin/busybox");
+        let listed = std::process::Command::new(busybox)
+            .arg("--list")
+            .output()
+            .map_err(|e| {
+                format!("busybox-static is not installed (scripts/test.sh installs it): {e}")
+            })?;
+        let dynamic = std::process::Command::new("ldd")
+            .arg(busybox)
+            .output()
+            .is_ok_and(|output| output.status.success());
+        if dynamic {
+            return Err("/bin/busybox is dynamically linked; install busybox-static".into());
+        }
+        // sshd's ChrootDirectory wants every directory up to the root owned
+        // by root and writable by no one else: not under /tmp.
+        let base = std::path::Path::new("/srv/chopsticks-test");
+        std::fs::create_dir_all(base).map_err(|e| e.to_string())?;
+        std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| e.to_string())?;
+        let root = base.join(format!("libcless-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let made = LibclessRoot(root.clone());
+        for dir in ["bin", "proc", "dev", "tmp", "etc"] {
+            std::fs::create_dir_all(root.join(dir)).map_err(|e| e.to_string())?;
+        }
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| e.to_string())?;
+        std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))
+            .map_err(|e| e.to_string())?;
+        std::fs::copy(busybox, root.join("bin/busybox")).map_err(|e| e.to_string())?;
+        for tool in String::from_utf8_lossy(&listed.stdout).lines() {
+            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(tool));
+        }
+        let write = |path: &str, text: &str| {
+            std::fs::write(root.join(path), text).map_err(|e| e.to_string())
+        };
+        write(
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\noperator-x:x:4321:4321::/tmp:/bin/sh\n",
+        )?;
+        write("etc/group", "root:x:0:\n")?;
+        write("etc/hosts", "127.0.0.1 localhost\n10.9.8.7 fleet-db\n")?;
+        write(
+            "etc/nsswitch.conf",
+            "passwd: files\ngroup: files\nhosts: files dns\n",
+        )?;
+        let root_text = root.display().to_string();
+        let run = |program: &str, args: &[&str]| -> Result<(), String> {
+            let status = std::process::Command::new(program)
+                .args(args)
+                .status()
+                .map_err(|e| format!("{program}: {e}"))?;
+            status
+                .success()
+                .then_some(())
+                .ok_or_else(|| format!("{program} {} failed", args.join(" ")))
+        };
+        run(
+            "mount",
+            &["-t", "proc", "proc", &format!("{root_text}/proc")],
+        )?;
+        run(
+            "mknod",
+            &["-m", "666", &format!("{root_text}/dev/null"), "c", "1", "3"],
+        )?;
+        Ok(made)
+    }
+
+    /// The root directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for LibclessRoot {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.join("proc"))
+            .status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A user and a host looked up through the C library's name services.
+pub fn lookups() -> (Option<u32>, Vec<String>) {
+    // SAFETY: getpwnam takes a NUL-terminated name; the entry is read at once.
+    let entry = unsafe { libc::getpwnam(c"operator-x".as_ptr()) };
+    // SAFETY: a non-null entry points at a valid passwd until the next lookup.
+    let uid = (!entry.is_null()).then(|| unsafe { (*entry).pw_uid });
+    let addresses = std::net::ToSocketAddrs::to_socket_addrs(&("fleet-db", 5432))
+        .map(|found| found.map(|address| address.ip().to_string()).collect())
+        .unwrap_or_default();
+    (uid, addresses)
+}
+
+pub fn has_c_library() -> bool {
+    ["/lib", "/lib64", "/usr/lib"]
+        .iter()
+        .any(|dir| std::path::Path::new(dir).exists())
+}

@@ -15,15 +15,16 @@
 //! - `bootstrap`: the shell bootstrap and its cache: upload, reuse, corruption, unsafe dirs
 //! - `sudo`: the `Sudo` transport with a throwaway user
 //! - `exec`: the `Exec` transport into a network namespace, a chroot and a container (docker
-//!   CLI); failing and hostile prefixes
+//!   CLI); failing and hostile prefixes; the bundled agent in a root without any C library
 //! - `custom_transport`: a transport written outside core (`examples/custom_transport.rs`)
 //! - `memory`: resident memory of idle agents; a given-up call's partial result is freed
 //! - `descriptors`: hundreds of local tunnels from a low soft limit; running out names the limit
 //! - `forged_calls`: random and near-miss function references against a live agent: refused,
 //!   never run
 //! - `group`: fan-out over several agents, per-host failures, set operations, group transfers
-//! - `ssh`: the OpenSSH transport against a real sshd (chopsticks-testkit)
-//! - `ssh_native`: the libssh2 transport against a real sshd
+//! - `ssh`: the OpenSSH transport against a real sshd (chopsticks-testkit), also one whose
+//!   sessions are chrooted into a root without a C library
+//! - `ssh_native`: the libssh2 transport against a real sshd, the chrooted one too
 //! - `docker`: the Docker transport against the real Engine, with images built here
 //! - `torn_files`: sources changed mid-transfer, peers that send other than they announce, FIFOs
 //! - `files`: put and fetch: round trips, modes, atomic replacement, corruption, full disk,

@@ -32,7 +32,7 @@ mod serve;
 mod watchdog;
 
 use chopsticks_core::__private::agent_env::{
-    self, AGENT_DEPTH, AGENT_EVICT, AGENT_HEARTBEAT, AGENT_MARKER,
+    self, AGENT_DEPTH, AGENT_EVICT, AGENT_HEARTBEAT, AGENT_MARKER, AGENT_PROGRAM,
 };
 use chopsticks_core::__private::heartbeat;
 
@@ -66,6 +66,9 @@ extern "C" fn enter_if_agent() {
         .map(std::time::Duration::from_millis)
         .map_or(heartbeat::DEFAULT_HEARTBEAT_TIMEOUT, heartbeat::clamp);
     let own_payload = std::env::var_os(AGENT_EVICT).map(std::path::PathBuf::from);
+    if let Some(program) = std::env::var_os(AGENT_PROGRAM) {
+        chopsticks_core::__private::identity::set_program_path(program.into());
+    }
     // SAFETY: constructors run before main, while the process has one thread,
     // so nothing can read the environment concurrently.
     unsafe {
@@ -73,6 +76,7 @@ extern "C" fn enter_if_agent() {
         std::env::remove_var(AGENT_DEPTH);
         std::env::remove_var(AGENT_HEARTBEAT);
         std::env::remove_var(AGENT_EVICT);
+        std::env::remove_var(AGENT_PROGRAM);
     }
     // A panic must not unwind into the C caller of this constructor.
     let code =

@@ -10,6 +10,9 @@ pub const AGENT_MARKER: &str = "CHOPSTICKS_AGENT";
 pub const AGENT_DEPTH: &str = "CHOPSTICKS_DEPTH";
 /// The environment variable that tells an agent its heartbeat timeout, in milliseconds.
 pub const AGENT_HEARTBEAT: &str = "CHOPSTICKS_HEARTBEAT_MS";
+/// The environment variable that names the agent's program file when a
+/// dynamic loader started it (`/proc/self/exe` then names the loader).
+pub const AGENT_PROGRAM: &str = "CHOPSTICKS_PROGRAM";
 /// The environment variable that names the agent's own payload directory,
 /// set by transports that leave one per build on a target: the agent removes
 /// older ones beside it.

@@ -2,6 +2,7 @@
 
 use std::ffi::CStr;
 use std::io::{self, Read};
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
@@ -33,23 +34,51 @@ pub struct AgentFile {
     pub sha256: String,
 }
 
-/// Hashes this program's file once per process (through `/proc/self/exe`),
-/// and remembers the digest across runs in the controller's cache
-/// directory, keyed by the file's identity and times (see `digest_cache`).
+/// This program's file, when a loader started it and `/proc/self/exe` names
+/// the loader instead (set by the agent runtime from `CHOPSTICKS_PROGRAM`).
+static PROGRAM: OnceLock<PathBuf> = OnceLock::new();
+
+/// Records where this program's file is, for a process that a dynamic
+/// loader started (`ld.so --library-path lib agent`).
+pub fn set_program_path(path: PathBuf) {
+    let _ = PROGRAM.set(path);
+}
+
+/// This program's file: `/proc/self/exe`, unless a loader started it.
+pub fn program_path() -> PathBuf {
+    PROGRAM
+        .get()
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from(SELF_EXE))
+}
+
+/// Hashes this program's file once per process, remembering the digest
+/// across runs (see [`file_digest`]).
 pub fn agent_file() -> io::Result<&'static AgentFile> {
     static FILE: OnceLock<AgentFile> = OnceLock::new();
     if let Some(file) = FILE.get() {
         return Ok(file);
     }
-    let mut reader = std::fs::File::open(SELF_EXE)?;
+    let digest = file_digest(&program_path())?;
+    Ok(FILE.get_or_init(|| digest))
+}
+
+/// The size and SHA-256 of the file at `path`, remembered across runs in
+/// the controller's cache directory, keyed by the file's identity and
+/// times (see `digest_cache`).
+pub fn file_digest(path: &Path) -> io::Result<AgentFile> {
+    let mut reader = std::fs::File::open(path)?;
     let size = reader.metadata()?.len();
-    let program = std::fs::read_link(SELF_EXE).unwrap_or_else(|_| SELF_EXE.into());
+    let program = std::fs::read_link(path)
+        .ok()
+        .filter(|_| path == Path::new(SELF_EXE))
+        .unwrap_or_else(|| path.to_path_buf());
     let cache = crate::digest_cache::directory();
     if let Some(sha256) = cache
         .as_deref()
         .and_then(|cache| crate::digest_cache::recall(cache, &program, &reader))
     {
-        return Ok(FILE.get_or_init(|| AgentFile { size, sha256 }));
+        return Ok(AgentFile { size, sha256 });
     }
     let sha256 = match system_sha256(&mut reader, size) {
         Some(sha256) => sha256,
@@ -61,7 +90,7 @@ pub fn agent_file() -> io::Result<&'static AgentFile> {
     if let Some(cache) = &cache {
         crate::digest_cache::remember(cache, &program, &reader, &sha256);
     }
-    Ok(FILE.get_or_init(|| AgentFile { size, sha256 }))
+    Ok(AgentFile { size, sha256 })
 }
 
 /// The SHA-256 of `size` bytes from `reader`, computed here.

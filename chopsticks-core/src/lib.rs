@@ -41,6 +41,7 @@ mod files;
 mod group;
 mod heartbeat;
 mod identity;
+mod program_files;
 pub mod progress;
 mod protocol;
 mod remote;
@@ -98,6 +99,10 @@ pub mod __private {
     /// Build id, agent file, uname.
     pub mod identity {
         pub use crate::identity::*;
+    }
+    /// This program, its loader and libraries, as payloads ship them.
+    pub mod program_files {
+        pub use crate::program_files::*;
     }
     /// Protocol messages.
     pub mod protocol {

@@ -62,6 +62,7 @@ pub struct TunnelBuilder {
     call_timeout: Option<Duration>,
     heartbeat_timeout: Duration,
     stderr_sink: StderrSink,
+    bundle_libraries: bool,
 }
 
 impl TunnelBuilder {
@@ -92,6 +93,19 @@ impl TunnelBuilder {
         self
     }
 
+    /// Whether the shell bootstrap ships this program with its dynamic
+    /// loader and shared libraries (default: no), so that it runs on a
+    /// target without them: another distribution's older C library, musl
+    /// or no libc at all, a minimal image. The agent then runs as
+    /// `lib/LOADER --library-path lib agent` from a cached `bundle-ID/`
+    /// directory; every file is checked against its SHA-256 before each
+    /// start. A statically linked program always goes alone, and transports
+    /// that do not use the shell bootstrap (`Local`, `Docker`) ignore this.
+    pub fn bundle_libraries(mut self, bundle: bool) -> Self {
+        self.bundle_libraries = bundle;
+        self
+    }
+
     /// Where the agent's stderr lines go (default: this process's stderr, as `[host] line`).
     /// Every line is also emitted as a `tracing` event with target `chopsticks::stderr`.
     pub fn stderr(mut self, sink: StderrSink) -> Self {
@@ -110,6 +124,7 @@ impl TunnelBuilder {
                 options: ConnectOptions {
                     stderr_sink: self.stderr_sink,
                     heartbeat_timeout: self.heartbeat_timeout,
+                    bundle_libraries: self.bundle_libraries,
                 },
                 current: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
@@ -131,6 +146,7 @@ impl Tunnel {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             call_timeout: None,
             heartbeat_timeout: crate::heartbeat::DEFAULT_HEARTBEAT_TIMEOUT,
+            bundle_libraries: false,
             stderr_sink: stderr::print_to_stderr(),
         }
     }

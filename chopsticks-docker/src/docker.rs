@@ -368,18 +368,26 @@ impl Docker {
             .any(|window| window == marker.as_slice()))
     }
 
-    fn agent_env(&self, command: &AgentCommand) -> Vec<String> {
-        self.env
+    fn agent_env(&self, command: &AgentCommand, payload: &Payload) -> Vec<String> {
+        let mut env: Vec<String> = self
+            .env
             .iter()
             .chain(command.env_vars().iter())
             .map(|(key, value)| format!("{key}={value}"))
-            .collect()
+            .collect();
+        // Its loader starts the agent, so /proc/self/exe names the loader.
+        env.push(format!(
+            "{}={}",
+            chopsticks_core::__private::agent_env::AGENT_PROGRAM,
+            payload.program()
+        ));
+        env
     }
 
     /// An exec's agent also removes older payloads in the container, keeping
     /// the three most recently placed (its own among them).
     fn exec_env(&self, command: &AgentCommand, payload: &Payload) -> Vec<String> {
-        let mut env = self.agent_env(command);
+        let mut env = self.agent_env(command, payload);
         env.push(format!(
             "{}={}",
             chopsticks_core::__private::agent_env::AGENT_EVICT,
@@ -439,7 +447,7 @@ impl Docker {
         let mut volume = crate::volume::ensure(engine, self.engine.as_deref(), image, payload)
             .await
             .ok();
-        let env = self.agent_env(command);
+        let env = self.agent_env(command, payload);
         let created = self
             .create(engine, image, payload, env.clone(), volume.as_deref())
             .await;

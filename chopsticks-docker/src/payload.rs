@@ -10,9 +10,10 @@
 //! the three most recently placed payloads and removes older ones
 //! (`chopsticks-agent`'s `evict`).
 
-use std::ffi::CStr;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+use chopsticks_core::__private::program_files::ProgramFiles;
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -20,15 +21,8 @@ use futures_util::Stream;
 /// Where the payload lives in a container.
 pub(crate) const ROOT: &str = "/.chopsticks";
 
-/// One file of the payload.
-#[derive(Debug, Clone)]
-pub(crate) struct Entry {
-    /// Where it comes from on this machine (empty for [`Payload::MARKER`], written from memory).
-    pub(crate) source: PathBuf,
-    /// Its path inside the payload directory.
-    pub(crate) name: String,
-    pub(crate) size: u64,
-}
+/// One file of the payload: core's description of the program's files.
+pub(crate) use chopsticks_core::__private::program_files::ProgramFile as Entry;
 
 /// The files, and how to start the agent from them.
 #[derive(Debug, Clone)]
@@ -59,61 +53,31 @@ impl Payload {
         self.dir.rsplit('/').next().unwrap_or_default()
     }
 
-    /// The payload for this program.
+    /// The payload for this program: the files core gathers (the program,
+    /// and for a dynamically linked one its loader and libraries).
     pub(crate) fn for_this_program() -> std::io::Result<Payload> {
         let file = chopsticks_core::__private::identity::agent_file()?;
         let dir = format!("{ROOT}/{}", &file.sha256[..32]);
-        let exe = PathBuf::from(chopsticks_core::__private::identity::SELF_EXE);
-        let mut entries = vec![Entry {
-            size: std::fs::metadata(&exe)?.len(),
-            source: exe.clone(),
-            name: "agent".into(),
-        }];
-        let command = match interpreter(&exe)? {
+        let program = ProgramFiles::of_this_program()?;
+        let command = match &program.loader {
             None => vec![format!("{dir}/agent")],
-            Some(loader) => {
-                let loader_name = file_name(&loader);
-                for library in loaded_objects() {
-                    let name = file_name(&library);
-                    if entries
-                        .iter()
-                        .any(|entry| entry.name == format!("lib/{name}"))
-                    {
-                        continue;
-                    }
-                    if let Ok(metadata) = std::fs::metadata(&library)
-                        && metadata.is_file()
-                    {
-                        entries.push(Entry {
-                            source: library,
-                            name: format!("lib/{name}"),
-                            size: metadata.len(),
-                        });
-                    }
-                }
-                if !entries
-                    .iter()
-                    .any(|entry| entry.name == format!("lib/{loader_name}"))
-                {
-                    entries.push(Entry {
-                        size: std::fs::metadata(&loader)?.len(),
-                        source: loader,
-                        name: format!("lib/{loader_name}"),
-                    });
-                }
-                vec![
-                    format!("{dir}/lib/{loader_name}"),
-                    "--library-path".into(),
-                    format!("{dir}/lib"),
-                    format!("{dir}/agent"),
-                ]
-            }
+            Some(loader) => vec![
+                format!("{dir}/lib/{loader}"),
+                "--library-path".into(),
+                format!("{dir}/lib"),
+                format!("{dir}/agent"),
+            ],
         };
         Ok(Payload {
             dir,
-            entries,
+            entries: program.files,
             command,
         })
+    }
+
+    /// The agent's program file inside the container.
+    pub(crate) fn program(&self) -> String {
+        format!("{}/agent", self.dir)
     }
 
     /// The payload as a tar stream, read from the files as it goes.
@@ -273,83 +237,6 @@ fn header(name: &str, mode: u32, size: u64, kind: u8, mtime: u64) -> Vec<u8> {
     let text = format!("{checksum:06o}\0 ");
     block[148..156].copy_from_slice(text.as_bytes());
     block
-}
-
-fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-/// An unsigned little-endian integer of up to 8 bytes.
-fn little_endian(bytes: &[u8]) -> u64 {
-    bytes
-        .iter()
-        .rev()
-        .fold(0, |value, byte| (value << 8) | u64::from(*byte))
-}
-
-/// The ELF interpreter (dynamic loader) of `exe`, or `None` for a static program.
-fn interpreter(exe: &Path) -> std::io::Result<Option<PathBuf>> {
-    let mut file = std::fs::File::open(exe)?;
-    let mut header = [0u8; 64];
-    file.read_exact(&mut header)?;
-    if &header[..4] != b"\x7fELF" || header[4] != 2 || header[5] != 1 {
-        return Err(std::io::Error::other(
-            "this program is not a 64-bit little-endian ELF file",
-        ));
-    }
-    let (table, entry_size, count) = (
-        little_endian(&header[0x20..0x28]),
-        little_endian(&header[0x36..0x38]),
-        little_endian(&header[0x38..0x3a]),
-    );
-    let mut table_bytes = vec![0u8; (entry_size * count) as usize];
-    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(table))?;
-    file.read_exact(&mut table_bytes)?;
-    for entry in table_bytes.chunks(entry_size as usize) {
-        const PT_INTERP: u64 = 3;
-        if little_endian(&entry[0..4]) == PT_INTERP {
-            let (offset, size) = (little_endian(&entry[8..16]), little_endian(&entry[32..40]));
-            let mut path = vec![0u8; size as usize];
-            std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(offset))?;
-            file.read_exact(&mut path)?;
-            let path = CStr::from_bytes_until_nul(&path)
-                .map_err(|error| std::io::Error::other(error.to_string()))?;
-            return Ok(Some(PathBuf::from(path.to_string_lossy().into_owned())));
-        }
-    }
-    Ok(None)
-}
-
-/// The shared objects the loader opened for this process, by the names it looked up.
-fn loaded_objects() -> Vec<PathBuf> {
-    unsafe extern "C" fn visit(
-        info: *mut libc::dl_phdr_info,
-        _size: libc::size_t,
-        data: *mut libc::c_void,
-    ) -> libc::c_int {
-        // SAFETY: dl_iterate_phdr passes a valid info pointer, and `data` is the
-        // `Vec` handed to it below, used only during the call.
-        let (info, objects) = unsafe { (&*info, &mut *data.cast::<Vec<PathBuf>>()) };
-        if !info.dlpi_name.is_null() {
-            // SAFETY: dlpi_name is a NUL-terminated string owned by the loader.
-            let name = unsafe { CStr::from_ptr(info.dlpi_name) };
-            if !name.to_bytes().is_empty() {
-                objects.push(PathBuf::from(name.to_string_lossy().into_owned()));
-            }
-        }
-        0
-    }
-    let mut objects: Vec<PathBuf> = Vec::new();
-    // SAFETY: the callback only reads the info it is given and appends to `objects`.
-    unsafe {
-        libc::dl_iterate_phdr(Some(visit), (&mut objects as *mut Vec<PathBuf>).cast());
-    }
-    objects
-        .into_iter()
-        .filter(|path| path.is_absolute())
-        .collect()
 }
 
 #[cfg(test)]

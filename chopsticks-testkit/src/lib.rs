@@ -51,16 +51,28 @@ pub const SSHD: &str = "/usr/sbin/sshd";
 impl Sshd {
     /// Starts a server reachable as `count` aliases named `name-0`, `name-1`, ….
     pub fn start(name: &str, count: usize) -> Result<Sshd, String> {
-        Sshd::start_at(name, count, None)
+        Sshd::start_at(name, count, None, None)
     }
 
     /// Starts a server inside `host`'s network namespace, listening on its
     /// address, port 22; the aliases reach it there.
     pub fn start_in(host: &netns::NetnsHost, name: &str, count: usize) -> Result<Sshd, String> {
-        Sshd::start_at(name, count, Some(host))
+        Sshd::start_at(name, count, Some(host), None)
     }
 
-    fn start_at(name: &str, count: usize, host: Option<&netns::NetnsHost>) -> Result<Sshd, String> {
+    /// Starts a server whose sessions run inside `root` (sshd's
+    /// `ChrootDirectory`: `root` and every directory above it must be owned
+    /// by root and writable by no one else).
+    pub fn start_chrooted(name: &str, count: usize, root: &Path) -> Result<Sshd, String> {
+        Sshd::start_at(name, count, None, Some(root))
+    }
+
+    fn start_at(
+        name: &str,
+        count: usize,
+        host: Option<&netns::NetnsHost>,
+        chroot: Option<&Path>,
+    ) -> Result<Sshd, String> {
         for tool in [SSHD, "ssh", "ssh-keygen"] {
             if !tool_exists(tool) {
                 return Err(format!(
@@ -92,7 +104,7 @@ impl Sshd {
                 None => free_port()?,
             };
             let listen = SocketAddr::from((address, port));
-            write_server_config(&dir, listen)?;
+            write_server_config(&dir, listen, chroot)?;
             let aliases: Vec<String> = (0..count).map(|i| format!("{name}-{i}")).collect();
             write_client_config(&dir, name, &aliases, listen, &user, &host_public)?;
             let mut command = match host {
@@ -357,8 +369,15 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| e.to_string())
 }
 
-fn write_server_config(dir: &Path, listen: SocketAddr) -> Result<(), String> {
+fn write_server_config(
+    dir: &Path,
+    listen: SocketAddr,
+    chroot: Option<&Path>,
+) -> Result<(), String> {
     let (address, port) = (listen.ip(), listen.port());
+    let chroot = chroot
+        .map(|root| format!("ChrootDirectory {}\n", root.display()))
+        .unwrap_or_default();
     let config = format!(
         "Port {port}\n\
          ListenAddress {address}\n\
@@ -373,7 +392,8 @@ fn write_server_config(dir: &Path, listen: SocketAddr) -> Result<(), String> {
          UsePAM no\n\
          MaxSessions 200\n\
          MaxStartups 200:30:400\n\
-         LogLevel ERROR\n",
+         LogLevel ERROR\n\
+         {chroot}",
         dir = dir.display()
     );
     std::fs::write(dir.join("sshd_config"), config).map_err(|e| e.to_string())

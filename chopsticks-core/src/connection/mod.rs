@@ -256,6 +256,8 @@ pub(crate) struct ConnectOptions {
     pub(crate) stderr_sink: StderrSink,
     /// How long either end may hear nothing from the other (already clamped).
     pub(crate) heartbeat_timeout: Duration,
+    /// Whether the shell bootstrap ships the loader and libraries with the program.
+    pub(crate) bundle_libraries: bool,
 }
 
 /// A live agent process.

@@ -13,7 +13,7 @@ use tokio_util::codec::FramedRead;
 
 use super::{ConnectOptions, Connection, EXPLAIN_WAIT, Ending, Frames, Shared};
 use crate::agent_env::{self, AGENT_DEPTH, AGENT_HEARTBEAT, AGENT_MARKER, MAX_DEPTH};
-use crate::bootstrap::{self, Outcome};
+use crate::bootstrap::{self, Bundle, Outcome, Shipment};
 use crate::descriptor_limit;
 use crate::error::{Error, Phase, Result};
 use crate::identity::{self, hex};
@@ -28,7 +28,7 @@ pub(crate) async fn connect(
     options: &ConnectOptions,
 ) -> Result<Connection> {
     let host: Arc<str> = transport.host().into();
-    let (command, agent_file) = launch_command(transport, &host, options).await?;
+    let (command, shipment) = launch_command(transport, &host, options).await?;
     let Pipes {
         mut stdin,
         mut stdout,
@@ -46,11 +46,17 @@ pub(crate) async fn connect(
             cause: Some(source),
         })?;
     let shared = supervise_process(&host, options, stderr, process);
-    if let Some(file) = agent_file {
-        bootstrap(transport, &shared, file, &mut stdout, &mut stdin).await?;
+    if let Some(shipment) = shipment {
+        bootstrap(transport, &shared, shipment, &mut stdout, &mut stdin).await?;
     }
     let mut frames: Frames = FramedRead::new(stdout, FrameDecoder::default());
-    let hello = read_hello(transport, &shared, &mut frames).await?;
+    let hello =
+        read_hello(transport, &shared, &mut frames)
+            .await
+            .map_err(|error| match shipment {
+                Some(Shipment::Program(_)) => with_loader_hint(error),
+                _ => error,
+            })?;
     check_hello(&host, &hello)?;
     Ok(Connection::start(
         shared,
@@ -68,7 +74,7 @@ async fn launch_command(
     transport: &dyn Transport,
     host: &str,
     options: &ConnectOptions,
-) -> Result<(AgentCommand, Option<&'static identity::AgentFile>)> {
+) -> Result<(AgentCommand, Option<Shipment>)> {
     let spawn_error = |message: String| Error::Spawn {
         host: host.to_string(),
         message,
@@ -92,17 +98,23 @@ async fn launch_command(
     let heartbeat_ms = options.heartbeat_timeout.as_millis().to_string();
     match transport.launch() {
         AgentLaunch::ShellBootstrap => {
-            let file = tokio::task::spawn_blocking(identity::agent_file)
-                .await
-                .map_err(|error| spawn_error(format!("hashing this program failed: {error}")))?
-                .map_err(|error| Error::Io {
-                    host: host.to_string(),
-                    phase: Phase::Bootstrap,
-                    error,
-                })?;
+            let bundle_libraries = options.bundle_libraries;
+            let shipment = tokio::task::spawn_blocking(move || {
+                if bundle_libraries && let Some(bundle) = Bundle::of_this_program()? {
+                    return Ok(Shipment::Bundle(bundle));
+                }
+                identity::agent_file().map(Shipment::Program)
+            })
+            .await
+            .map_err(|error| spawn_error(format!("hashing this program failed: {error}")))?
+            .map_err(|error| Error::Io {
+                host: host.to_string(),
+                phase: Phase::Bootstrap,
+                error,
+            })?;
             let (os, arch) = identity::uname();
-            let command = bootstrap::command(file, depth, &heartbeat_ms, &os, &arch);
-            Ok((command, Some(file)))
+            let command = bootstrap::command(shipment, depth, &heartbeat_ms, &os, &arch);
+            Ok((command, Some(shipment)))
         }
         _ => {
             let command = AgentCommand::new(format!("/proc/{}/exe", std::process::id()))
@@ -145,7 +157,7 @@ fn supervise_process(
 async fn bootstrap(
     transport: &dyn Transport,
     shared: &Shared,
-    file: &identity::AgentFile,
+    shipment: Shipment,
     stdout: &mut Box<dyn AsyncRead + Send + Unpin>,
     stdin: &mut Box<dyn AsyncWrite + Send + Unpin>,
 ) -> Result<()> {
@@ -153,7 +165,7 @@ async fn bootstrap(
         host: shared.host.to_string(),
         message,
     };
-    let outcome = bootstrap::dialogue(file, stdout, stdin)
+    let outcome = bootstrap::dialogue(shipment, stdout, stdin)
         .await
         .map_err(|error| failed(format!("talking to the bootstrap script failed: {error}")))?;
     match outcome {
@@ -167,6 +179,40 @@ async fn bootstrap(
             )))
         }
         Outcome::Ended => Err(ended_early(transport, shared).await),
+    }
+}
+
+/// An agent that the shell bootstrap started alone and that ended before
+/// its hello: for a dynamically linked program, the likely cause is a
+/// target without its loader or with an older C library, and the fix is
+/// the bundle.
+fn with_loader_hint(error: Error) -> Error {
+    let loader = crate::program_files::interpreter(&identity::program_path())
+        .ok()
+        .flatten();
+    let Some(loader) = loader else {
+        return error;
+    };
+    let hint = format!(
+        "; this program needs the dynamic loader {} and a C library at least as new as its \
+         own: if the target lacks them, TunnelBuilder::bundle_libraries(true) ships them with it",
+        loader.display()
+    );
+    match error {
+        Error::Spawn {
+            host,
+            message,
+            cause,
+        } => Error::Spawn {
+            host,
+            message: message + &hint,
+            cause,
+        },
+        Error::Bootstrap { host, message } => Error::Bootstrap {
+            host,
+            message: message + &hint,
+        },
+        other => other,
     }
 }
 

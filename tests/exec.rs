@@ -315,3 +315,35 @@ async fn without_the_bundle_the_missing_loader_is_named() {
     assert!(text.contains("ld-linux"), "{text}");
     assert!(text.contains("bundle_libraries"), "{text}");
 }
+
+#[tokio::test]
+async fn by_default_a_host_that_cannot_run_the_program_alone_gets_the_bundle() {
+    let Some(root) = chopsticks_testkit::require(LibclessRoot::build("auto"), "exec::libcless")
+    else {
+        return;
+    };
+    let (sink, lines) = crate::support::capture_stderr();
+    let chroot = root.path().display().to_string();
+    let tun = Tunnel::builder(Exec::new(["chroot".to_string(), chroot]).named("auto"))
+        .stderr(sink)
+        .build();
+    assert_eq!(
+        tun.call(add, (1, 2))
+            .await
+            .expect("the bundle after the program alone failed"),
+        3
+    );
+    tun.close().await.expect("close");
+    assert_eq!(tun.call(add, (3, 4)).await.expect("reconnect"), 7);
+    tun.close().await.expect("close");
+    let failed_alone = lines
+        .lock()
+        .expect("lines")
+        .iter()
+        .filter(|line| line.contains("not found"))
+        .count();
+    assert_eq!(
+        failed_alone, 1,
+        "the tunnel tried the program alone once, then kept the bundle"
+    );
+}

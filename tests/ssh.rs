@@ -444,6 +444,7 @@ async fn a_host_without_any_c_library_runs_the_bundled_agent_over_ssh() {
 
     let alone = Tunnel::builder(Ssh::new(sshd.alias(0)).config_file(sshd.client_config()))
         .stderr(chopsticks::stderr::discard())
+        .bundle_libraries(false)
         .build();
     let error = alone.call(add, (1, 1)).await.expect_err("no loader there");
     let text = error.to_string();

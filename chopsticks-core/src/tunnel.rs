@@ -62,7 +62,7 @@ pub struct TunnelBuilder {
     call_timeout: Option<Duration>,
     heartbeat_timeout: Duration,
     stderr_sink: StderrSink,
-    bundle_libraries: bool,
+    bundle_libraries: Option<bool>,
 }
 
 impl TunnelBuilder {
@@ -94,15 +94,22 @@ impl TunnelBuilder {
     }
 
     /// Whether the shell bootstrap ships this program with its dynamic
-    /// loader and shared libraries (default: no), so that it runs on a
-    /// target without them: another distribution's older C library, musl
-    /// or no libc at all, a minimal image. The agent then runs as
-    /// `lib/LOADER --library-path lib agent` from a cached `bundle-ID/`
-    /// directory; every file is checked against its SHA-256 before each
-    /// start. A statically linked program always goes alone, and transports
-    /// that do not use the shell bootstrap (`Local`, `Docker`) ignore this.
+    /// loader, shared libraries and the C library's name-service modules,
+    /// so that it runs on a target without them: another distribution's
+    /// older C library, musl or no libc at all, a minimal image. The agent
+    /// then runs as `lib/LOADER --library-path lib agent` from a cached
+    /// `bundle-ID/` directory, every file checked against its SHA-256
+    /// before each start.
+    ///
+    /// By default the program goes alone, which starts a little faster;
+    /// if it dies before it answers (no loader, an older C library), the
+    /// connect starts again with the bundle, and this tunnel keeps using
+    /// it. `true` always bundles; `false` never does, and an agent that
+    /// cannot start says which loader it needs. A statically linked program
+    /// always goes alone, and transports that do not use the shell
+    /// bootstrap (`Local`, `Docker`) ignore this.
     pub fn bundle_libraries(mut self, bundle: bool) -> Self {
-        self.bundle_libraries = bundle;
+        self.bundle_libraries = Some(bundle);
         self
     }
 
@@ -125,6 +132,7 @@ impl TunnelBuilder {
                     stderr_sink: self.stderr_sink,
                     heartbeat_timeout: self.heartbeat_timeout,
                     bundle_libraries: self.bundle_libraries,
+                    bundle_learned: Default::default(),
                 },
                 current: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
@@ -146,7 +154,7 @@ impl Tunnel {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             call_timeout: None,
             heartbeat_timeout: crate::heartbeat::DEFAULT_HEARTBEAT_TIMEOUT,
-            bundle_libraries: false,
+            bundle_libraries: None,
             stderr_sink: stderr::print_to_stderr(),
         }
     }

@@ -256,8 +256,12 @@ pub(crate) struct ConnectOptions {
     pub(crate) stderr_sink: StderrSink,
     /// How long either end may hear nothing from the other (already clamped).
     pub(crate) heartbeat_timeout: Duration,
-    /// Whether the shell bootstrap ships the loader and libraries with the program.
-    pub(crate) bundle_libraries: bool,
+    /// Whether the shell bootstrap ships the loader and libraries with the
+    /// program; `None`: alone until that fails (see `bundle_learned`).
+    pub(crate) bundle_libraries: Option<bool>,
+    /// Set once a program that went alone could not start on the target:
+    /// later connects of the tunnel bring the bundle at once.
+    pub(crate) bundle_learned: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A live agent process.

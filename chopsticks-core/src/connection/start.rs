@@ -3,6 +3,7 @@
 //! hello and its checks; and the supervisor that owns the process after.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -23,12 +24,64 @@ use crate::transport::{AgentCommand, AgentLaunch, AgentProcess, Pipes, Transport
 use crate::wire::{Frame, FrameDecoder};
 
 /// Starts the agent through `transport`, runs the bootstrap if needed, and checks its hello.
+///
+/// Unless the tunnel chose, a dynamically linked program goes alone first;
+/// if it dies before its hello (no loader, an older C library), the
+/// connect starts again with the bundle, and the tunnel keeps the bundle.
 pub(crate) async fn connect(
     transport: &dyn Transport,
     options: &ConnectOptions,
 ) -> Result<Connection> {
+    let bundle = options
+        .bundle_libraries
+        .unwrap_or_else(|| options.bundle_learned.load(Ordering::Relaxed));
+    match connect_once(transport, options, bundle).await {
+        Ok(connection) => Ok(connection),
+        Err(Attempt::Failed(error)) => Err(error),
+        Err(Attempt::DiedBeforeHello(error)) => {
+            let dynamic = matches!(
+                tokio::task::spawn_blocking(Bundle::of_this_program).await,
+                Ok(Ok(Some(_)))
+            );
+            if options.bundle_libraries.is_some() || !dynamic {
+                return Err(with_loader_hint(error));
+            }
+            options.bundle_learned.store(true, Ordering::Relaxed);
+            connect_once(transport, options, true)
+                .await
+                .map_err(Attempt::into_error)
+        }
+    }
+}
+
+/// How one attempt to connect failed.
+enum Attempt {
+    /// The program went alone, was started, and ended before its hello.
+    DiedBeforeHello(Error),
+    Failed(Error),
+}
+
+impl Attempt {
+    fn into_error(self) -> Error {
+        match self {
+            Attempt::DiedBeforeHello(error) | Attempt::Failed(error) => error,
+        }
+    }
+}
+
+impl From<Error> for Attempt {
+    fn from(error: Error) -> Attempt {
+        Attempt::Failed(error)
+    }
+}
+
+async fn connect_once(
+    transport: &dyn Transport,
+    options: &ConnectOptions,
+    bundle: bool,
+) -> std::result::Result<Connection, Attempt> {
     let host: Arc<str> = transport.host().into();
-    let (command, shipment) = launch_command(transport, &host, options).await?;
+    let (command, shipment) = launch_command(transport, &host, options, bundle).await?;
     let Pipes {
         mut stdin,
         mut stdout,
@@ -50,13 +103,14 @@ pub(crate) async fn connect(
         bootstrap(transport, &shared, shipment, &mut stdout, &mut stdin).await?;
     }
     let mut frames: Frames = FramedRead::new(stdout, FrameDecoder::default());
-    let hello =
-        read_hello(transport, &shared, &mut frames)
-            .await
-            .map_err(|error| match shipment {
-                Some(Shipment::Program(_)) => with_loader_hint(error),
-                _ => error,
-            })?;
+    let hello = read_hello(transport, &shared, &mut frames)
+        .await
+        .map_err(|error| match (shipment, &error) {
+            (Some(Shipment::Program(_)), Error::Spawn { .. } | Error::Bootstrap { .. }) => {
+                Attempt::DiedBeforeHello(error)
+            }
+            _ => Attempt::Failed(error),
+        })?;
     check_hello(&host, &hello)?;
     Ok(Connection::start(
         shared,
@@ -74,6 +128,7 @@ async fn launch_command(
     transport: &dyn Transport,
     host: &str,
     options: &ConnectOptions,
+    bundle: bool,
 ) -> Result<(AgentCommand, Option<Shipment>)> {
     let spawn_error = |message: String| Error::Spawn {
         host: host.to_string(),
@@ -98,9 +153,8 @@ async fn launch_command(
     let heartbeat_ms = options.heartbeat_timeout.as_millis().to_string();
     match transport.launch() {
         AgentLaunch::ShellBootstrap => {
-            let bundle_libraries = options.bundle_libraries;
             let shipment = tokio::task::spawn_blocking(move || {
-                if bundle_libraries && let Some(bundle) = Bundle::of_this_program()? {
+                if bundle && let Some(bundle) = Bundle::of_this_program()? {
                     return Ok(Shipment::Bundle(bundle));
                 }
                 identity::agent_file().map(Shipment::Program)

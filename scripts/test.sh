@@ -56,6 +56,13 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 cargo run --quiet --example quickstart
 cargo run --quiet --example custom_transport
+# Two builds of one program, for the test that calls registered functions in
+# another build (tests/other_build.rs): the example plain and with a variant.
+mkdir -p target/other-builds
+cargo build --quiet --example other_build
+cp target/debug/examples/other_build target/other-builds/plain
+cargo build --quiet --example other_build --features example-variant
+cp target/debug/examples/other_build target/other-builds/variant
 # The decoder fuzz targets (proptest) run this many cases each.
 export CHOPSTICKS_FUZZ_CASES="${CHOPSTICKS_FUZZ_CASES:-20000}"
 cargo test --workspace --all-features

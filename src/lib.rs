@@ -125,7 +125,7 @@ pub use chopsticks_core::{
     AgentCommand, AgentLaunch, AgentProcess, AsyncRemoteFn, BoxError, Call, DEFAULT_CLOSE_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT, Direction, Error, ExitReport, Fetch, Group, GroupFetch, GroupPut,
     GroupResult, Phase, Pipes, Put, RemoteError, RemoteFn, Result, StderrSink, Transfer, Transport,
-    Tunnel, TunnelBuilder, async_trait, shell_quote,
+    Tunnel, TunnelBuilder, async_trait, register, shell_quote,
 };
 pub use chopsticks_core::{progress, stderr};
 

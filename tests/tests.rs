@@ -21,6 +21,8 @@
 //! - `descriptors`: hundreds of local tunnels from a low soft limit; running out names the limit
 //! - `forged_calls`: random and near-miss function references against a live agent: refused,
 //!   never run
+//! - `other_build`: registered functions called in another build of a program (two builds of
+//!   `examples/other_build.rs`); unregistered ones and changed signatures are refused
 //! - `group`: fan-out over several agents, per-host failures, set operations, group transfers
 //! - `ssh`: the OpenSSH transport against a real sshd (chopsticks-testkit), also one whose
 //!   sessions are chrooted into a root without a C library
@@ -54,6 +56,7 @@ mod heartbeat;
 mod hygiene;
 mod lifecycle;
 mod memory;
+mod other_build;
 #[cfg(feature = "ssh")]
 mod partition;
 mod protocol;

@@ -202,12 +202,21 @@ run uploaded
 "#;
 
 /// What the bootstrap places on a target.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) enum Shipment {
     /// This program alone, cached as `agent-SHA256`.
     Program(&'static AgentFile),
     /// This program with its loader and libraries, cached as `bundle-ID/`.
     Bundle(&'static Bundle),
+    /// Another build of this program (`TunnelBuilder::program_for`), alone.
+    Other(std::sync::Arc<OtherBuild>),
+}
+
+/// Another build of this program and its digest.
+#[derive(Debug)]
+pub(crate) struct OtherBuild {
+    pub(crate) file: AgentFile,
+    pub(crate) source: PathBuf,
 }
 
 /// This program with its dynamic loader and libraries, and their digests.
@@ -307,9 +316,10 @@ pub(crate) fn command(
             "CHOPSTICKS_HEARTBEAT_MS"
         )
     );
-    let (hash, size) = match shipment {
+    let (hash, size) = match &shipment {
         Shipment::Program(file) => (file.sha256.clone(), file.size),
         Shipment::Bundle(bundle) => (bundle.id.clone(), bundle.size()),
+        Shipment::Other(build) => (build.file.sha256.clone(), build.file.size),
     };
     let command = AgentCommand::new("sh")
         .arg("-c")
@@ -321,7 +331,7 @@ pub(crate) fn command(
         .arg(heartbeat_ms)
         .arg(format!("{os} {arch}"));
     match shipment {
-        Shipment::Program(_) => command,
+        Shipment::Program(_) | Shipment::Other(_) => command,
         Shipment::Bundle(bundle) => command.arg(bundle.loader.clone()).arg(bundle.manifest()),
     }
 }
@@ -380,8 +390,9 @@ where
                 ));
             }
             "send" => {
-                let (source, size) = match (shipment, rest) {
+                let (source, size) = match (&shipment, rest) {
                     (Shipment::Program(file), "") => (crate::identity::program_path(), file.size),
+                    (Shipment::Other(build), "") => (build.source.clone(), build.file.size),
                     (Shipment::Bundle(bundle), name) => {
                         match bundle.files.iter().find(|file| file.name == name) {
                             Some(file) => (file.source.clone(), file.size),
@@ -393,7 +404,7 @@ where
                             }
                         }
                     }
-                    (Shipment::Program(_), other) => {
+                    (Shipment::Program(_) | Shipment::Other(_), other) => {
                         return Ok(Outcome::Failed(format!(
                             "the target asked for {:?}, but the agent goes alone",
                             peer_text(other)
@@ -476,24 +487,34 @@ mod tests {
         let file = Shipment::Program(file);
         let mut out: &[u8] = b"Welcome!\nchopsticks-bootstrap error no space left\n";
         let mut sink = Vec::new();
-        let outcome = dialogue(file, &mut out, &mut sink).await.expect("dialogue");
+        let outcome = dialogue(file.clone(), &mut out, &mut sink)
+            .await
+            .expect("dialogue");
         assert_eq!(outcome, Outcome::Failed("no space left".into()));
 
         let mut out: &[u8] = b"chopsticks-bootstrap arch Linux aarch64\n";
-        let outcome = dialogue(file, &mut out, &mut sink).await.expect("dialogue");
+        let outcome = dialogue(file.clone(), &mut out, &mut sink)
+            .await
+            .expect("dialogue");
         assert_eq!(outcome, Outcome::WrongPlatform("Linux aarch64".into()));
 
         let mut out: &[u8] = b"chopsticks-bootstrap exec cached\n\x00\x00";
-        let outcome = dialogue(file, &mut out, &mut sink).await.expect("dialogue");
+        let outcome = dialogue(file.clone(), &mut out, &mut sink)
+            .await
+            .expect("dialogue");
         assert_eq!(outcome, Outcome::Exec { uploaded: false });
         assert_eq!(out, b"\x00\x00", "bytes after the exec line stay unread");
 
         let mut out: &[u8] = b"";
-        let outcome = dialogue(file, &mut out, &mut sink).await.expect("dialogue");
+        let outcome = dialogue(file.clone(), &mut out, &mut sink)
+            .await
+            .expect("dialogue");
         assert_eq!(outcome, Outcome::Ended);
 
         let mut out: &[u8] = b"chopsticks-bootstrap send\nchopsticks-bootstrap send\n";
-        let outcome = dialogue(file, &mut out, &mut sink).await.expect("dialogue");
+        let outcome = dialogue(file.clone(), &mut out, &mut sink)
+            .await
+            .expect("dialogue");
         assert!(
             matches!(&outcome, Outcome::Failed(message) if message.contains("second time")),
             "{outcome:?}"

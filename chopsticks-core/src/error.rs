@@ -110,6 +110,20 @@ pub enum Error {
         /// The remote backtrace, when `RUST_BACKTRACE` enabled one on the agent.
         backtrace: Option<String>,
     },
+    /// The agent is another build of this program (`TunnelBuilder::program_for`),
+    /// which runs only functions listed in [`register!`](crate::register);
+    /// this one is not. Nothing was sent.
+    #[non_exhaustive]
+    #[error(
+        "the agent on {host} is another build of this program, which runs only functions \
+         listed in chopsticks::register!, and {function} is not listed"
+    )]
+    NotRegistered {
+        /// The host the call was for.
+        host: String,
+        /// The type name of the function.
+        function: String,
+    },
     /// A value could not be encoded, sent or decoded on this side.
     #[non_exhaustive]
     #[error("{what} of {function} for {host} could not be {action}: {message}")]
@@ -301,6 +315,7 @@ impl Error {
             | Error::Protocol { host, .. }
             | Error::Disconnected { host, .. }
             | Error::Remote { host, .. }
+            | Error::NotRegistered { host, .. }
             | Error::Value { host, .. }
             | Error::Timeout { host, .. }
             | Error::Group { host, .. }
@@ -320,6 +335,7 @@ impl Error {
             Error::Protocol { .. }
             | Error::Disconnected { .. }
             | Error::Remote { .. }
+            | Error::NotRegistered { .. }
             | Error::Value { .. } => Phase::Call,
             Error::Timeout { phase, .. } | Error::Io { phase, .. } | Error::Group { phase, .. } => {
                 *phase

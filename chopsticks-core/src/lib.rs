@@ -41,6 +41,7 @@ mod files;
 mod group;
 mod heartbeat;
 mod identity;
+mod named;
 mod program_files;
 pub mod progress;
 mod protocol;
@@ -104,6 +105,12 @@ pub mod __private {
     pub mod program_files {
         pub use crate::program_files::*;
     }
+    /// Functions registered by name (what `register!` expands to).
+    pub mod named {
+        pub use crate::named::*;
+    }
+    /// The link-time registry crate `register!` uses.
+    pub use linkme;
     /// Protocol messages.
     pub mod protocol {
         pub use crate::protocol::*;

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::files::FileTime;
 
 /// The protocol version both ends must speak.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// One protocol message, carried CBOR-encoded in one frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,13 +230,21 @@ pub enum FunctionRef {
         /// `type_name` of the function, for errors and traces.
         name: Cow<'static, str>,
     },
+    /// A function registered with `register!`, by its name: for an agent
+    /// that is another build of the program.
+    Named {
+        /// `module_path::name`.
+        name: Cow<'static, str>,
+        /// The type names of its arguments and result, in the caller's build.
+        signature: String,
+    },
 }
 
 impl FunctionRef {
     /// The function's name for errors and traces.
     pub fn name(&self) -> &str {
         match self {
-            FunctionRef::Offset { name, .. } => name,
+            FunctionRef::Offset { name, .. } | FunctionRef::Named { name, .. } => name,
         }
     }
 }

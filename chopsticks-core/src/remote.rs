@@ -234,6 +234,16 @@ where
     Args: DeserializeOwned,
     F::Output: Serialize,
 {
+    function_ref_of::<F, Args>()
+}
+
+/// [`function_ref`] by type alone.
+pub fn function_ref_of<F, Args>() -> FunctionRef
+where
+    F: RemoteFn<Args>,
+    Args: DeserializeOwned,
+    F::Output: Serialize,
+{
     let () = CapturesNothing::<F>::CHECK;
     let entry: &'static Entry = const {
         &Entry {
@@ -251,6 +261,16 @@ where
 
 /// The reference to an async function, checked at build time to capture nothing.
 pub fn async_function_ref<F, Args>(_function: F) -> FunctionRef
+where
+    F: AsyncRemoteFn<Args>,
+    Args: DeserializeOwned + Send + 'static,
+    F::Output: Serialize + 'static,
+{
+    async_function_ref_of::<F, Args>()
+}
+
+/// [`async_function_ref`] by type alone.
+pub fn async_function_ref_of<F, Args>() -> FunctionRef
 where
     F: AsyncRemoteFn<Args>,
     Args: DeserializeOwned + Send + 'static,
@@ -324,7 +344,16 @@ impl AsyncTrampolineFn {
 /// defence, not a proof: what is resolved here is called through a function
 /// pointer read from memory.
 pub unsafe fn resolve(function: &FunctionRef, mode: CallMode) -> Result<Resolved, Failure> {
-    let FunctionRef::Offset { offset, name } = function;
+    let (offset, name) = match function {
+        FunctionRef::Offset { offset, name } => (offset, name),
+        FunctionRef::Named { name, signature } => {
+            let own = crate::named::resolve_name(name, signature, mode)
+                .map_err(|why| Failure::new(FailureKind::UnknownFunction, why))?;
+            // SAFETY: the same contract; `own` is this build's own reference,
+            // checked again like any other.
+            return unsafe { resolve(&own, mode) };
+        }
+    };
     let refuse = |why: &str| {
         Failure::new(
             FailureKind::UnknownFunction,
@@ -521,8 +550,29 @@ mod tests {
     }
 
     fn offset(function: &FunctionRef) -> i64 {
-        let FunctionRef::Offset { offset, .. } = function;
-        *offset
+        match function {
+            FunctionRef::Offset { offset, .. } => *offset,
+            other => panic!("not an offset: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_names_and_other_signatures_are_refused_before_any_code() {
+        // SAFETY: resolve reads only this program's tables.
+        let unknown = unsafe {
+            resolve(
+                &FunctionRef::Named {
+                    name: "no::such::function".into(),
+                    signature: "() -> ()".into(),
+                },
+                CallMode::Blocking,
+            )
+        };
+        let Err(failure) = unknown else {
+            panic!("resolved an unknown name")
+        };
+        assert_eq!(failure.kind, FailureKind::UnknownFunction);
+        assert!(failure.message.contains("no::such::function"), "{}", failure.message);
     }
 
     fn at(offset: i64) -> FunctionRef {

@@ -63,6 +63,7 @@ pub struct TunnelBuilder {
     heartbeat_timeout: Duration,
     stderr_sink: StderrSink,
     bundle_libraries: Option<bool>,
+    programs: Vec<(String, std::path::PathBuf)>,
 }
 
 impl TunnelBuilder {
@@ -113,6 +114,25 @@ impl TunnelBuilder {
         self
     }
 
+    /// Names another build of this program as the agent for targets of
+    /// `platform`, as `uname -sm` prints it there (`"Linux aarch64"`,
+    /// `"Linux x86_64"`): the same crate built for another target (`cargo
+    /// build --release --target aarch64-unknown-linux-musl`) or with
+    /// another profile. The shell bootstrap sends that file in place of
+    /// this program to such targets, and calls go by name: only functions
+    /// listed in [`register!`](crate::register) run there, and one whose
+    /// argument or result types differ between the builds is refused.
+    /// Naming this machine's own platform makes every target of it use the
+    /// other build.
+    pub fn program_for(
+        mut self,
+        platform: impl Into<String>,
+        program: impl Into<std::path::PathBuf>,
+    ) -> Self {
+        self.programs.push((platform.into(), program.into()));
+        self
+    }
+
     /// Where the agent's stderr lines go (default: this process's stderr, as `[host] line`).
     /// Every line is also emitted as a `tracing` event with target `chopsticks::stderr`.
     pub fn stderr(mut self, sink: StderrSink) -> Self {
@@ -133,6 +153,7 @@ impl TunnelBuilder {
                     heartbeat_timeout: self.heartbeat_timeout,
                     bundle_libraries: self.bundle_libraries,
                     bundle_learned: Default::default(),
+                    programs: self.programs,
                 },
                 current: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
@@ -155,6 +176,7 @@ impl Tunnel {
             call_timeout: None,
             heartbeat_timeout: crate::heartbeat::DEFAULT_HEARTBEAT_TIMEOUT,
             bundle_libraries: None,
+            programs: Vec::new(),
             stderr_sink: stderr::print_to_stderr(),
         }
     }

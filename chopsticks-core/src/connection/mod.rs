@@ -262,6 +262,18 @@ pub(crate) struct ConnectOptions {
     /// Set once a program that went alone could not start on the target:
     /// later connects of the tunnel bring the bundle at once.
     pub(crate) bundle_learned: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Other builds of this program, by the platform (`uname -sm`) they serve.
+    pub(crate) programs: Vec<(String, std::path::PathBuf)>,
+}
+
+impl ConnectOptions {
+    /// The build named for `platform`, if any.
+    pub(crate) fn program_for(&self, platform: &str) -> Option<std::path::PathBuf> {
+        self.programs
+            .iter()
+            .find(|(serves, _)| serves == platform)
+            .map(|(_, program)| program.clone())
+    }
 }
 
 /// A live agent process.
@@ -270,6 +282,8 @@ pub(crate) struct Connection {
     outbox: Outbox,
     next_id: AtomicU64,
     hello: Hello,
+    /// The agent is another build of this program: calls go by name.
+    foreign: bool,
     reader: JoinHandle<()>,
     /// Writes queued frames to the agent's stdin, which it closes when it
     /// ends; a kill aborts it and closes the stdin even while a write is
@@ -293,6 +307,7 @@ impl Connection {
         stdin: Box<dyn AsyncWrite + Send + Unpin>,
         hello: Hello,
         heartbeat_timeout: Duration,
+        foreign: bool,
     ) -> Connection {
         let (outbox, outbox_receiver, mut sink) = Outbox::with_direct_writes(stdin);
         let writer_shared = shared.clone();
@@ -313,6 +328,7 @@ impl Connection {
             outbox,
             next_id: AtomicU64::new(1),
             hello,
+            foreign,
             reader,
             writer,
             heartbeat,
@@ -348,6 +364,18 @@ impl Connection {
                 ),
             });
         }
+        // Another build has other offsets: a registered function goes by name.
+        let named;
+        let function = if self.foreign {
+            named =
+                crate::named::by_reference(function, mode).ok_or_else(|| Error::NotRegistered {
+                    host: self.shared.host.to_string(),
+                    function: function.name().to_string(),
+                })?;
+            &named
+        } else {
+            function
+        };
         let (mut request, alone) = self.request_alone()?;
         let id = request.id();
         // Alone, the call is written at once if the writer is idle; with

@@ -2,6 +2,7 @@
 //! bootstrap), the transport's spawn, the bootstrap dialogue, the agent's
 //! hello and its checks; and the supervisor that owns the process after.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -14,7 +15,7 @@ use tokio_util::codec::FramedRead;
 
 use super::{ConnectOptions, Connection, EXPLAIN_WAIT, Ending, Frames, Shared};
 use crate::agent_env::{self, AGENT_DEPTH, AGENT_HEARTBEAT, AGENT_MARKER, MAX_DEPTH};
-use crate::bootstrap::{self, Bundle, Outcome, Shipment};
+use crate::bootstrap::{self, Bundle, OtherBuild, Outcome, Shipment};
 use crate::descriptor_limit;
 use crate::error::{Error, Phase, Result};
 use crate::identity::{self, hex};
@@ -32,12 +33,28 @@ pub(crate) async fn connect(
     transport: &dyn Transport,
     options: &ConnectOptions,
 ) -> Result<Connection> {
-    let bundle = options
-        .bundle_libraries
-        .unwrap_or_else(|| options.bundle_learned.load(Ordering::Relaxed));
-    match connect_once(transport, options, bundle).await {
+    let (os, arch) = identity::uname();
+    let own_platform = format!("{os} {arch}");
+    let choice = match options.program_for(&own_platform) {
+        Some(program) => Choice::Other {
+            platform: own_platform,
+            program,
+        },
+        None => Choice::Own {
+            bundle: options
+                .bundle_libraries
+                .unwrap_or_else(|| options.bundle_learned.load(Ordering::Relaxed)),
+        },
+    };
+    match connect_once(transport, options, &choice).await {
         Ok(connection) => Ok(connection),
         Err(Attempt::Failed(error)) => Err(error),
+        Err(Attempt::WrongPlatform { platform, error }) => match options.program_for(&platform) {
+            Some(program) => connect_once(transport, options, &Choice::Other { platform, program })
+                .await
+                .map_err(Attempt::into_error),
+            None => Err(error),
+        },
         Err(Attempt::DiedBeforeHello(error)) => {
             let dynamic = matches!(
                 tokio::task::spawn_blocking(Bundle::of_this_program).await,
@@ -47,24 +64,39 @@ pub(crate) async fn connect(
                 return Err(with_loader_hint(error));
             }
             options.bundle_learned.store(true, Ordering::Relaxed);
-            connect_once(transport, options, true)
+            connect_once(transport, options, &Choice::Own { bundle: true })
                 .await
                 .map_err(Attempt::into_error)
         }
     }
 }
 
+/// Which program an attempt starts.
+enum Choice {
+    /// This program, bundled with its libraries or not.
+    Own { bundle: bool },
+    /// Another build of it, for `platform` (`uname -sm`).
+    Other { platform: String, program: PathBuf },
+}
+
 /// How one attempt to connect failed.
 enum Attempt {
-    /// The program went alone, was started, and ended before its hello.
+    /// This program went alone, was started, and ended before its hello.
     DiedBeforeHello(Error),
+    /// The target runs another platform (`uname -sm`).
+    WrongPlatform {
+        platform: String,
+        error: Error,
+    },
     Failed(Error),
 }
 
 impl Attempt {
     fn into_error(self) -> Error {
         match self {
-            Attempt::DiedBeforeHello(error) | Attempt::Failed(error) => error,
+            Attempt::DiedBeforeHello(error)
+            | Attempt::WrongPlatform { error, .. }
+            | Attempt::Failed(error) => error,
         }
     }
 }
@@ -78,10 +110,10 @@ impl From<Error> for Attempt {
 async fn connect_once(
     transport: &dyn Transport,
     options: &ConnectOptions,
-    bundle: bool,
+    choice: &Choice,
 ) -> std::result::Result<Connection, Attempt> {
     let host: Arc<str> = transport.host().into();
-    let (command, shipment) = launch_command(transport, &host, options, bundle).await?;
+    let (command, shipment) = launch_command(transport, &host, options, choice).await?;
     let Pipes {
         mut stdin,
         mut stdout,
@@ -99,25 +131,34 @@ async fn connect_once(
             cause: Some(source),
         })?;
     let shared = supervise_process(&host, options, stderr, process);
-    if let Some(shipment) = shipment {
-        bootstrap(transport, &shared, shipment, &mut stdout, &mut stdin).await?;
+    if let Some(shipment) = &shipment {
+        bootstrap(
+            transport,
+            &shared,
+            shipment.clone(),
+            &mut stdout,
+            &mut stdin,
+        )
+        .await?;
     }
     let mut frames: Frames = FramedRead::new(stdout, FrameDecoder::default());
     let hello = read_hello(transport, &shared, &mut frames)
         .await
-        .map_err(|error| match (shipment, &error) {
+        .map_err(|error| match (&shipment, &error) {
             (Some(Shipment::Program(_)), Error::Spawn { .. } | Error::Bootstrap { .. }) => {
                 Attempt::DiedBeforeHello(error)
             }
             _ => Attempt::Failed(error),
         })?;
-    check_hello(&host, &hello)?;
+    let other_build = matches!(choice, Choice::Other { .. });
+    let foreign = check_hello(&host, &hello, other_build)?;
     Ok(Connection::start(
         shared,
         frames,
         stdin,
         hello,
         options.heartbeat_timeout,
+        foreign,
     ))
 }
 
@@ -128,7 +169,7 @@ async fn launch_command(
     transport: &dyn Transport,
     host: &str,
     options: &ConnectOptions,
-    bundle: bool,
+    choice: &Choice,
 ) -> Result<(AgentCommand, Option<Shipment>)> {
     let spawn_error = |message: String| Error::Spawn {
         host: host.to_string(),
@@ -153,11 +194,31 @@ async fn launch_command(
     let heartbeat_ms = options.heartbeat_timeout.as_millis().to_string();
     match transport.launch() {
         AgentLaunch::ShellBootstrap => {
-            let shipment = tokio::task::spawn_blocking(move || {
-                if bundle && let Some(bundle) = Bundle::of_this_program()? {
-                    return Ok(Shipment::Bundle(bundle));
+            let (os, arch) = identity::uname();
+            let (want_os, want_arch) = match choice {
+                Choice::Other { platform, .. } => platform
+                    .split_once(' ')
+                    .map(|(os, arch)| (os.to_string(), arch.to_string()))
+                    .unwrap_or((platform.clone(), String::new())),
+                Choice::Own { .. } => (os, arch),
+            };
+            let choice = match choice {
+                Choice::Own { bundle } => Ok(*bundle),
+                Choice::Other { program, .. } => Err(program.clone()),
+            };
+            let shipment = tokio::task::spawn_blocking(move || match choice {
+                Ok(bundle) => {
+                    if bundle && let Some(bundle) = Bundle::of_this_program()? {
+                        return Ok(Shipment::Bundle(bundle));
+                    }
+                    identity::agent_file().map(Shipment::Program)
                 }
-                identity::agent_file().map(Shipment::Program)
+                Err(program) => identity::file_digest(&program).map(|file| {
+                    Shipment::Other(Arc::new(OtherBuild {
+                        file,
+                        source: program,
+                    }))
+                }),
             })
             .await
             .map_err(|error| spawn_error(format!("hashing this program failed: {error}")))?
@@ -166,8 +227,8 @@ async fn launch_command(
                 phase: Phase::Bootstrap,
                 error,
             })?;
-            let (os, arch) = identity::uname();
-            let command = bootstrap::command(shipment, depth, &heartbeat_ms, &os, &arch);
+            let command =
+                bootstrap::command(shipment.clone(), depth, &heartbeat_ms, &want_os, &want_arch);
             Ok((command, Some(shipment)))
         }
         _ => {
@@ -214,7 +275,7 @@ async fn bootstrap(
     shipment: Shipment,
     stdout: &mut Box<dyn AsyncRead + Send + Unpin>,
     stdin: &mut Box<dyn AsyncWrite + Send + Unpin>,
-) -> Result<()> {
+) -> std::result::Result<(), Attempt> {
     let failed = |message: String| Error::Bootstrap {
         host: shared.host.to_string(),
         message,
@@ -224,15 +285,17 @@ async fn bootstrap(
         .map_err(|error| failed(format!("talking to the bootstrap script failed: {error}")))?;
     match outcome {
         Outcome::Exec { .. } => Ok(()),
-        Outcome::Failed(message) => Err(failed(message)),
+        Outcome::Failed(message) => Err(failed(message).into()),
         Outcome::WrongPlatform(platform) => {
             let (os, arch) = identity::uname();
-            Err(failed(format!(
+            let error = failed(format!(
                 "the target runs {platform} but this program is built for {os} {arch}; \
-                 build the program for the target's architecture to call functions there"
-            )))
+                 build the program for the target's platform and name it with \
+                 TunnelBuilder::program_for to call registered functions there"
+            ));
+            Err(Attempt::WrongPlatform { platform, error })
         }
-        Outcome::Ended => Err(ended_early(transport, shared).await),
+        Outcome::Ended => Err(ended_early(transport, shared).await.into()),
     }
 }
 
@@ -302,7 +365,9 @@ async fn read_hello(
     }
 }
 
-fn check_hello(host: &str, hello: &Hello) -> Result<()> {
+/// Checks the agent's hello; `Ok(true)` when it is another build of this
+/// program, which the tunnel asked for (`other_build`).
+fn check_hello(host: &str, hello: &Hello, other_build: bool) -> Result<bool> {
     if hello.protocol != PROTOCOL_VERSION {
         return Err(Error::Handshake {
             host: host.to_string(),
@@ -321,6 +386,9 @@ fn check_hello(host: &str, hello: &Hello) -> Result<()> {
                 .into(),
         });
     }
+    if hello.binary_id != ours && other_build {
+        return Ok(true);
+    }
     if hello.binary_id != ours {
         return Err(Error::Handshake {
             host: host.to_string(),
@@ -332,7 +400,7 @@ fn check_hello(host: &str, hello: &Hello) -> Result<()> {
             ),
         });
     }
-    Ok(())
+    Ok(false)
 }
 
 /// An error and its causes, as one sentence: each is shown once, whether

@@ -347,3 +347,32 @@ async fn by_default_a_host_that_cannot_run_the_program_alone_gets_the_bundle() {
         "the tunnel tried the program alone once, then kept the bundle"
     );
 }
+
+#[tokio::test]
+async fn a_host_with_an_older_c_library_gets_the_loaders_words_or_the_bundle() {
+    let Some(root) = chopsticks_testkit::require(
+        LibclessRoot::build("old").and_then(LibclessRoot::with_old_c_library),
+        "exec::old_c_library",
+    ) else {
+        return;
+    };
+    let error = libcless_tunnel(&root, false)
+        .call(add, (1, 1))
+        .await
+        .expect_err("the C library is too old");
+    let text = error.to_string();
+    assert_eq!(error.host(), "libcless", "{text}");
+    assert_eq!(error.phase(), chopsticks::Phase::Connect, "{text}");
+    assert!(
+        text.contains("version `GLIBC_") && text.contains("not found"),
+        "the loader's own message: {text}"
+    );
+    assert!(text.contains("bundle_libraries"), "{text}");
+    // By default the tunnel falls back to the bundle, whose C library is ours.
+    let chroot = root.path().display().to_string();
+    let tun = Tunnel::builder(Exec::new(["chroot".to_string(), chroot]).named("old"))
+        .stderr(chopsticks::stderr::discard())
+        .build();
+    assert_eq!(tun.call(add, (2, 2)).await.expect("through the bundle"), 4);
+    tun.close().await.expect("close");
+}

@@ -592,6 +592,38 @@ impl LibclessRoot {
     pub fn path(&self) -> &Path {
         &self.0
     }
+
+    /// Gives the root this machine's dynamic loader and a C library that
+    /// lacks every version this program needs (libm in libc's place), as an
+    /// old distribution's would: the loader starts, then refuses.
+    pub fn with_old_c_library(self) -> Result<LibclessRoot, String> {
+        // Every library this program links, at its path, except that the
+        // C library is libm: each GLIBC_x version the program needs is missing.
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let ldd = std::process::Command::new("ldd")
+            .arg(&exe)
+            .output()
+            .map_err(|e| format!("ldd: {e}"))?;
+        let text = String::from_utf8_lossy(&ldd.stdout).into_owned();
+        let libm = text
+            .split_whitespace()
+            .find(|word| word.starts_with('/') && word.contains("libm.so"))
+            .ok_or("this program does not link libm")?
+            .to_string();
+        for path in text.split_whitespace().filter(|word| word.starts_with('/')) {
+            let source = if path.contains("/libc.so") {
+                libm.as_str()
+            } else {
+                path
+            };
+            let target = self.0.join(path.trim_start_matches('/'));
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+            }
+            std::fs::copy(source, &target).map_err(|e| format!("{source}: {e}"))?;
+        }
+        Ok(self)
+    }
 }
 
 impl Drop for LibclessRoot {

@@ -572,7 +572,11 @@ mod tests {
             panic!("resolved an unknown name")
         };
         assert_eq!(failure.kind, FailureKind::UnknownFunction);
-        assert!(failure.message.contains("no::such::function"), "{}", failure.message);
+        assert!(
+            failure.message.contains("no::such::function"),
+            "{}",
+            failure.message
+        );
     }
 
     fn at(offset: i64) -> FunctionRef {

@@ -8,7 +8,7 @@ use chopsticks::{Error, Exec, LocalError, Tunnel};
 use chopsticks_testkit::docker::{BOOTSTRAP_IMAGE, docker_or_skip, remove_container};
 use chopsticks_testkit::netns::netns_or_skip;
 
-use crate::support::{LibclessRoot, Scratch, has_c_library, lookups};
+use crate::support::{ChrootRoot, Scratch};
 
 fn tunnel(exec: Exec) -> Tunnel {
     Tunnel::builder(exec)
@@ -65,66 +65,23 @@ async fn into_a_network_namespace() {
     tun.close().await.expect("close");
 }
 
-/// A directory made a root for `chroot`: the bootstrap's tools and this
-/// program's libraries, `/proc` mounted, `/dev/null`; undone when dropped.
-struct ChrootRoot(std::path::PathBuf);
-
-impl ChrootRoot {
-    fn build() -> Result<ChrootRoot, String> {
-        if !crate::support::is_root() {
-            return Err("chroot needs root".into());
-        }
-        let root = std::env::temp_dir().join(format!("chopsticks-chroot-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        let made = ChrootRoot(root.clone());
-        chopsticks_testkit::rootfs::bootstrap_root(&root)?;
-        for dir in ["proc", "dev"] {
-            std::fs::create_dir_all(root.join(dir)).map_err(|e| e.to_string())?;
-        }
-        let run = |program: &str, args: &[&str]| -> Result<(), String> {
-            let status = std::process::Command::new(program)
-                .args(args)
-                .status()
-                .map_err(|e| format!("{program}: {e}"))?;
-            status
-                .success()
-                .then_some(())
-                .ok_or_else(|| format!("{program} {} failed", args.join(" ")))
-        };
-        let root_text = root.display().to_string();
-        run(
-            "mount",
-            &["-t", "proc", "proc", &format!("{root_text}/proc")],
-        )?;
-        run(
-            "mknod",
-            &["-m", "666", &format!("{root_text}/dev/null"), "c", "1", "3"],
-        )?;
-        std::fs::write(root.join("chroot-marker"), b"inside").map_err(|e| e.to_string())?;
-        Ok(made)
-    }
-}
-
-impl Drop for ChrootRoot {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.0.join("proc"))
-            .status();
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn marker() -> String {
     std::fs::read_to_string("/chroot-marker").unwrap_or_default()
 }
 
 #[tokio::test]
 async fn into_a_chroot() {
-    let Some(root) = chopsticks_testkit::require(ChrootRoot::build(), "exec::into_a_chroot") else {
+    let Some(root) = chopsticks_testkit::require(
+        ChrootRoot::with_tools("exec").and_then(|root| {
+            std::fs::write(root.path().join("chroot-marker"), b"inside")
+                .map(|()| root)
+                .map_err(|e| e.to_string())
+        }),
+        "exec::into_a_chroot",
+    ) else {
         return;
     };
-    let chroot = root.0.display().to_string();
+    let chroot = root.path().display().to_string();
     let tun = tunnel(Exec::new(["chroot", chroot.as_str()]).named("jail"));
     assert_eq!(tun.call(marker, ()).await.expect("call"), "inside");
     assert_eq!(tun.call(add, (1, 2)).await.expect("call"), 3);
@@ -132,7 +89,7 @@ async fn into_a_chroot() {
         .await
         .expect("put");
     assert_eq!(
-        std::fs::read(root.0.join("tmp/put")).expect("read"),
+        std::fs::read(root.path().join("tmp/put")).expect("read"),
         b"in the jail\n"
     );
     let dir = Scratch::new("exec-chroot");
@@ -238,7 +195,7 @@ async fn hostile_words_in_a_prefix_reach_the_command_as_they_are() {
     assert!(!witness.exists(), "a shell ran a word of the prefix");
 }
 
-fn libcless_tunnel(root: &LibclessRoot, bundle: bool) -> Tunnel {
+fn libcless_tunnel(root: &ChrootRoot, bundle: bool) -> Tunnel {
     let chroot = root.path().display().to_string();
     Tunnel::builder(Exec::new(["chroot".to_string(), chroot]).named("libcless"))
         .stderr(chopsticks::stderr::discard())
@@ -249,33 +206,14 @@ fn libcless_tunnel(root: &LibclessRoot, bundle: bool) -> Tunnel {
 
 #[tokio::test]
 async fn a_host_without_any_c_library_runs_the_bundled_agent() {
-    let Some(root) = chopsticks_testkit::require(LibclessRoot::build("bundled"), "exec::libcless")
+    let Some(root) =
+        chopsticks_testkit::require(ChrootRoot::without_c_library("bundled"), "exec::libcless")
     else {
         return;
     };
     let tun = libcless_tunnel(&root, true);
-    assert!(
-        !tun.call(has_c_library, ()).await.expect("call"),
-        "the root has no libc"
-    );
-    assert_eq!(tun.call(add, (20, 22)).await.expect("call"), 42);
     assert_eq!(tun.call_async(ticks, (4,)).await.expect("async call"), 4);
-    let (uid, addresses) = tun.call(lookups, ()).await.expect("lookups");
-    assert_eq!(uid, Some(4321), "getpwnam through the shipped C library");
-    assert_eq!(
-        addresses,
-        ["10.9.8.7"],
-        "getaddrinfo through the shipped C library"
-    );
-    tun.put_bytes("bundled\n", "/tmp/put").await.expect("put");
-    let dir = Scratch::new("exec-libcless");
-    tun.fetch("/tmp/put", dir.path("fetched"))
-        .await
-        .expect("fetch");
-    assert_eq!(
-        std::fs::read(dir.path("fetched")).expect("read"),
-        b"bundled\n"
-    );
+    crate::support::exercise_without_c_library(&tun, &root, "bundled\n").await;
     tun.close().await.expect("close");
 
     // Warm: nothing is sent again. A corrupted library in the cache is
@@ -302,7 +240,8 @@ async fn a_host_without_any_c_library_runs_the_bundled_agent() {
 
 #[tokio::test]
 async fn without_the_bundle_the_missing_loader_is_named() {
-    let Some(root) = chopsticks_testkit::require(LibclessRoot::build("alone"), "exec::libcless")
+    let Some(root) =
+        chopsticks_testkit::require(ChrootRoot::without_c_library("alone"), "exec::libcless")
     else {
         return;
     };
@@ -318,7 +257,8 @@ async fn without_the_bundle_the_missing_loader_is_named() {
 
 #[tokio::test]
 async fn by_default_a_host_that_cannot_run_the_program_alone_gets_the_bundle() {
-    let Some(root) = chopsticks_testkit::require(LibclessRoot::build("auto"), "exec::libcless")
+    let Some(root) =
+        chopsticks_testkit::require(ChrootRoot::without_c_library("auto"), "exec::libcless")
     else {
         return;
     };
@@ -351,7 +291,7 @@ async fn by_default_a_host_that_cannot_run_the_program_alone_gets_the_bundle() {
 #[tokio::test]
 async fn a_host_with_an_older_c_library_gets_the_loaders_words_or_the_bundle() {
     let Some(root) = chopsticks_testkit::require(
-        LibclessRoot::build("old").and_then(LibclessRoot::with_old_c_library),
+        ChrootRoot::without_c_library("old").and_then(ChrootRoot::with_old_c_library),
         "exec::old_c_library",
     ) else {
         return;

@@ -394,9 +394,9 @@ async fn a_group_shares_one_set_of_ssh_settings() {
 
 /// A session root without any C library, served by an sshd whose sessions
 /// are chrooted into it: a host that cannot run this program's libc.
-fn libcless_sshd(name: &str) -> Option<(crate::support::LibclessRoot, Sshd)> {
+fn libcless_sshd(name: &str) -> Option<(crate::support::ChrootRoot, Sshd)> {
     let root = chopsticks_testkit::require(
-        crate::support::LibclessRoot::build(name),
+        crate::support::ChrootRoot::without_c_library(name),
         "a host without a C library over ssh",
     )?;
     let sshd = chopsticks_testkit::require(
@@ -415,31 +415,7 @@ async fn a_host_without_any_c_library_runs_the_bundled_agent_over_ssh() {
         .stderr(chopsticks::stderr::discard())
         .bundle_libraries(true)
         .build();
-    assert!(
-        !tun.call(crate::support::has_c_library, ())
-            .await
-            .expect("call"),
-        "the session root has no C library"
-    );
-    assert_eq!(tun.call(add, (2, 40)).await.expect("call"), 42);
-    let (uid, addresses) = tun
-        .call(crate::support::lookups, ())
-        .await
-        .expect("lookups");
-    assert_eq!((uid, addresses), (Some(4321), vec!["10.9.8.7".to_string()]));
-    tun.put_bytes("over ssh\n", "/tmp/put").await.expect("put");
-    assert_eq!(
-        std::fs::read(root.path().join("tmp/put")).expect("read"),
-        b"over ssh\n"
-    );
-    let dir = crate::support::Scratch::new("ssh-libcless");
-    tun.fetch("/tmp/put", dir.path("fetched"))
-        .await
-        .expect("fetch");
-    assert_eq!(
-        std::fs::read(dir.path("fetched")).expect("read"),
-        b"over ssh\n"
-    );
+    crate::support::exercise_without_c_library(&tun, &root, "over ssh\n").await;
     tun.close().await.expect("close");
 
     let alone = Tunnel::builder(Ssh::new(sshd.alias(0)).config_file(sshd.client_config()))

@@ -174,7 +174,7 @@ async fn a_killed_sshd_fails_native_calls_fast() {
 #[tokio::test]
 async fn a_host_without_any_c_library_runs_the_bundled_agent_through_libssh2() {
     let Some(root) = chopsticks_testkit::require(
-        crate::support::LibclessRoot::build("libcless-native"),
+        crate::support::ChrootRoot::without_c_library("libcless-native"),
         "a host without a C library over libssh2",
     ) else {
         return;
@@ -189,27 +189,6 @@ async fn a_host_without_any_c_library_runs_the_bundled_agent_through_libssh2() {
         .stderr(chopsticks::stderr::discard())
         .bundle_libraries(true)
         .build();
-    assert!(
-        !tun.call(crate::support::has_c_library, ())
-            .await
-            .expect("call")
-    );
-    assert_eq!(tun.call(add, (40, 2)).await.expect("call"), 42);
-    let (uid, addresses) = tun
-        .call(crate::support::lookups, ())
-        .await
-        .expect("lookups");
-    assert_eq!((uid, addresses), (Some(4321), vec!["10.9.8.7".to_string()]));
-    tun.put_bytes("through libssh2\n", "/tmp/native")
-        .await
-        .expect("put");
-    let dir = crate::support::Scratch::new("native-libcless");
-    tun.fetch("/tmp/native", dir.path("fetched"))
-        .await
-        .expect("fetch");
-    assert_eq!(
-        std::fs::read(dir.path("fetched")).expect("read"),
-        b"through libssh2\n"
-    );
+    crate::support::exercise_without_c_library(&tun, &root, "through libssh2\n").await;
     tun.close().await.expect("close");
 }

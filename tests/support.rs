@@ -509,17 +509,59 @@ pub fn our_hello_message() -> chopsticks_core::__private::protocol::Message {
     )
 }
 
-/// A root with no C library at all: a static busybox as `/bin/sh` and the
-/// bootstrap's tools, `/proc`, `/dev/null`, a user and a host name in
-/// `/etc`; undone when dropped.
-pub struct LibclessRoot(PathBuf);
+/// A directory made a root for `chroot` (and sshd's `ChrootDirectory`):
+/// `/proc` mounted, `/dev/null`, a world-writable `/tmp`; undone when
+/// dropped. [`with_tools`](Self::with_tools) fills it with this machine's
+/// bootstrap tools and the libraries this program needs;
+/// [`without_c_library`](Self::without_c_library) with a static busybox
+/// alone, a user and a host name in `/etc`.
+pub struct ChrootRoot(PathBuf);
 
-impl LibclessRoot {
-    pub fn build(name: &str) -> Result<LibclessRoot, String> {
-        if !crate::support::is_root() {
+impl ChrootRoot {
+    /// An empty root named `kind-name`, under a path sshd accepts: every
+    /// directory up to it owned by root and writable by no one else (not /tmp).
+    fn empty(kind: &str, name: &str) -> Result<ChrootRoot, String> {
+        if !is_root() {
             return Err("chroot needs root".into());
         }
-        let busybox = std::path::Path::new("/bin/busybox");
+        let base = Path::new("/srv/chopsticks-test");
+        std::fs::create_dir_all(base).map_err(|e| e.to_string())?;
+        std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| e.to_string())?;
+        let root = base.join(format!("{kind}-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let made = ChrootRoot(root.clone());
+        for dir in ["bin", "proc", "dev", "tmp", "etc"] {
+            std::fs::create_dir_all(root.join(dir)).map_err(|e| e.to_string())?;
+        }
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| e.to_string())?;
+        std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))
+            .map_err(|e| e.to_string())?;
+        let root_text = root.display().to_string();
+        run(
+            "mount",
+            &["-t", "proc", "proc", &format!("{root_text}/proc")],
+        )?;
+        run(
+            "mknod",
+            &["-m", "666", &format!("{root_text}/dev/null"), "c", "1", "3"],
+        )?;
+        Ok(made)
+    }
+
+    /// A root with the bootstrap's tools and this program's libraries, as
+    /// this machine has them.
+    pub fn with_tools(name: &str) -> Result<ChrootRoot, String> {
+        let root = ChrootRoot::empty("tools", name)?;
+        chopsticks_testkit::rootfs::bootstrap_root(&root.0)?;
+        Ok(root)
+    }
+
+    /// A root with no C library at all: a static busybox as `/bin/sh` and
+    /// every tool, a user `operator-x` (4321) and a host `fleet-db`.
+    pub fn without_c_library(name: &str) -> Result<ChrootRoot, String> {
+        let busybox = Path::new("/bin/busybox");
         let listed = std::process::Command::new(busybox)
             .arg("--list")
             .output()
@@ -533,59 +575,26 @@ impl LibclessRoot {
         if dynamic {
             return Err("/bin/busybox is dynamically linked; install busybox-static".into());
         }
-        // sshd's ChrootDirectory wants every directory up to the root owned
-        // by root and writable by no one else: not under /tmp.
-        let base = std::path::Path::new("/srv/chopsticks-test");
-        std::fs::create_dir_all(base).map_err(|e| e.to_string())?;
-        std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o755))
-            .map_err(|e| e.to_string())?;
-        let root = base.join(format!("libcless-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        let made = LibclessRoot(root.clone());
-        for dir in ["bin", "proc", "dev", "tmp", "etc"] {
-            std::fs::create_dir_all(root.join(dir)).map_err(|e| e.to_string())?;
-        }
-        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))
-            .map_err(|e| e.to_string())?;
-        std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))
-            .map_err(|e| e.to_string())?;
-        std::fs::copy(busybox, root.join("bin/busybox")).map_err(|e| e.to_string())?;
+        let root = ChrootRoot::empty("libcless", name)?;
+        std::fs::copy(busybox, root.0.join("bin/busybox")).map_err(|e| e.to_string())?;
         for tool in String::from_utf8_lossy(&listed.stdout).lines() {
-            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(tool));
+            let _ = std::os::unix::fs::symlink("busybox", root.0.join("bin").join(tool));
         }
-        let write = |path: &str, text: &str| {
-            std::fs::write(root.join(path), text).map_err(|e| e.to_string())
-        };
-        write(
-            "etc/passwd",
-            "root:x:0:0:root:/root:/bin/sh\noperator-x:x:4321:4321::/tmp:/bin/sh\n",
-        )?;
-        write("etc/group", "root:x:0:\n")?;
-        write("etc/hosts", "127.0.0.1 localhost\n10.9.8.7 fleet-db\n")?;
-        write(
-            "etc/nsswitch.conf",
-            "passwd: files\ngroup: files\nhosts: files dns\n",
-        )?;
-        let root_text = root.display().to_string();
-        let run = |program: &str, args: &[&str]| -> Result<(), String> {
-            let status = std::process::Command::new(program)
-                .args(args)
-                .status()
-                .map_err(|e| format!("{program}: {e}"))?;
-            status
-                .success()
-                .then_some(())
-                .ok_or_else(|| format!("{program} {} failed", args.join(" ")))
-        };
-        run(
-            "mount",
-            &["-t", "proc", "proc", &format!("{root_text}/proc")],
-        )?;
-        run(
-            "mknod",
-            &["-m", "666", &format!("{root_text}/dev/null"), "c", "1", "3"],
-        )?;
-        Ok(made)
+        for (path, text) in [
+            (
+                "etc/passwd",
+                "root:x:0:0:root:/root:/bin/sh\noperator-x:x:4321:4321::/tmp:/bin/sh\n",
+            ),
+            ("etc/group", "root:x:0:\n"),
+            ("etc/hosts", "127.0.0.1 localhost\n10.9.8.7 fleet-db\n"),
+            (
+                "etc/nsswitch.conf",
+                "passwd: files\ngroup: files\nhosts: files dns\n",
+            ),
+        ] {
+            std::fs::write(root.0.join(path), text).map_err(|e| e.to_string())?;
+        }
+        Ok(root)
     }
 
     /// The root directory.
@@ -596,7 +605,7 @@ impl LibclessRoot {
     /// Gives the root this machine's dynamic loader and a C library that
     /// lacks every version this program needs (libm in libc's place), as an
     /// old distribution's would: the loader starts, then refuses.
-    pub fn with_old_c_library(self) -> Result<LibclessRoot, String> {
+    pub fn with_old_c_library(self) -> Result<ChrootRoot, String> {
         // Every library this program links, at its path, except that the
         // C library is libm: each GLIBC_x version the program needs is missing.
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -626,7 +635,7 @@ impl LibclessRoot {
     }
 }
 
-impl Drop for LibclessRoot {
+impl Drop for ChrootRoot {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount")
             .arg("-l")
@@ -634,6 +643,18 @@ impl Drop for LibclessRoot {
             .status();
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Runs `program args`; an error unless it succeeds.
+fn run(program: &str, args: &[&str]) -> Result<(), String> {
+    let status = std::process::Command::new(program)
+        .args(args)
+        .status()
+        .map_err(|e| format!("{program}: {e}"))?;
+    status
+        .success()
+        .then_some(())
+        .ok_or_else(|| format!("{program} {} failed", args.join(" ")))
 }
 
 /// A user and a host looked up through the C library's name services.
@@ -652,4 +673,34 @@ pub fn has_c_library() -> bool {
     ["/lib", "/lib64", "/usr/lib"]
         .iter()
         .any(|dir| std::path::Path::new(dir).exists())
+}
+
+/// Calls, lookups, a put and a fetch through `tun`, whose agent runs in
+/// `root` (a [`ChrootRoot::without_c_library`]) on the shipped C library.
+pub async fn exercise_without_c_library(tun: &chopsticks::Tunnel, root: &ChrootRoot, text: &str) {
+    fn add(a: u64, b: u64) -> u64 {
+        a + b
+    }
+    assert!(
+        !tun.call(has_c_library, ()).await.expect("call"),
+        "the root has no C library"
+    );
+    assert_eq!(tun.call(add, (40, 2)).await.expect("call"), 42);
+    let (uid, addresses) = tun.call(lookups, ()).await.expect("lookups");
+    assert_eq!((uid, addresses), (Some(4321), vec!["10.9.8.7".to_string()]));
+    tun.put_bytes(text.to_string(), "/tmp/put")
+        .await
+        .expect("put");
+    assert_eq!(
+        std::fs::read_to_string(root.path().join("tmp/put")).expect("read"),
+        text
+    );
+    let dir = Scratch::new("without-c-library");
+    tun.fetch("/tmp/put", dir.path("fetched"))
+        .await
+        .expect("fetch");
+    assert_eq!(
+        std::fs::read_to_string(dir.path("fetched")).expect("read"),
+        text
+    );
 }

@@ -4,7 +4,7 @@
 
 use chopsticks_core::{AgentCommand, AgentLaunch, BoxError, Pipes, Transport, async_trait};
 
-use crate::{LocalError, spawn_piped};
+use crate::{LocalError, append_agent_command, spawn_piped};
 
 /// Starts the agent through a command prefix, by the shell bootstrap.
 ///
@@ -80,18 +80,7 @@ impl Transport for Exec {
         };
         let mut process = tokio::process::Command::new(program);
         process.args(words);
-        if !command.env_vars().is_empty() {
-            // The command may not pass this environment on; env(1) on the
-            // target sets it, word by word.
-            process.arg("env");
-            process.args(
-                command
-                    .env_vars()
-                    .iter()
-                    .map(|(key, value)| format!("{key}={value}")),
-            );
-        }
-        process.arg(command.program()).args(command.args());
+        append_agent_command(&mut process, command);
         Ok(spawn_piped(process, program)?)
     }
 

@@ -62,6 +62,25 @@ pub enum LocalError {
     },
 }
 
+/// Appends the agent's command to `process` behind a prefix that may not
+/// pass this environment on (`sudo`, `kubectl exec`): `env K=V ...` on the
+/// target sets it, word by word, then the program and its arguments.
+fn append_agent_command(
+    process: &mut tokio::process::Command,
+    command: &chopsticks_core::AgentCommand,
+) {
+    if !command.env_vars().is_empty() {
+        process.arg("env");
+        process.args(
+            command
+                .env_vars()
+                .iter()
+                .map(|(key, value)| format!("{key}={value}")),
+        );
+    }
+    process.arg(command.program()).args(command.args());
+}
+
 fn stderr_text(stderr: &str) -> String {
     if stderr.is_empty() {
         " (it wrote nothing to stderr)".to_string()

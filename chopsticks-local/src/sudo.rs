@@ -2,7 +2,7 @@
 
 use chopsticks_core::{AgentCommand, AgentLaunch, BoxError, Pipes, Transport, async_trait};
 
-use crate::{LocalError, spawn_piped};
+use crate::{LocalError, append_agent_command, spawn_piped};
 
 /// Runs the agent as `user` through `sudo -n -H -u USER`.
 ///
@@ -61,17 +61,8 @@ impl Transport for Sudo {
         let user = self.checked_user()?;
         let mut process = tokio::process::Command::new("sudo");
         process.args(["-n", "-H", "-u", user, "--"]);
-        if !command.env_vars().is_empty() {
-            // sudo resets the environment; pass ours through env(1), word by word.
-            process.arg("env");
-            process.args(
-                command
-                    .env_vars()
-                    .iter()
-                    .map(|(key, value)| format!("{key}={value}")),
-            );
-        }
-        process.arg(command.program()).args(command.args());
+        // sudo resets the environment.
+        append_agent_command(&mut process, command);
         Ok(spawn_piped(process, "sudo")?)
     }
 }

@@ -78,8 +78,12 @@
 //!    [`GroupResult`], one outcome per host.
 //! 6. Act on failures with [`Error`]: [`Error::host`], [`Error::phase`],
 //!    [`Error::is_timeout`], [`Error::is_disconnected`].
-//! 7. Write your own [`Transport`] for any command that can run a program
-//!    with a pipe (`kubectl exec`, `ip netns exec`, `chroot`).
+//! 7. Reach targets through any command with `Exec` (`kubectl exec -i`,
+//!    `ip netns exec`, `chroot`), or write your own [`Transport`].
+//! 8. Reach hosts that cannot run this program: its libraries travel with it
+//!    when needed ([`TunnelBuilder::bundle_libraries`]); for another
+//!    architecture, [`register!`] the functions and name a build with
+//!    [`TunnelBuilder::program_for`].
 //!
 //! The README says what a target must provide and what stays on it.
 //!

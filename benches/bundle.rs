@@ -8,6 +8,9 @@
 //! cargo bench --features ssh --bench bundle
 //! ```
 
+#[allow(dead_code)]
+mod support;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -54,16 +57,7 @@ impl Target {
         match self {
             Target::Local(cache) => empty(cache.path()),
             #[cfg(feature = "ssh")]
-            Target::Ssh(sshd) => {
-                let status = std::process::Command::new("ssh")
-                    .arg("-F")
-                    .arg(sshd.client_config())
-                    .arg(sshd.alias(0))
-                    .arg(r#"rm -rf -- "${XDG_CACHE_HOME:-$HOME/.cache}/chopsticks""#)
-                    .status()
-                    .expect("ssh");
-                assert!(status.success(), "emptying the remote agent cache");
-            }
+            Target::Ssh(sshd) => support::empty_remote_cache(sshd),
         }
     }
 }

@@ -21,6 +21,9 @@
 //! taskset -c 0 cargo bench --bench calls          # pinned; see BENCHMARKS.md
 //! ```
 
+#[allow(dead_code)]
+mod support;
+
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -132,16 +135,7 @@ impl Target {
                 let _ = std::fs::remove_dir_all(cache);
             }
             #[cfg(feature = "ssh")]
-            Target::Ssh(sshd) => {
-                let status = std::process::Command::new("ssh")
-                    .arg("-F")
-                    .arg(sshd.client_config())
-                    .arg(sshd.alias(0))
-                    .arg(r#"rm -rf -- "${XDG_CACHE_HOME:-$HOME/.cache}/chopsticks""#)
-                    .status()
-                    .expect("ssh");
-                assert!(status.success(), "emptying the remote agent cache");
-            }
+            Target::Ssh(sshd) => support::empty_remote_cache(sshd),
         }
     }
 

@@ -4,6 +4,20 @@
 use std::io::Write;
 use std::path::Path;
 
+/// Empties the agent cache of the test-kit sshd's login user, so the next
+/// bootstrap starts cold.
+#[cfg(feature = "ssh")]
+pub fn empty_remote_cache(sshd: &chopsticks_testkit::Sshd) {
+    let status = std::process::Command::new("ssh")
+        .arg("-F")
+        .arg(sshd.client_config())
+        .arg(sshd.alias(0))
+        .arg(r#"rm -rf -- "${XDG_CACHE_HOME:-$HOME/.cache}/chopsticks""#)
+        .status()
+        .expect("ssh");
+    assert!(status.success(), "emptying the remote agent cache");
+}
+
 /// A number from the environment, or `default`.
 pub fn env_number(name: &str, default: usize) -> usize {
     std::env::var(name)

@@ -468,16 +468,7 @@ fn plant_payloads(hours: Vec<u64>) -> Vec<String> {
 }
 
 fn payload_names() -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir("/.chopsticks")
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|entry| entry.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
+    crate::support::entries(std::path::Path::new("/.chopsticks"))
 }
 
 #[tokio::test]

@@ -300,13 +300,13 @@ impl Bundle {
 }
 
 /// The command that runs the shell bootstrap for `shipment` at nesting
-/// `depth`, with a heartbeat timeout of `heartbeat_ms` milliseconds.
+/// `depth`, with a heartbeat timeout of `heartbeat_ms` milliseconds, for a
+/// target whose `uname -sm` is `platform`.
 pub(crate) fn command(
     shipment: Shipment,
     depth: u32,
     heartbeat_ms: &str,
-    os: &str,
-    arch: &str,
+    platform: &str,
 ) -> AgentCommand {
     debug_assert_eq!(
         (AGENT_MARKER, AGENT_DEPTH, AGENT_HEARTBEAT),
@@ -329,7 +329,7 @@ pub(crate) fn command(
         .arg(size.to_string())
         .arg(depth.to_string())
         .arg(heartbeat_ms)
-        .arg(format!("{os} {arch}"));
+        .arg(platform);
     match shipment {
         Shipment::Program(_) | Shipment::Other(_) => command,
         Shipment::Bundle(bundle) => command.arg(bundle.loader.clone()).arg(bundle.manifest()),

@@ -69,10 +69,11 @@ pub fn agent_file() -> io::Result<&'static AgentFile> {
 pub fn file_digest(path: &Path) -> io::Result<AgentFile> {
     let mut reader = std::fs::File::open(path)?;
     let size = reader.metadata()?.len();
-    let program = std::fs::read_link(path)
-        .ok()
-        .filter(|_| path == Path::new(SELF_EXE))
-        .unwrap_or_else(|| path.to_path_buf());
+    // The cache knows a program by its path; /proc/self/exe names the link.
+    let program = match path == Path::new(SELF_EXE) {
+        true => std::fs::read_link(path).unwrap_or_else(|_| path.to_path_buf()),
+        false => path.to_path_buf(),
+    };
     let cache = crate::digest_cache::directory();
     if let Some(sha256) = cache
         .as_deref()

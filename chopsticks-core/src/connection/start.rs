@@ -37,10 +37,11 @@ pub(crate) async fn connect(
     let own_platform = format!("{os} {arch}");
     let choice = match options.program_for(&own_platform) {
         Some(program) => Choice::Other {
-            platform: own_platform,
+            platform: own_platform.clone(),
             program,
         },
         None => Choice::Own {
+            platform: own_platform.clone(),
             bundle: options
                 .bundle_libraries
                 .unwrap_or_else(|| options.bundle_learned.load(Ordering::Relaxed)),
@@ -64,19 +65,32 @@ pub(crate) async fn connect(
                 return Err(with_loader_hint(error));
             }
             options.bundle_learned.store(true, Ordering::Relaxed);
-            connect_once(transport, options, &Choice::Own { bundle: true })
+            let retry = Choice::Own {
+                platform: own_platform,
+                bundle: true,
+            };
+            connect_once(transport, options, &retry)
                 .await
                 .map_err(Attempt::into_error)
         }
     }
 }
 
-/// Which program an attempt starts.
+/// Which program an attempt starts, for which platform (`uname -sm`, which
+/// the bootstrap compares with the target's).
 enum Choice {
     /// This program, bundled with its libraries or not.
-    Own { bundle: bool },
-    /// Another build of it, for `platform` (`uname -sm`).
+    Own { platform: String, bundle: bool },
+    /// Another build of it, for `platform`.
     Other { platform: String, program: PathBuf },
+}
+
+impl Choice {
+    fn platform(&self) -> &str {
+        match self {
+            Choice::Own { platform, .. } | Choice::Other { platform, .. } => platform,
+        }
+    }
 }
 
 /// How one attempt to connect failed.
@@ -194,16 +208,9 @@ async fn launch_command(
     let heartbeat_ms = options.heartbeat_timeout.as_millis().to_string();
     match transport.launch() {
         AgentLaunch::ShellBootstrap => {
-            let (os, arch) = identity::uname();
-            let (want_os, want_arch) = match choice {
-                Choice::Other { platform, .. } => platform
-                    .split_once(' ')
-                    .map(|(os, arch)| (os.to_string(), arch.to_string()))
-                    .unwrap_or((platform.clone(), String::new())),
-                Choice::Own { .. } => (os, arch),
-            };
+            let platform = choice.platform().to_string();
             let choice = match choice {
-                Choice::Own { bundle } => Ok(*bundle),
+                Choice::Own { bundle, .. } => Ok(*bundle),
                 Choice::Other { program, .. } => Err(program.clone()),
             };
             let shipment = tokio::task::spawn_blocking(move || match choice {
@@ -227,8 +234,7 @@ async fn launch_command(
                 phase: Phase::Bootstrap,
                 error,
             })?;
-            let command =
-                bootstrap::command(shipment.clone(), depth, &heartbeat_ms, &want_os, &want_arch);
+            let command = bootstrap::command(shipment.clone(), depth, &heartbeat_ms, &platform);
             Ok((command, Some(shipment)))
         }
         _ => {

@@ -5,7 +5,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use chopsticks::{AgentCommand, AgentLaunch, BoxError, Pipes, StderrSink, Transport, async_trait};
+use chopsticks_core::__private::protocol::{FailureKind, Message, PROTOCOL_VERSION, Payload};
+use chopsticks_core::__private::wire::{Frame, FrameDecoder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::codec::Decoder;
 
 /// Whether a process exists and is not a zombie.
 pub fn process_alive(pid: u32) -> bool {
@@ -703,4 +708,106 @@ pub async fn exercise_without_c_library(tun: &chopsticks::Tunnel, root: &ChrootR
         std::fs::read_to_string(dir.path("fetched")).expect("read"),
         text
     );
+}
+
+/// An agent started by hand, as a controller would, read and written frame by frame.
+pub struct RawAgent {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::process::ChildStdout,
+    buffer: BytesMut,
+    decoder: FrameDecoder,
+}
+
+impl RawAgent {
+    pub async fn start() -> RawAgent {
+        let mut child = tokio::process::Command::new("/proc/self/exe")
+            .env("CHOPSTICKS_AGENT", PROTOCOL_VERSION.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn the agent");
+        let mut agent = RawAgent {
+            stdin: child.stdin.take().expect("stdin"),
+            stdout: child.stdout.take().expect("stdout"),
+            child,
+            buffer: BytesMut::new(),
+            decoder: FrameDecoder::default(),
+        };
+        match agent.next().await {
+            Frame::Message(Message::Hello(_)) => agent,
+            other => panic!("expected the hello, got {other:?}"),
+        }
+    }
+
+    pub async fn next(&mut self) -> Frame {
+        loop {
+            if let Some(frame) = self.decoder.decode(&mut self.buffer).expect("valid frames") {
+                return frame;
+            }
+            let read = tokio::time::timeout(
+                Duration::from_secs(10),
+                self.stdout.read_buf(&mut self.buffer),
+            )
+            .await
+            .expect("the agent answers within 10 s")
+            .expect("read");
+            assert!(read > 0, "the agent died: {:?}", self.child.try_wait());
+        }
+    }
+
+    /// Writes `bytes` (frames) to the agent's input.
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stdin
+            .write_all(bytes)
+            .await
+            .expect("write to the agent");
+    }
+
+    /// Whether the agent process is still running.
+    pub fn is_alive(&mut self) -> bool {
+        self.child.try_wait().expect("wait").is_none()
+    }
+
+    /// How the agent exited, waiting at most `bound`.
+    pub async fn exit_status(&mut self, bound: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(bound, self.child.wait())
+            .await
+            .expect("the agent exits in time")
+            .expect("wait")
+    }
+
+    /// The next reply to a call (heartbeats skipped): its id and outcome.
+    pub async fn reply(&mut self) -> (u64, Result<Vec<u8>, FailureKind>) {
+        loop {
+            match self.next().await {
+                Frame::Message(Message::Return {
+                    id,
+                    value: Payload::Inline(value),
+                }) => return (id, Ok(value)),
+                Frame::Message(Message::Fail { id, failure }) => return (id, Err(failure.kind)),
+                Frame::Message(Message::Heartbeat) => {}
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+}
+
+/// The bytes of a `Call` frame for `function` with the encoded `args`.
+pub fn raw_call(
+    id: u64,
+    function: &chopsticks_core::__private::protocol::FunctionRef,
+    mode: chopsticks_core::__private::protocol::CallMode,
+    args: &[u8],
+) -> Vec<u8> {
+    use chopsticks_core::__private::protocol::{Message, Payload};
+    chopsticks_core::__private::wire::OutFrame::message(&Message::Call {
+        id,
+        function: function.clone(),
+        mode,
+        args: Payload::Inline(args.to_vec()),
+    })
+    .to_bytes()
 }

@@ -32,6 +32,8 @@
 //! - `files`: put and fetch: round trips, modes, atomic replacement, corruption, full disk,
 //!   killed agents, permissions, constant memory
 //! - `deploy`: puts from memory, owners and groups, and puts that skip an unchanged target
+//! - `streams`: streaming calls locally and over sshd: order, first item early, flow control,
+//!   cancellation both ways, failures mid-stream, big items, thousands of streams, hostile peers
 
 mod support;
 
@@ -64,5 +66,6 @@ mod protocol;
 mod ssh;
 #[cfg(feature = "libssh2")]
 mod ssh_native;
+mod streams;
 mod sudo;
 mod torn_files;

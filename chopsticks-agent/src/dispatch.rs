@@ -35,6 +35,8 @@ pub(crate) enum Action {
     Fetch { id: u64, path: Vec<u8> },
     /// Stop request `id` (its call, put or fetch); its partial arguments are already dropped.
     Cancel { id: u64 },
+    /// The controller lets stream `id` send `bytes` more.
+    Credit { id: u64, bytes: u64 },
     /// Exit cleanly.
     Shutdown,
     /// Nothing to do (a heartbeat, a chunk of an argument still arriving,
@@ -113,6 +115,10 @@ impl Dispatcher {
                 self.puts.remove(&id);
                 Action::Cancel { id }
             }
+            Frame::Message(Message::Credit { id, bytes }) => Action::Credit { id, bytes },
+            Frame::Stream { id, .. } => Action::Violation(format!(
+                "the controller sent stream data for request {id}, which takes no input"
+            )),
             Frame::Message(Message::Shutdown) => Action::Shutdown,
             Frame::Message(Message::Heartbeat) => Action::Nothing,
             Frame::Message(other) => Action::Violation(format!(

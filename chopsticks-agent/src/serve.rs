@@ -21,11 +21,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chopsticks_core::__private::flow::{End, Out, Outflow};
 use chopsticks_core::__private::heartbeat::{self, SilenceClock};
 use chopsticks_core::__private::identity::{binary_id, uname};
 use chopsticks_core::__private::protocol::{
     CallMode, Failure, FailureKind, FunctionRef, Hello, Message, PROTOCOL_VERSION, Payload,
-    PutRequest,
+    PutRequest, encode_value,
 };
 use chopsticks_core::__private::remote::{CallOutcome, Resolved, resolve};
 use chopsticks_core::__private::wire::{
@@ -48,6 +49,8 @@ enum RunningCall {
     Task(AbortHandle),
     /// A blocking call: runs on, but its result is discarded.
     Blocking(Arc<AtomicBool>),
+    /// A streaming call: its producer is stopped (and its task aborted, if async).
+    Stream(Arc<Outflow>, Option<AbortHandle>),
 }
 
 type Running = Arc<Mutex<HashMap<u64, RunningCall>>>;
@@ -430,6 +433,12 @@ fn lead(agent: &Agent) {
             }
             Action::Fetch { id, path } => agent.start_fetch(id, path),
             Action::Cancel { id } => agent.cancel(id),
+            Action::Credit { id, bytes } => {
+                if let Err(message) = agent.credit(id, bytes) {
+                    crate::warn(format_args!("protocol violation: {message}; exiting"));
+                    return finish(agent, 2);
+                }
+            }
             Action::Shutdown => return finish(agent, 0),
             Action::Nothing => {}
             Action::Violation(message) => {
@@ -480,7 +489,24 @@ impl Agent {
         match lock(&self.dispatch.running).remove(&id) {
             Some(RunningCall::Task(handle)) => handle.abort(),
             Some(RunningCall::Blocking(cancelled)) => cancelled.store(true, Ordering::Relaxed),
+            Some(RunningCall::Stream(flow, task)) => {
+                flow.cancel();
+                if let Some(task) = task {
+                    task.abort();
+                }
+            }
             None => {}
+        }
+    }
+
+    /// Gives stream `id` more credit. Credit for a stream that has ended
+    /// (or never was) is dropped: it may have crossed the stream's end.
+    fn credit(&self, id: u64, bytes: u64) -> Result<(), String> {
+        match lock(&self.dispatch.running).get(&id) {
+            Some(RunningCall::Stream(flow, _)) => flow
+                .grant(bytes)
+                .map_err(|why| format!("request {id}: {why}")),
+            _ => Ok(()),
         }
     }
 }
@@ -520,10 +546,74 @@ impl Dispatch {
                 });
                 calls_running.insert(id, RunningCall::Task(task.abort_handle()));
             }
+            Ok(Resolved::BlockingStream(trampoline)) => {
+                let flow = Arc::new(Outflow::default());
+                lock(&self.running).insert(id, RunningCall::Stream(flow.clone(), None));
+                self.flush(id, flow.clone());
+                let calls = self.calls.clone();
+                self.pool.submit(Box::new(move || {
+                    let _runtime = calls.enter();
+                    let outcome = in_call(|| {
+                        std::panic::catch_unwind(AssertUnwindSafe(|| trampoline.run(&args, &flow)))
+                    });
+                    flow.finish(stream_end(outcome));
+                }));
+            }
+            Ok(Resolved::AsyncStream(trampoline)) => {
+                let flow = Arc::new(Outflow::default());
+                let producer = flow.clone();
+                // Registered before the task runs, as for async calls; a
+                // cancel aborts it, and the flusher ends the stream.
+                let mut calls_running = lock(&self.running);
+                let task = self.calls.spawn(async move {
+                    let outcome = AssertUnwindSafe(InCall(trampoline.run(args, producer.clone())))
+                        .catch_unwind()
+                        .await;
+                    producer.finish(stream_end(outcome));
+                });
+                calls_running.insert(
+                    id,
+                    RunningCall::Stream(flow.clone(), Some(task.abort_handle())),
+                );
+                drop(calls_running);
+                self.flush(id, flow);
+            }
             Err(failure) => {
                 let _ = self.outbox.send(reply(id, Err(failure)));
             }
         }
+    }
+
+    /// Sends stream `id` as credit allows, then its end: the item count
+    /// (also after a cancel, so the controller knows no more comes) or the
+    /// producer's failure.
+    fn flush(&self, id: u64, flow: Arc<Outflow>) {
+        let (outbox, running) = (self.outbox.clone(), self.running.clone());
+        self.io.spawn(async move {
+            let end = loop {
+                match flow.next_out().await {
+                    Out::Data(data) => {
+                        let _ = outbox.send(OutFrame::stream(id, data));
+                    }
+                    Out::End(End::Finished, items) | Out::Cancelled(items) => {
+                        break Ok(encode_value(&items).unwrap_or_default());
+                    }
+                    Out::End(End::Failed(failure), _) => break Err(failure),
+                }
+            };
+            lock(&running).remove(&id);
+            CALLS_FINISHED.fetch_add(1, Ordering::Relaxed);
+            let _ = outbox.send(reply(id, end));
+        });
+    }
+}
+
+/// How a streaming function ended, from its trampoline's outcome.
+fn stream_end(outcome: std::thread::Result<Result<(), Failure>>) -> End {
+    match outcome {
+        Ok(Ok(())) => End::Finished,
+        Ok(Err(failure)) => End::Failed(failure),
+        Err(_) => End::Failed(panic_failure()),
     }
 }
 
@@ -539,7 +629,7 @@ impl Dispatch {
         // SAFETY: as in `start`: the controller runs this same executable.
         let trampoline = match unsafe { resolve(function, CallMode::Blocking) } {
             Ok(Resolved::Blocking(trampoline)) => trampoline,
-            Ok(Resolved::Async(_)) => return None,
+            Ok(_) => return None,
             Err(failure) => {
                 let _ = self.outbox.send(reply(id, Err(failure)));
                 return None;

@@ -208,14 +208,17 @@ pub enum ValuePart {
     Arguments,
     /// The function's result.
     Result,
+    /// An item of a stream, by its index from 0.
+    Item(u64),
 }
 
 impl fmt::Display for ValuePart {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ValuePart::Arguments => "the arguments",
-            ValuePart::Result => "the result",
-        })
+        match self {
+            ValuePart::Arguments => f.write_str("the arguments"),
+            ValuePart::Result => f.write_str("the result"),
+            ValuePart::Item(index) => write!(f, "item {index} of the stream"),
+        }
     }
 }
 

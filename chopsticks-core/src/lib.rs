@@ -38,6 +38,7 @@ mod descriptor_limit;
 mod digest_cache;
 mod error;
 mod files;
+mod flow;
 mod group;
 mod heartbeat;
 mod identity;
@@ -48,16 +49,18 @@ mod protocol;
 mod remote;
 mod remote_error;
 pub mod stderr;
+mod stream;
 mod transfer;
 mod transport;
 mod tunnel;
 mod wire;
 
 pub use error::{BoxError, Direction, Error, Phase, Result, ValueAction, ValuePart};
-pub use group::{Group, GroupFetch, GroupPut, GroupResult};
+pub use group::{Group, GroupFetch, GroupPut, GroupResult, GroupStream};
 pub use remote::{AsyncRemoteFn, RemoteFn};
 pub use remote_error::RemoteError;
 pub use stderr::StderrSink;
+pub use stream::CallStream;
 pub use transfer::{Fetch, Put, Transfer};
 pub use transport::{
     AgentCommand, AgentLaunch, AgentProcess, ExitReport, Pipes, Transport, shell_quote,
@@ -92,6 +95,10 @@ pub mod __private {
     /// Staged files and sources.
     pub mod files {
         pub use crate::files::*;
+    }
+    /// Streams: credit, the sending half, items cut back out of bytes.
+    pub mod flow {
+        pub use crate::flow::*;
     }
     /// Heartbeat timing.
     pub mod heartbeat {

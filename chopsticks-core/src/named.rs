@@ -126,6 +126,8 @@ fn mode_word(mode: CallMode) -> &'static str {
     match mode {
         CallMode::Blocking => "blocking",
         CallMode::Async => "async",
+        CallMode::BlockingStream => "iterator-returning",
+        CallMode::AsyncStream => "stream-returning",
     }
 }
 

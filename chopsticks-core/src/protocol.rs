@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::files::FileTime;
 
 /// The protocol version both ends must speak.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// One protocol message, carried CBOR-encoded in one frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +94,14 @@ pub enum Message {
         /// The file's size when it was opened.
         size: u64,
     },
+    /// The receiver of stream `id` lets its sender have `bytes` more of
+    /// stream data in flight (see [`flow`](crate::flow)).
+    Credit {
+        /// The stream's call id.
+        id: u64,
+        /// How many more bytes the sender may send.
+        bytes: u64,
+    },
 }
 
 impl Message {
@@ -112,6 +120,7 @@ impl Message {
             Message::PutEnd { .. } => "a PutEnd",
             Message::Fetch { .. } => "a Fetch",
             Message::FetchHead { .. } => "a FetchHead",
+            Message::Credit { .. } => "a Credit",
         }
     }
 }
@@ -256,6 +265,19 @@ pub enum CallMode {
     Blocking,
     /// An `async fn`, run as a task on the agent's runtime.
     Async,
+    /// A plain `fn` returning an iterator, iterated on the agent's blocking
+    /// pool; its items stream back as they come.
+    BlockingStream,
+    /// A plain `fn` returning a `Stream`, polled as a task on the agent's
+    /// runtime; its items stream back as they come.
+    AsyncStream,
+}
+
+impl CallMode {
+    /// Whether the call's result is a stream of items.
+    pub fn is_stream(self) -> bool {
+        matches!(self, CallMode::BlockingStream | CallMode::AsyncStream)
+    }
 }
 
 /// Why a call failed on the agent.
@@ -459,6 +481,10 @@ mod tests {
                 path: b"/var/log/syslog".to_vec(),
             },
             Message::FetchHead { id: 11, size: 0 },
+            Message::Credit {
+                id: 12,
+                bytes: 1 << 20,
+            },
             Message::Fail {
                 id: 11,
                 failure: Failure::new(FailureKind::File(FileFailure::Os(2)), "missing"),

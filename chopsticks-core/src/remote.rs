@@ -23,11 +23,14 @@
 use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+
+use futures_util::{Stream, StreamExt};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::flow::{MAX_ITEM_LEN, Outflow};
 use crate::protocol::{CallMode, Failure, FailureKind, FunctionRef, decode_value, encode_value};
 
 /// What a trampoline returns: the encoded result, or why there is none.
@@ -35,8 +38,13 @@ pub type CallOutcome = Result<Vec<u8>, Failure>;
 /// A boxed future of a [`CallOutcome`].
 pub type OutcomeFuture = Pin<Box<dyn Future<Output = CallOutcome> + Send + 'static>>;
 
+/// A boxed future of a streaming function's end.
+pub type StreamFuture = Pin<Box<dyn Future<Output = Result<(), Failure>> + Send + 'static>>;
+
 type BlockingTrampoline = fn(&[u8]) -> CallOutcome;
 type AsyncTrampoline = fn(Vec<u8>) -> OutcomeFuture;
+type BlockingStreamTrampoline = fn(&[u8], &Outflow) -> Result<(), Failure>;
+type AsyncStreamTrampoline = fn(Vec<u8>, Arc<Outflow>) -> StreamFuture;
 
 mod sealed {
     /// Only the blanket implementations below make a type a [`RemoteFn`](super::RemoteFn).
@@ -134,12 +142,30 @@ impl_remote_fn!(A1, A2, A3, A4, A5, A6, A7, A8);
 struct Entry {
     /// [`ENTRY_TAG`]: tells an entry from any other data.
     tag: u64,
-    /// [`BLOCKING`] or [`ASYNC`].
+    /// [`BLOCKING`], [`ASYNC`], [`BLOCKING_STREAM`] or [`ASYNC_STREAM`].
     mode: u64,
-    /// Set in blocking entries.
-    blocking: Option<BlockingTrampoline>,
-    /// Set in async entries.
-    asynchronous: Option<AsyncTrampoline>,
+    /// The trampoline, of the mode's kind.
+    trampoline: Trampoline,
+}
+
+/// An entry's trampoline; its variant always matches the entry's mode.
+#[derive(Clone, Copy)]
+enum Trampoline {
+    Blocking(BlockingTrampoline),
+    Async(AsyncTrampoline),
+    BlockingStream(BlockingStreamTrampoline),
+    AsyncStream(AsyncStreamTrampoline),
+}
+
+impl Trampoline {
+    fn address(self) -> usize {
+        match self {
+            Trampoline::Blocking(code) => code as usize,
+            Trampoline::Async(code) => code as usize,
+            Trampoline::BlockingStream(code) => code as usize,
+            Trampoline::AsyncStream(code) => code as usize,
+        }
+    }
 }
 
 /// The tag every entry starts with. Code never holds this value: the check
@@ -149,6 +175,17 @@ const ENTRY_TAG: u64 = TAG_HALVES.0 ^ TAG_HALVES.1;
 const TAG_HALVES: (u64, u64) = (0x6368_6f70_7374_6963, 0x9e37_79b9_7f4a_7c15);
 const BLOCKING: u64 = 0x0b10_c00b;
 const ASYNC: u64 = 0x0a5e_c00a;
+const BLOCKING_STREAM: u64 = 0x0b10_5eed;
+const ASYNC_STREAM: u64 = 0x0a5e_5eed;
+
+fn mode_tag(mode: CallMode) -> u64 {
+    match mode {
+        CallMode::Blocking => BLOCKING,
+        CallMode::Async => ASYNC,
+        CallMode::BlockingStream => BLOCKING_STREAM,
+        CallMode::AsyncStream => ASYNC_STREAM,
+    }
+}
 
 /// The point entry offsets are measured from.
 static ENTRY_ANCHOR: u8 = 0;
@@ -210,6 +247,76 @@ where
     })
 }
 
+/// Encodes one item of a stream into `encoded`, which it clears first.
+fn encode_item<T: Serialize>(item: &T, encoded: &mut Vec<u8>) -> Result<(), Failure> {
+    encoded.clear();
+    crate::cbor::append_to(item, encoded)
+        .map_err(|error| Failure::new(FailureKind::Result, format!("an item: {error}")))?;
+    if encoded.len() > MAX_ITEM_LEN {
+        return Err(Failure::new(
+            FailureKind::Result,
+            format!(
+                "an item of {} bytes exceeds the limit of {MAX_ITEM_LEN} bytes for one item",
+                encoded.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn blocking_stream_trampoline<F, Args, I>(args: &[u8], flow: &Outflow) -> Result<(), Failure>
+where
+    F: RemoteFn<Args, Output = I>,
+    Args: DeserializeOwned,
+    I: IntoIterator,
+    I::Item: Serialize,
+{
+    let args: Args =
+        decode_value(args).map_err(|message| Failure::new(FailureKind::Arguments, message))?;
+    // SAFETY: `stream_function_ref_of` asserted at compile time that F is zero-sized; F is Copy.
+    let function: F = unsafe { conjure() };
+    let mut items = function.invoke(args).into_iter();
+    let mut encoded = Vec::new();
+    // A cancelled stream's iterator is not advanced again, only dropped.
+    while !flow.is_cancelled() {
+        let Some(item) = items.next() else { break };
+        encode_item(&item, &mut encoded)?;
+        if flow.push_item_blocking(&encoded).is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn async_stream_trampoline<F, Args, S>(args: Vec<u8>, flow: Arc<Outflow>) -> StreamFuture
+where
+    F: RemoteFn<Args, Output = S>,
+    Args: DeserializeOwned + Send + 'static,
+    S: Stream + Send + 'static,
+    S::Item: Serialize,
+{
+    Box::pin(async move {
+        let args: Args =
+            decode_value(&args).map_err(|message| Failure::new(FailureKind::Arguments, message))?;
+        // SAFETY: `async_stream_function_ref_of` asserted at compile time that F is zero-sized; F is Copy.
+        let function: F = unsafe { conjure() };
+        let items = function.invoke(args);
+        let mut items = std::pin::pin!(items);
+        let mut encoded = Vec::new();
+        while !flow.is_cancelled() {
+            match items.next().await {
+                // The item goes before the wait: it need not be `Send`.
+                Some(item) => encode_item(&item, &mut encoded)?,
+                None => break,
+            }
+            if flow.push_item(&encoded).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    })
+}
+
 /// Fails the build when `F` captures something: a function that captures
 /// nothing is zero-sized, so its type alone names it.
 ///
@@ -249,8 +356,7 @@ where
         &Entry {
             tag: ENTRY_TAG,
             mode: BLOCKING,
-            blocking: Some(blocking_trampoline::<F, Args, F::Output>),
-            asynchronous: None,
+            trampoline: Trampoline::Blocking(blocking_trampoline::<F, Args, F::Output>),
         }
     };
     FunctionRef::Offset {
@@ -281,8 +387,55 @@ where
         &Entry {
             tag: ENTRY_TAG,
             mode: ASYNC,
-            blocking: None,
-            asynchronous: Some(async_trampoline::<F, Args, F::Output>),
+            trampoline: Trampoline::Async(async_trampoline::<F, Args, F::Output>),
+        }
+    };
+    FunctionRef::Offset {
+        offset: offset_of(entry),
+        name: Cow::Borrowed(std::any::type_name::<F>()),
+    }
+}
+
+/// The reference to a blocking function that returns an iterator, whose
+/// items stream back; checked at build time to capture nothing.
+pub fn stream_function_ref_of<F, Args>() -> FunctionRef
+where
+    F: RemoteFn<Args>,
+    Args: DeserializeOwned,
+    F::Output: IntoIterator,
+    <F::Output as IntoIterator>::Item: Serialize,
+{
+    let () = CapturesNothing::<F>::CHECK;
+    let entry: &'static Entry = const {
+        &Entry {
+            tag: ENTRY_TAG,
+            mode: BLOCKING_STREAM,
+            trampoline: Trampoline::BlockingStream(
+                blocking_stream_trampoline::<F, Args, F::Output>,
+            ),
+        }
+    };
+    FunctionRef::Offset {
+        offset: offset_of(entry),
+        name: Cow::Borrowed(std::any::type_name::<F>()),
+    }
+}
+
+/// The reference to a function that returns a `Stream`, whose items
+/// stream back; checked at build time to capture nothing.
+pub fn async_stream_function_ref_of<F, Args>() -> FunctionRef
+where
+    F: RemoteFn<Args>,
+    Args: DeserializeOwned + Send + 'static,
+    F::Output: Stream + Send + 'static,
+    <F::Output as Stream>::Item: Serialize,
+{
+    let () = CapturesNothing::<F>::CHECK;
+    let entry: &'static Entry = const {
+        &Entry {
+            tag: ENTRY_TAG,
+            mode: ASYNC_STREAM,
+            trampoline: Trampoline::AsyncStream(async_stream_trampoline::<F, Args, F::Output>),
         }
     };
     FunctionRef::Offset {
@@ -298,6 +451,34 @@ pub enum Resolved {
     Blocking(BlockingTrampolineFn),
     /// Run as a task.
     Async(AsyncTrampolineFn),
+    /// Iterate on a blocking pool, pushing items into a stream.
+    BlockingStream(BlockingStreamTrampolineFn),
+    /// Poll as a task, pushing items into a stream.
+    AsyncStream(AsyncStreamTrampolineFn),
+}
+
+/// A resolved trampoline of an iterator-returning function.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockingStreamTrampolineFn(BlockingStreamTrampoline);
+
+impl BlockingStreamTrampolineFn {
+    /// Runs the function on encoded arguments and pushes its items into
+    /// `flow` until they end or the stream is cancelled.
+    pub fn run(self, args: &[u8], flow: &Outflow) -> Result<(), Failure> {
+        (self.0)(args, flow)
+    }
+}
+
+/// A resolved trampoline of a `Stream`-returning function.
+#[derive(Debug, Clone, Copy)]
+pub struct AsyncStreamTrampolineFn(AsyncStreamTrampoline);
+
+impl AsyncStreamTrampolineFn {
+    /// Starts the function on encoded arguments; the future pushes its
+    /// items into `flow` until they end or the stream is cancelled.
+    pub fn run(self, args: Vec<u8>, flow: Arc<Outflow>) -> StreamFuture {
+        (self.0)(args, flow)
+    }
 }
 
 /// A resolved blocking trampoline.
@@ -380,31 +561,32 @@ pub unsafe fn resolve(function: &FunctionRef, mode: CallMode) -> Result<Resolved
             "does not name an entry of this program's function table",
         ));
     }
-    let wanted = match mode {
-        CallMode::Blocking => BLOCKING,
-        CallMode::Async => ASYNC,
-    };
-    if entry_mode != wanted {
+    if entry_mode != mode_tag(mode) {
         return Err(refuse(match mode {
-            CallMode::Blocking => "is an async function, called as a blocking one",
-            CallMode::Async => "is a blocking function, called as an async one",
+            CallMode::Blocking => "is not a blocking function, as the call says",
+            CallMode::Async => "is not an async function, as the call says",
+            CallMode::BlockingStream => "is not an iterator-returning function, as the call says",
+            CallMode::AsyncStream => "is not a stream-returning function, as the call says",
         }));
     }
     // SAFETY: in this program's read-only data the tag is stored nowhere but
     // in entries (code computes it from two halves), so this is a genuine
     // `Entry` made by `function_ref` or `async_function_ref`, aligned.
     let entry = unsafe { &*std::ptr::with_exposed_provenance::<Entry>(address) };
-    let resolved = match (mode, entry.blocking, entry.asynchronous) {
-        (CallMode::Blocking, Some(trampoline), None) => {
-            Resolved::Blocking(BlockingTrampolineFn(trampoline))
+    let resolved = match (mode, entry.trampoline) {
+        (CallMode::Blocking, Trampoline::Blocking(code)) => {
+            Resolved::Blocking(BlockingTrampolineFn(code))
         }
-        (CallMode::Async, None, Some(trampoline)) => Resolved::Async(AsyncTrampolineFn(trampoline)),
+        (CallMode::Async, Trampoline::Async(code)) => Resolved::Async(AsyncTrampolineFn(code)),
+        (CallMode::BlockingStream, Trampoline::BlockingStream(code)) => {
+            Resolved::BlockingStream(BlockingStreamTrampolineFn(code))
+        }
+        (CallMode::AsyncStream, Trampoline::AsyncStream(code)) => {
+            Resolved::AsyncStream(AsyncStreamTrampolineFn(code))
+        }
         _ => return Err(refuse("names a malformed entry")),
     };
-    let code = match resolved {
-        Resolved::Blocking(BlockingTrampolineFn(trampoline)) => trampoline as usize,
-        Resolved::Async(AsyncTrampolineFn(trampoline)) => trampoline as usize,
-    };
+    let code = entry.trampoline.address();
     if !segments()
         .iter()
         .any(|segment| segment.executable && (segment.start..segment.end).contains(&code))
@@ -639,11 +821,13 @@ mod tests {
         }
         // A perfect forgery (tag, mode and a real trampoline) in writable
         // memory, where a program might keep bytes a peer sent: refused.
+        fn placeholder(_args: &[u8]) -> CallOutcome {
+            Err(Failure::new(FailureKind::UnknownFunction, "placeholder"))
+        }
         static mut FORGED: Entry = Entry {
             tag: 0,
             mode: BLOCKING,
-            blocking: None,
-            asynchronous: None,
+            trampoline: Trampoline::Blocking(placeholder),
         };
         let real = match resolve_here(&at(blocking), CallMode::Blocking) {
             Ok(Resolved::Blocking(BlockingTrampolineFn(trampoline))) => trampoline,
@@ -652,13 +836,12 @@ mod tests {
         let forged_on_heap = Box::new(Entry {
             tag: expected_tag(),
             mode: BLOCKING,
-            blocking: Some(real),
-            asynchronous: None,
+            trampoline: Trampoline::Blocking(real),
         });
         // SAFETY: the test's own static, written before any reader looks.
         let forged_static = unsafe {
             FORGED.tag = expected_tag();
-            FORGED.blocking = Some(real);
+            FORGED.trampoline = Trampoline::Blocking(real);
             std::ptr::addr_of!(FORGED)
         };
         for forged in [forged_static, &*forged_on_heap as *const Entry] {
@@ -670,7 +853,7 @@ mod tests {
         }
         let wrong_mode = resolve_here(&at(blocking), CallMode::Async).expect_err("wrong mode");
         assert!(
-            wrong_mode.message.contains("blocking function"),
+            wrong_mode.message.contains("not an async function"),
             "{}",
             wrong_mode.message
         );

@@ -15,6 +15,7 @@ use crate::error::{Error, Phase, Result, ValueAction, ValuePart};
 use crate::protocol::{CallMode, FunctionRef, decode_value, encode_value};
 use crate::remote::{AsyncRemoteFn, RemoteFn, async_function_ref, function_ref};
 use crate::stderr::{self, StderrSink};
+use crate::stream::CallStream;
 use crate::transfer::{Fetch, Put, PutSource};
 use crate::transport::Transport;
 
@@ -254,6 +255,81 @@ impl Tunnel {
         let () = crate::remote::CapturesNothing::<F>::CHECK;
         let function_ref = async_function_ref(function);
         Call::new(self, function_ref, CallMode::Async, encode_value(&args))
+    }
+
+    /// Calls `function`, a plain function that returns an iterator, and
+    /// streams its items back as they are produced.
+    ///
+    /// The function runs on the agent's blocking pool; each item is sent
+    /// as soon as the iterator yields it, and the returned [`CallStream`]
+    /// yields it on this side. Polling the stream slowly holds the
+    /// iterator back; dropping it stops the iterator, which is not advanced
+    /// again. `function` must capture nothing, as for [`call`](Self::call).
+    ///
+    /// ```no_run
+    /// # async fn demo(tun: &chopsticks::Tunnel) -> chopsticks::Result<()> {
+    /// use futures_util::StreamExt;
+    ///
+    /// fn lines(path: String) -> impl Iterator<Item = String> {
+    ///     use std::io::BufRead;
+    ///     let file = std::fs::File::open(path).expect("readable");
+    ///     std::io::BufReader::new(file).lines().map_while(Result::ok)
+    /// }
+    ///
+    /// let mut lines = tun.call_stream(lines, ("/var/log/syslog".to_string(),));
+    /// while let Some(line) = lines.next().await {
+    ///     println!("{}", line?);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn call_stream<F, Args>(
+        &self,
+        function: F,
+        args: Args,
+    ) -> CallStream<'_, <F::Output as IntoIterator>::Item>
+    where
+        F: RemoteFn<Args>,
+        Args: Serialize + DeserializeOwned,
+        F::Output: IntoIterator,
+        <F::Output as IntoIterator>::Item: Serialize + DeserializeOwned + Send + 'static,
+    {
+        let () = crate::remote::CapturesNothing::<F>::CHECK;
+        let _ = function;
+        let function_ref = crate::remote::stream_function_ref_of::<F, Args>();
+        CallStream::new(
+            self,
+            function_ref,
+            CallMode::BlockingStream,
+            encode_value(&args),
+        )
+    }
+
+    /// Calls `function`, a plain function that returns a
+    /// [`Stream`](futures_util::Stream), and streams its items back as they
+    /// are produced. The stream is polled as a task on the agent's runtime;
+    /// dropping the returned [`CallStream`] aborts it. Otherwise as
+    /// [`call_stream`](Self::call_stream).
+    pub fn call_stream_async<F, Args>(
+        &self,
+        function: F,
+        args: Args,
+    ) -> CallStream<'_, <F::Output as futures_util::Stream>::Item>
+    where
+        F: RemoteFn<Args>,
+        Args: Serialize + DeserializeOwned + Send + 'static,
+        F::Output: futures_util::Stream + Send + 'static,
+        <F::Output as futures_util::Stream>::Item: Serialize + DeserializeOwned + Send + 'static,
+    {
+        let () = crate::remote::CapturesNothing::<F>::CHECK;
+        let _ = function;
+        let function_ref = crate::remote::async_stream_function_ref_of::<F, Args>();
+        CallStream::new(
+            self,
+            function_ref,
+            CallMode::AsyncStream,
+            encode_value(&args),
+        )
     }
 
     /// Copies the local file `local` to `remote` on the host.

@@ -13,6 +13,16 @@ pub fn to_vec<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
     Ok(encoder.out)
 }
 
+/// Appends the CBOR encoding of `value` to `out`, which keeps what it held.
+pub fn append_to<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    let mut encoder = Encoder {
+        out: std::mem::take(out),
+    };
+    let result = value.serialize(&mut encoder);
+    *out = encoder.out;
+    result
+}
+
 struct Encoder {
     out: Vec<u8>,
 }

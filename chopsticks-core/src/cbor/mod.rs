@@ -20,7 +20,7 @@ mod encode;
 use std::fmt;
 
 pub use decode::from_slice;
-pub use encode::to_vec;
+pub use encode::{append_to, to_vec};
 
 /// How deeply arrays, maps, tags and enums may nest in decoded input.
 pub const MAX_DEPTH: usize = 128;

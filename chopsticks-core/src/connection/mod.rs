@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::codec::FramedRead;
 
 use crate::error::{Error, Result};
+use crate::flow::Allowance;
 use crate::heartbeat::{self, InputWatch, SilenceClock};
 use crate::protocol::{CallMode, Failure, FunctionRef, Hello, Message, Payload};
 use crate::stderr::{StderrSink, StderrTail};
@@ -28,7 +29,7 @@ use crate::wire::{
 mod request;
 mod start;
 
-pub(crate) use request::{Answer, CHUNK_LEN, RequestSender};
+pub(crate) use request::{Answer, CHUNK_LEN, Request, RequestSender};
 pub(crate) use start::connect;
 
 /// How long a closing connection waits for stderr and the exit status, to explain itself.
@@ -108,7 +109,18 @@ struct Pending {
     waiters: HashMap<u64, oneshot::Sender<Reply>>,
     /// Fetches, by id: where their head and chunks go. Dropped at their final reply.
     streams: HashMap<u64, tokio::sync::mpsc::Sender<StreamEvent>>,
+    /// Streaming calls, by id: where their stream data goes. Dropped at their final reply.
+    flows: HashMap<u64, Inflow>,
     closed: Option<Arc<Closure>>,
+}
+
+/// The receiving end of a streaming call's data, as the reader sees it.
+struct Inflow {
+    /// Where the data goes; `None` once the call was withdrawn, when its
+    /// data is dropped until the agent's end of it.
+    data: Option<tokio::sync::mpsc::UnboundedSender<bytes::Bytes>>,
+    /// What the agent may still send.
+    allowance: Arc<Allowance>,
 }
 
 /// State shared by the connection handle, its reader task and its calls.
@@ -162,6 +174,9 @@ impl Shared {
         let was_waiting = {
             let mut pending = self.lock();
             pending.streams.remove(&id);
+            if let Some(flow) = pending.flows.get_mut(&id) {
+                flow.data = None;
+            }
             pending.waiters.remove(&id).is_some()
         };
         // After the waiter is gone: the reader starts an assembly only for a
@@ -193,6 +208,9 @@ impl Shared {
             if !pending.streams.is_empty() {
                 pending.streams.remove(&id);
             }
+            if !pending.flows.is_empty() {
+                pending.flows.remove(&id);
+            }
             pending.waiters.remove(&id)
         };
         if let Some(waiter) = waiter {
@@ -206,6 +224,24 @@ impl Shared {
             return None;
         }
         pending.streams.get(&id).cloned()
+    }
+
+    /// Hands stream data to call `id`; an error when no such stream is
+    /// open or the agent had no credit for it.
+    fn stream_data(&self, id: u64, data: bytes::Bytes) -> std::result::Result<(), String> {
+        let pending = self.lock();
+        let Some(flow) = pending.flows.get(&id) else {
+            return Err(format!(
+                "the agent sent stream data for request {id}, which has no open stream"
+            ));
+        };
+        flow.allowance
+            .receive(data.len())
+            .map_err(|why| format!("the agent {why} (request {id})"))?;
+        if let Some(sender) = &flow.data {
+            let _ = sender.send(data);
+        }
+        Ok(())
     }
 
     fn is_waiting(&self, id: u64) -> bool {
@@ -222,6 +258,7 @@ impl Shared {
             }
             pending.closed = Some(closure.clone());
             pending.streams.clear();
+            pending.flows.clear();
             std::mem::take(&mut pending.waiters)
         };
         self.assemblies().clear();
@@ -352,30 +389,7 @@ impl Connection {
         mode: CallMode,
         args: Vec<u8>,
     ) -> Result<Vec<u8>> {
-        if args.len() as u64 > MAX_PAYLOAD_LEN {
-            return Err(Error::Value {
-                host: self.shared.host.to_string(),
-                function: function.name().to_string(),
-                what: crate::error::ValuePart::Arguments,
-                action: crate::error::ValueAction::Send,
-                message: format!(
-                    "{} bytes exceed the limit of {MAX_PAYLOAD_LEN} bytes for one value",
-                    args.len()
-                ),
-            });
-        }
-        // Another build has other offsets: a registered function goes by name.
-        let named;
-        let function = if self.foreign {
-            named =
-                crate::named::by_reference(function, mode).ok_or_else(|| Error::NotRegistered {
-                    host: self.shared.host.to_string(),
-                    function: function.name().to_string(),
-                })?;
-            &named
-        } else {
-            function
-        };
+        let function = self.callable(function, mode, &args)?;
         let (mut request, alone) = self.request_alone()?;
         let id = request.id();
         // Alone, the call is written at once if the writer is idle; with
@@ -385,7 +399,7 @@ impl Connection {
                 args,
                 |args| Message::Call {
                     id,
-                    function: function.clone(),
+                    function: function.clone().into_owned(),
                     mode,
                     args,
                 },
@@ -398,6 +412,68 @@ impl Connection {
                 Err(Error::remote(&self.shared.host, function.name(), failure))
             }
         }
+    }
+
+    /// Starts a streaming call: the request, which ends with the item count
+    /// or the failure, and the receiver of its stream data.
+    pub(crate) async fn call_stream(
+        self: &Arc<Self>,
+        function: &FunctionRef,
+        mode: CallMode,
+        args: Vec<u8>,
+    ) -> Result<(
+        Request<Arc<Connection>>,
+        tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>,
+    )> {
+        let function = self.callable(function, mode, &args)?;
+        let mut request = self.owned_request()?;
+        let data = request.flow();
+        let id = request.id();
+        request
+            .send_payload(
+                args,
+                |args| Message::Call {
+                    id,
+                    function: function.clone().into_owned(),
+                    mode,
+                    args,
+                },
+                false,
+            )
+            .await;
+        Ok((request, data))
+    }
+
+    /// The reference to send for `function`: itself, or its registered name
+    /// when the agent is another build. Fails for arguments over the limit.
+    fn callable<'f>(
+        &self,
+        function: &'f FunctionRef,
+        mode: CallMode,
+        args: &[u8],
+    ) -> Result<std::borrow::Cow<'f, FunctionRef>> {
+        if args.len() as u64 > MAX_PAYLOAD_LEN {
+            return Err(Error::Value {
+                host: self.shared.host.to_string(),
+                function: function.name().to_string(),
+                what: crate::error::ValuePart::Arguments,
+                action: crate::error::ValueAction::Send,
+                message: format!(
+                    "{} bytes exceed the limit of {MAX_PAYLOAD_LEN} bytes for one value",
+                    args.len()
+                ),
+            });
+        }
+        if !self.foreign {
+            return Ok(std::borrow::Cow::Borrowed(function));
+        }
+        // Another build has other offsets: a registered function goes by name.
+        crate::named::by_reference(function, mode)
+            .map(std::borrow::Cow::Owned)
+            .ok_or_else(|| Error::NotRegistered {
+                host: self.shared.host.to_string(),
+                function: function.name().to_string(),
+            })
     }
 
     /// A new request id with a waiter for its reply, and whether no other
@@ -548,6 +624,7 @@ async fn read_replies(mut frames: Frames, shared: Arc<Shared>) {
                 Ok(())
             }
             Frame::Message(Message::Heartbeat) => Ok(()),
+            Frame::Stream { id, data } => shared.stream_data(id, data),
             Frame::Message(Message::FetchHead { id, size }) => {
                 if let Some(stream) = shared.stream(id) {
                     let _ = stream.send(StreamEvent::Head(size)).await;

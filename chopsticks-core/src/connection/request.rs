@@ -9,14 +9,16 @@
 //! whatever bulk data of it is already queued, so the agent can drop a
 //! partial payload), and its blocking senders stop.
 
+use std::ops::Deref;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Connection, Reply, STREAM_QUEUE_LEN, StreamEvent};
+use super::{Connection, Inflow, Reply, STREAM_QUEUE_LEN, StreamEvent};
 use crate::error::Result;
+use crate::flow::Allowance;
 use crate::protocol::{Failure, Message, Payload};
 use crate::wire::{OutFrame, Outbox};
 
@@ -30,9 +32,11 @@ pub(crate) enum Answer {
     Failed(Failure),
 }
 
-/// One exchange in flight; see the [module](self).
-pub(crate) struct Request<'c> {
-    connection: &'c Connection,
+/// One exchange in flight; see the [module](self). It borrows its
+/// connection, or holds it (`Request<Arc<Connection>>`) when it lives in a
+/// stream the caller keeps.
+pub(crate) struct Request<C: Deref<Target = Connection>> {
+    connection: C,
     id: u64,
     reply: Option<oneshot::Receiver<Reply>>,
     /// Whether some of it went through the bulk queue, so its cancel must too.
@@ -45,27 +49,36 @@ pub(crate) struct Request<'c> {
 
 impl Connection {
     /// A new request, or the error of a closed connection.
-    pub(crate) fn request(&self) -> Result<Request<'_>> {
+    pub(crate) fn request(&self) -> Result<Request<&Connection>> {
         self.request_alone().map(|(request, _alone)| request)
     }
 
     /// Like [`request`](Self::request), also saying whether no other
     /// request is waiting for a reply (a lone call may be written at once).
-    pub(crate) fn request_alone(&self) -> Result<(Request<'_>, bool)> {
+    pub(crate) fn request_alone(&self) -> Result<(Request<&Connection>, bool)> {
         let (id, reply, alone) = self.register_alone()?;
-        let request = Request {
-            connection: self,
+        Ok((Request::new(self, id, reply), alone))
+    }
+
+    /// A new request that holds its connection.
+    pub(crate) fn owned_request(self: &Arc<Self>) -> Result<Request<Arc<Connection>>> {
+        let (id, reply, _alone) = self.register_alone()?;
+        Ok(Request::new(self.clone(), id, reply))
+    }
+}
+
+impl<C: Deref<Target = Connection>> Request<C> {
+    fn new(connection: C, id: u64, reply: oneshot::Receiver<Reply>) -> Self {
+        Request {
+            connection,
             id,
             reply: Some(reply),
             bulk: false,
             armed: true,
             stop: None,
-        };
-        Ok((request, alone))
+        }
     }
-}
 
-impl<'c> Request<'c> {
     /// The request's id, which its messages carry.
     pub(crate) fn id(&self) -> u64 {
         self.id
@@ -116,6 +129,45 @@ impl<'c> Request<'c> {
         receiver
     }
 
+    /// The data of this request's stream (a streaming call's items), until
+    /// its final reply arrives or the connection closes. The agent may send
+    /// a [`WINDOW`](crate::flow::WINDOW) of it; [`grant`](Self::grant) lets it send more.
+    pub(crate) fn flow(&self) -> mpsc::UnboundedReceiver<Bytes> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let mut pending = self.connection.shared.lock();
+        if pending.closed.is_none() {
+            pending.flows.insert(
+                self.id,
+                Inflow {
+                    data: Some(sender),
+                    allowance: Arc::new(Allowance::default()),
+                },
+            );
+        }
+        receiver
+    }
+
+    /// Lets the agent send `bytes` more of this request's stream.
+    pub(crate) fn grant(&self, bytes: u64) {
+        let allowance = {
+            let pending = self.connection.shared.lock();
+            pending
+                .flows
+                .get(&self.id)
+                .map(|flow| flow.allowance.clone())
+        };
+        if let Some(allowance) = allowance {
+            // Before the credit leaves: the reader never sees data it did not allow.
+            allowance.grant(bytes);
+            self.send(&Message::Credit { id: self.id, bytes });
+        }
+    }
+
+    /// The connection's host, for errors.
+    pub(crate) fn host(&self) -> &str {
+        &self.connection.shared.host
+    }
+
     /// A sender for a blocking thread, which stops when the request ends.
     pub(crate) fn sender(&mut self) -> RequestSender {
         self.bulk = true;
@@ -158,7 +210,7 @@ impl<'c> Request<'c> {
     }
 }
 
-impl Drop for Request<'_> {
+impl<C: Deref<Target = Connection>> Drop for Request<C> {
     fn drop(&mut self) {
         self.stop_senders();
         if !self.armed {

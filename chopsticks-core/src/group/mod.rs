@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::progress::{Progress, ProgressEvent, SharedProgress};
 use crate::protocol::{CallMode, FunctionRef, encode_value};
 use crate::remote::{AsyncRemoteFn, RemoteFn, async_function_ref, function_ref};
+use crate::stream::CallStream;
 use crate::transfer::TransferOptions;
 use crate::tunnel::{Call, Tunnel};
 
@@ -45,6 +46,35 @@ impl std::fmt::Debug for Group {
             .finish()
     }
 }
+
+/// The merged items of a streaming call on every host of a [`Group`]
+/// ([`Group::call_stream`]): a [`Stream`](futures_util::Stream) of
+/// `(host, chopsticks::Result<T>)` in the order they arrive. Dropping it
+/// cancels the call on every host.
+#[must_use = "a streaming call does nothing until it is polled"]
+pub struct GroupStream<'g, T> {
+    items: std::pin::Pin<Box<dyn futures_util::Stream<Item = HostItem<'g, T>> + Send + 'g>>,
+}
+
+impl<T> std::fmt::Debug for GroupStream<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupStream").finish_non_exhaustive()
+    }
+}
+
+impl<'g, T> futures_util::Stream for GroupStream<'g, T> {
+    type Item = (&'g str, Result<T>);
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.items.as_mut().poll_next(cx)
+    }
+}
+
+/// An item of a [`GroupStream`], tagged with its host.
+type HostItem<'g, T> = (&'g str, Result<T>);
 
 /// What every host of a [`Group`] returned, keyed by host.
 #[derive(Debug)]
@@ -169,6 +199,81 @@ impl Group {
             encode_value(&args),
         )
         .await
+    }
+
+    /// Calls `function`, a plain function that returns an iterator, on
+    /// every host, and merges the hosts' items into one stream as they
+    /// come, each tagged with its host (see [`Tunnel::call_stream`]).
+    ///
+    /// At most [`max_parallel`](Self::max_parallel) hosts stream at once;
+    /// a host whose stream ends makes room for the next. A slow or dead
+    /// host never holds the others back: each host's stream has its own
+    /// flow control, and a host's failure is one `(host, Err(..))` item
+    /// that ends only that host's stream. The group's
+    /// [`timeout`](Self::timeout) does not apply: a stream may be endless.
+    pub fn call_stream<F, Args>(
+        &self,
+        function: F,
+        args: Args,
+    ) -> GroupStream<'_, <F::Output as IntoIterator>::Item>
+    where
+        F: RemoteFn<Args>,
+        Args: Serialize + DeserializeOwned,
+        F::Output: IntoIterator,
+        <F::Output as IntoIterator>::Item: Serialize + DeserializeOwned + Send + 'static,
+    {
+        let () = crate::remote::CapturesNothing::<F>::CHECK;
+        let _ = function;
+        self.stream_all(
+            crate::remote::stream_function_ref_of::<F, Args>(),
+            CallMode::BlockingStream,
+            encode_value(&args),
+        )
+    }
+
+    /// Like [`call_stream`](Self::call_stream) for a function that returns
+    /// a [`Stream`](futures_util::Stream) (see [`Tunnel::call_stream_async`]).
+    pub fn call_stream_async<F, Args>(
+        &self,
+        function: F,
+        args: Args,
+    ) -> GroupStream<'_, <F::Output as futures_util::Stream>::Item>
+    where
+        F: RemoteFn<Args>,
+        Args: Serialize + DeserializeOwned + Send + 'static,
+        F::Output: futures_util::Stream + Send + 'static,
+        <F::Output as futures_util::Stream>::Item: Serialize + DeserializeOwned + Send + 'static,
+    {
+        let () = crate::remote::CapturesNothing::<F>::CHECK;
+        let _ = function;
+        self.stream_all(
+            crate::remote::async_stream_function_ref_of::<F, Args>(),
+            CallMode::AsyncStream,
+            encode_value(&args),
+        )
+    }
+
+    fn stream_all<'g, T>(
+        &'g self,
+        function: FunctionRef,
+        mode: CallMode,
+        args: std::result::Result<Vec<u8>, String>,
+    ) -> GroupStream<'g, T>
+    where
+        T: DeserializeOwned + Send + 'g,
+    {
+        let limit = self.max_parallel.unwrap_or(self.tunnels.len()).max(1);
+        let hosts: Vec<_> = self
+            .tunnels
+            .iter()
+            .map(|(host, tunnel)| {
+                CallStream::new(tunnel, function.clone(), mode, args.clone())
+                    .map(move |item| (host.as_str(), item))
+            })
+            .collect();
+        GroupStream {
+            items: Box::pin(futures_util::stream::iter(hosts).flatten_unordered(limit)),
+        }
     }
 
     /// The sub-group of hosts on which `function(args)` returned true.

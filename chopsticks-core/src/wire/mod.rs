@@ -12,6 +12,7 @@
 //!  tag 0x03  CALL      body = id u64 | mode u8 | offset i64 | name length u16 | name
 //!                             | payload
 //!  tag 0x04  RETURN    body = id u64 | payload
+//!  tag 0x05  STREAM    body = call id (u64 BE) + the next bytes of that call's stream
 //!
 //!  payload = 0x00 | raw bytes to the end of the frame      (Payload::Inline)
 //!          | 0x01 | total length u64                       (Payload::Streamed)
@@ -31,6 +32,11 @@
 //! copy on each side. The [`Outbox`] keeps two queues: small frames go out
 //! first, and at most one chunk joins each write batch, so a 10 GB transfer
 //! never delays a ping by more than one chunk.
+//!
+//! A stream (a call's items, or input fed to a call) is a byte stream of
+//! its own, carried in STREAM frames of at most [`STREAM_FRAME_LEN`] bytes
+//! and paced by the receiver's credit (see [`flow`](crate::flow)). Items
+//! are length-prefixed CBOR values in it; raw bytes are just bytes.
 //!
 //! The length prefix is decoded by `tokio_util`'s `LengthDelimitedCodec`
 //! with an explicit maximum: an oversized or garbled length closes the
@@ -54,6 +60,9 @@ pub const MAX_FRAME_LEN: usize = CHUNK_LEN + 64 * 1024;
 pub const INLINE_LIMIT: usize = 64 * 1024;
 /// The size of one data chunk.
 pub const CHUNK_LEN: usize = 256 * 1024;
+/// The most stream bytes one STREAM frame carries: small enough to share
+/// the small-frame queue with calls without delaying them.
+pub const STREAM_FRAME_LEN: usize = INLINE_LIMIT;
 /// The largest streamed payload either end accepts by default.
 pub const MAX_PAYLOAD_LEN: u64 = 4 << 30;
 
@@ -61,6 +70,7 @@ const TAG_MESSAGE: u8 = 0x01;
 const TAG_CHUNK: u8 = 0x02;
 const TAG_CALL: u8 = 0x03;
 const TAG_RETURN: u8 = 0x04;
+const TAG_STREAM: u8 = 0x05;
 const PAYLOAD_INLINE: u8 = 0x00;
 const PAYLOAD_STREAMED: u8 = 0x01;
 /// Bodies at least this large are written straight from their buffer instead of being batched.
@@ -82,6 +92,13 @@ pub enum Frame {
         /// The bytes.
         data: Bytes,
     },
+    /// The next bytes of a call's stream.
+    Stream {
+        /// The call id the stream belongs to.
+        id: u64,
+        /// The bytes.
+        data: Bytes,
+    },
 }
 
 impl Frame {
@@ -90,6 +107,7 @@ impl Frame {
         match self {
             Frame::Message(message) => message.kind(),
             Frame::Chunk { .. } => "a chunk",
+            Frame::Stream { .. } => "stream data",
         }
     }
 }
@@ -120,6 +138,8 @@ impl OutFrame {
                 head.put_u8(match mode {
                     CallMode::Blocking => 0,
                     CallMode::Async => 1,
+                    CallMode::BlockingStream => 2,
+                    CallMode::AsyncStream => 3,
                 });
                 head.put_i64(*offset);
                 head.put_u16(name.len() as u16);
@@ -184,6 +204,27 @@ impl OutFrame {
         head.put_u32((1 + 8 + data.len()) as u32);
         head.put_u8(TAG_CHUNK);
         head.put_u64(id);
+        OutFrame {
+            head: head.freeze(),
+            body: data,
+        }
+    }
+
+    /// Encodes a stream frame; `data` must be at most [`STREAM_FRAME_LEN`] bytes.
+    pub fn stream(id: u64, data: Bytes) -> OutFrame {
+        debug_assert!(data.len() <= STREAM_FRAME_LEN);
+        let mut head = BytesMut::with_capacity(13);
+        head.put_u32((1 + 8 + data.len()) as u32);
+        head.put_u8(TAG_STREAM);
+        head.put_u64(id);
+        if data.len() < DIRECT_WRITE_LEN {
+            // Small stream frames are batched with calls: one buffer.
+            head.put_slice(&data);
+            return OutFrame {
+                head: head.freeze(),
+                body: Bytes::new(),
+            };
+        }
         OutFrame {
             head: head.freeze(),
             body: data,
@@ -268,6 +309,8 @@ impl Decoder for FrameDecoder {
                 let mode = match take_u8(&mut body, "call")? {
                     0 => CallMode::Blocking,
                     1 => CallMode::Async,
+                    2 => CallMode::BlockingStream,
+                    3 => CallMode::AsyncStream,
                     other => {
                         return Err(invalid(format!(
                             "received a call with unknown mode {other}"
@@ -292,6 +335,19 @@ impl Decoder for FrameDecoder {
                     mode,
                     args,
                 })))
+            }
+            TAG_STREAM => {
+                let id = take_u64(&mut body, "stream")?;
+                if body.len() > STREAM_FRAME_LEN {
+                    return Err(invalid(format!(
+                        "received a stream frame of {} bytes, over the limit of {STREAM_FRAME_LEN}",
+                        body.len()
+                    )));
+                }
+                Ok(Some(Frame::Stream {
+                    id,
+                    data: body.freeze(),
+                }))
             }
             TAG_RETURN => {
                 let id = take_u64(&mut body, "return")?;
@@ -379,6 +435,29 @@ mod tests {
     }
 
     #[test]
+    fn stream_frames_round_trip_small_and_large_and_refuse_oversized_ones() {
+        for len in [0, 9, DIRECT_WRITE_LEN, STREAM_FRAME_LEN] {
+            let data = Bytes::from(vec![0xa5; len]);
+            let bytes = OutFrame::stream(u64::MAX - 1, data.clone()).to_bytes();
+            assert_eq!(
+                decode_all(&bytes).expect("decode"),
+                vec![Frame::Stream {
+                    id: u64::MAX - 1,
+                    data
+                }]
+            );
+        }
+        let mut oversized = vec![0, 0, 0, 0, TAG_STREAM];
+        oversized.extend_from_slice(&7u64.to_be_bytes());
+        oversized.extend(vec![0; STREAM_FRAME_LEN + 1]);
+        let len = (oversized.len() - 4) as u32;
+        oversized[..4].copy_from_slice(&len.to_be_bytes());
+        let error = decode_all(&oversized).expect_err("must fail");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        assert!(error.to_string().contains("stream frame"), "{error}");
+    }
+
+    #[test]
     fn call_and_return_use_binary_layouts_and_round_trip() {
         let messages = [
             Message::Call {
@@ -398,6 +477,24 @@ mod tests {
                 },
                 mode: CallMode::Blocking,
                 args: Payload::Streamed { len: 1 << 40 },
+            },
+            Message::Call {
+                id: 13,
+                function: FunctionRef::Offset {
+                    offset: 6,
+                    name: "s".into(),
+                },
+                mode: CallMode::BlockingStream,
+                args: Payload::Inline(vec![0x80]),
+            },
+            Message::Call {
+                id: 14,
+                function: FunctionRef::Offset {
+                    offset: 7,
+                    name: "t".into(),
+                },
+                mode: CallMode::AsyncStream,
+                args: Payload::Inline(vec![0x80]),
             },
             Message::Return {
                 id: 11,
@@ -524,22 +621,24 @@ mod tests {
                 any::<u64>(),
                 any::<i64>(),
                 ".{0,40}",
-                any::<bool>(),
+                0..4u8,
                 proptest::collection::vec(any::<u8>(), 0..64)
             )
-                .prop_map(|(id, offset, name, blocking, args)| Message::Call {
+                .prop_map(|(id, offset, name, mode, args)| Message::Call {
                     id,
                     function: FunctionRef::Offset {
                         offset,
                         name: name.into()
                     },
-                    mode: if blocking {
-                        CallMode::Blocking
-                    } else {
-                        CallMode::Async
-                    },
+                    mode: [
+                        CallMode::Blocking,
+                        CallMode::Async,
+                        CallMode::BlockingStream,
+                        CallMode::AsyncStream
+                    ][usize::from(mode)],
                     args: Payload::Inline(args),
                 }),
+            (any::<u64>(), any::<u64>()).prop_map(|(id, bytes)| Message::Credit { id, bytes }),
             (any::<u64>(), any::<u64>()).prop_map(|(id, len)| Message::Return {
                 id,
                 value: Payload::Streamed { len },
@@ -565,10 +664,14 @@ mod tests {
         fn mutated_frames_never_panic_the_decoder(
             messages in proptest::collection::vec(any_message(), 1..4),
             flips in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 1..6),
+            stream in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..96),
         ) {
             let mut bytes: Vec<u8> = messages.iter().flat_map(|message| OutFrame::message(message).to_bytes()).collect();
+            bytes.extend(OutFrame::stream(3, Bytes::from(stream.clone())).to_bytes());
             let pristine = decode_all(&bytes).expect("valid frames decode");
-            proptest::prop_assert_eq!(pristine, messages.into_iter().map(Frame::Message).collect::<Vec<_>>());
+            let mut expected: Vec<Frame> = messages.into_iter().map(Frame::Message).collect();
+            expected.push(Frame::Stream { id: 3, data: Bytes::from(stream) });
+            proptest::prop_assert_eq!(pristine, expected);
             for (at, mask) in flips {
                 let len = bytes.len();
                 bytes[at % len] ^= mask;

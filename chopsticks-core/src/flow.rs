@@ -1,0 +1,407 @@
+//! Streams and their flow control, the same at both ends.
+//!
+//! A stream is a byte stream that belongs to one call: the items a
+//! streaming function yields (agent to controller), or the input fed to a
+//! call (controller to agent). It travels in STREAM frames (see
+//! [`wire`](crate::wire)). Items are CBOR values, each behind its length as
+//! a big-endian `u32`; a byte stream is its bytes as they are.
+//!
+//! The receiver paces the sender with credit, as HTTP/2's windows do: a
+//! sender starts with [`WINDOW`] bytes of credit and sends no more stream
+//! data than it has credit for; the receiver gives credit back
+//! ([`Message::Credit`](crate::protocol::Message::Credit)) as its consumer
+//! takes data, in steps of [`GRANT_STEP`]. A receiver that gets more than
+//! it granted has met a broken peer. So a slow consumer holds the producer
+//! back: at most a window is in flight, and at most [`BUFFERED_LEN`] (plus
+//! one item) waits at the sender, whatever the producer could make.
+//!
+//! [`Outflow`] is the sending half: the producer pushes into it (blocking
+//! or async) and one flusher task takes what credit allows. [`Allowance`]
+//! and [`Grants`] are the receiving half's books, [`ItemReader`] cuts the
+//! byte stream back into items.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::sync::Notify;
+
+use crate::protocol::Failure;
+use crate::wire::STREAM_FRAME_LEN;
+
+/// The credit a stream's sender starts with, in bytes.
+pub const WINDOW: u64 = 512 * 1024;
+/// A receiver gives credit back once its consumer has taken this much.
+pub const GRANT_STEP: u64 = WINDOW / 4;
+/// The most credit a sender may hold; more is a protocol violation.
+pub const MAX_CREDIT: u64 = 1 << 32;
+/// A producer waits while this much of its stream waits unsent.
+pub const BUFFERED_LEN: usize = 64 * 1024;
+/// The largest item a stream carries, encoded.
+pub const MAX_ITEM_LEN: usize = u32::MAX as usize;
+
+/// The stream was cancelled (or its connection closed): nothing more is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped;
+
+/// How a producer ended.
+#[derive(Debug)]
+pub enum End {
+    /// It yielded everything it had.
+    Finished,
+    /// It failed (panicked, or an item could not be encoded).
+    Failed(Failure),
+}
+
+/// What the flusher sends next.
+#[derive(Debug)]
+pub enum Out {
+    /// The next bytes of the stream, as credit allows.
+    Data(Bytes),
+    /// The producer ended and everything it pushed has been taken.
+    End(End, u64),
+    /// The stream was cancelled; what was pushed and not taken is dropped.
+    Cancelled(u64),
+}
+
+/// The sending half of a stream; see the [module](self).
+#[derive(Debug)]
+pub struct Outflow {
+    state: Mutex<OutState>,
+    /// Wakes a blocking producer waiting for room.
+    room: Condvar,
+    /// Wakes an async producer waiting for room.
+    room_async: Notify,
+    /// Wakes the flusher: data after none, credit, the end or a cancel.
+    ready: Notify,
+}
+
+#[derive(Debug)]
+struct OutState {
+    pending: BytesMut,
+    credit: u64,
+    items: u64,
+    end: Option<End>,
+    cancelled: bool,
+}
+
+impl Default for Outflow {
+    fn default() -> Self {
+        Outflow::new(WINDOW)
+    }
+}
+
+impl Outflow {
+    /// A stream whose sender starts with `credit` bytes of credit.
+    pub fn new(credit: u64) -> Outflow {
+        Outflow {
+            state: Mutex::new(OutState {
+                pending: BytesMut::new(),
+                credit,
+                items: 0,
+                end: None,
+                cancelled: false,
+            }),
+            room: Condvar::new(),
+            room_async: Notify::new(),
+            ready: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, OutState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Appends one encoded item, behind its length, waiting on this thread
+    /// while the unsent part is full.
+    pub fn push_item_blocking(&self, item: &[u8]) -> Result<(), Stopped> {
+        let mut state = self.lock();
+        while !state.cancelled && state.pending.len() >= BUFFERED_LEN {
+            state = self
+                .room
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        self.append(state, item, true)
+    }
+
+    /// Appends one encoded item, behind its length, waiting while the
+    /// unsent part is full.
+    pub async fn push_item(&self, item: &[u8]) -> Result<(), Stopped> {
+        loop {
+            {
+                let state = self.lock();
+                if state.cancelled || state.pending.len() < BUFFERED_LEN {
+                    return self.append(state, item, true);
+                }
+            }
+            // One producer: a room notice sent in between is kept as a permit.
+            self.room_async.notified().await;
+        }
+    }
+
+    /// Appends raw bytes of a byte stream, waiting while the unsent part is full.
+    pub async fn push_bytes(&self, bytes: &[u8]) -> Result<(), Stopped> {
+        loop {
+            {
+                let state = self.lock();
+                if state.cancelled || state.pending.len() < BUFFERED_LEN {
+                    return self.append(state, bytes, false);
+                }
+            }
+            self.room_async.notified().await;
+        }
+    }
+
+    fn append(
+        &self,
+        mut state: MutexGuard<'_, OutState>,
+        data: &[u8],
+        item: bool,
+    ) -> Result<(), Stopped> {
+        if state.cancelled || state.end.is_some() {
+            return Err(Stopped);
+        }
+        let was_empty = state.pending.is_empty();
+        if item {
+            // Checked by the callers' encoders: an item fits in a u32.
+            state
+                .pending
+                .extend_from_slice(&(data.len() as u32).to_be_bytes());
+            state.items += 1;
+        }
+        state.pending.extend_from_slice(data);
+        drop(state);
+        if was_empty {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Whether the stream was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        self.lock().cancelled
+    }
+
+    /// The producer ended; the flusher sends the end once all data has gone.
+    pub fn finish(&self, end: End) {
+        let mut state = self.lock();
+        if state.end.is_none() {
+            state.end = Some(end);
+        }
+        drop(state);
+        self.ready.notify_one();
+    }
+
+    /// Stops the stream: producers get [`Stopped`], the flusher [`Out::Cancelled`].
+    pub fn cancel(&self) {
+        self.lock().cancelled = true;
+        self.room.notify_all();
+        self.room_async.notify_one();
+        self.ready.notify_one();
+    }
+
+    /// Adds credit from the receiver; an error when it would exceed [`MAX_CREDIT`].
+    pub fn grant(&self, bytes: u64) -> Result<(), String> {
+        let mut state = self.lock();
+        match state.credit.checked_add(bytes) {
+            Some(credit) if credit <= MAX_CREDIT => state.credit = credit,
+            _ => {
+                return Err(format!(
+                    "granted {bytes} bytes of credit on top of {}, over the limit of {MAX_CREDIT}",
+                    state.credit
+                ));
+            }
+        }
+        drop(state);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The next thing to send: data when there is some and credit for it,
+    /// the end once everything pushed has gone. Waits otherwise.
+    pub async fn next_out(&self) -> Out {
+        loop {
+            {
+                let mut state = self.lock();
+                if state.cancelled {
+                    return Out::Cancelled(state.items);
+                }
+                if !state.pending.is_empty() && state.credit > 0 {
+                    let len = state
+                        .pending
+                        .len()
+                        .min(STREAM_FRAME_LEN)
+                        .min(usize::try_from(state.credit).unwrap_or(usize::MAX));
+                    let data = state.pending.split_to(len).freeze();
+                    state.credit -= len as u64;
+                    let room = state.pending.len() < BUFFERED_LEN;
+                    drop(state);
+                    if room {
+                        self.room.notify_all();
+                        self.room_async.notify_one();
+                    }
+                    return Out::Data(data);
+                }
+                if state.pending.is_empty()
+                    && let Some(end) = state.end.take()
+                {
+                    return Out::End(end, state.items);
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
+/// How much stream data a receiver still allows its sender: granted minus
+/// received. Shared by the reader (which receives) and the consumer (which grants).
+#[derive(Debug)]
+pub struct Allowance(AtomicU64);
+
+impl Default for Allowance {
+    fn default() -> Self {
+        Allowance(AtomicU64::new(WINDOW))
+    }
+}
+
+impl Allowance {
+    /// Counts `len` bytes received; an error when the sender had no credit for them.
+    pub fn receive(&self, len: usize) -> Result<(), String> {
+        let len = len as u64;
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                left.checked_sub(len)
+            })
+            .map(drop)
+            .map_err(|left| format!("sent {len} bytes of stream data with credit for only {left}"))
+    }
+
+    /// Allows `bytes` more; call before the credit message is sent.
+    pub fn grant(&self, bytes: u64) {
+        self.0.fetch_add(bytes, Ordering::AcqRel);
+    }
+}
+
+/// A receiver's count of what its consumer took since it last gave credit back.
+#[derive(Debug, Default)]
+pub struct Grants {
+    taken: u64,
+}
+
+impl Grants {
+    /// Counts `len` bytes taken by the consumer; returns the credit to give
+    /// back now, if a step is complete.
+    pub fn taken(&mut self, len: usize) -> Option<u64> {
+        self.taken += len as u64;
+        (self.taken >= GRANT_STEP).then(|| std::mem::take(&mut self.taken))
+    }
+}
+
+/// Cuts a byte stream of length-prefixed items back into items.
+#[derive(Debug, Default)]
+pub struct ItemReader {
+    buffer: BytesMut,
+}
+
+impl ItemReader {
+    /// Adds the next bytes of the stream.
+    pub fn extend(&mut self, data: &[u8]) {
+        self.buffer.extend_from_slice(data);
+    }
+
+    /// The next complete item, if one is buffered.
+    pub fn next_item(&mut self) -> Option<Bytes> {
+        let len = u32::from_be_bytes(self.buffer.get(..4)?.try_into().ok()?) as usize;
+        if self.buffer.len() < 4 + len {
+            return None;
+        }
+        self.buffer.advance(4);
+        Some(self.buffer.split_to(len).freeze())
+    }
+
+    /// Whether part of an item is buffered (at the stream's end: it was cut short).
+    pub fn has_partial_item(&self) -> bool {
+        !self.buffer.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn credit_paces_the_flusher_and_the_end_follows_all_data() {
+        let flow = Outflow::new(10);
+        flow.push_item(b"abcdef").await.expect("push");
+        flow.push_item(b"ghijkl").await.expect("push");
+        flow.finish(End::Finished);
+        let Out::Data(first) = flow.next_out().await else {
+            panic!("data first")
+        };
+        assert_eq!(first.len(), 10, "no more than the credit");
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), flow.next_out());
+        assert!(waiting.await.is_err(), "no credit, nothing to send");
+        flow.grant(100).expect("grant");
+        let Out::Data(rest) = flow.next_out().await else {
+            panic!("the rest")
+        };
+        let mut reader = ItemReader::default();
+        reader.extend(&first);
+        reader.extend(&rest);
+        assert_eq!(reader.next_item().as_deref(), Some(&b"abcdef"[..]));
+        assert_eq!(reader.next_item().as_deref(), Some(&b"ghijkl"[..]));
+        assert!(reader.next_item().is_none() && !reader.has_partial_item());
+        assert!(matches!(flow.next_out().await, Out::End(End::Finished, 2)));
+    }
+
+    #[test]
+    fn a_blocking_producer_waits_for_room_and_a_cancel_releases_it() {
+        let flow = std::sync::Arc::new(Outflow::new(0));
+        let producer = {
+            let flow = flow.clone();
+            std::thread::spawn(move || {
+                let item = vec![1u8; 1000];
+                let mut pushed = 0;
+                while flow.push_item_blocking(&item).is_ok() {
+                    pushed += 1;
+                }
+                pushed
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        flow.cancel();
+        let pushed = producer.join().expect("producer");
+        assert!(
+            (BUFFERED_LEN / 1004..=BUFFERED_LEN / 1004 + 1).contains(&pushed),
+            "pushed {pushed} items with no credit"
+        );
+    }
+
+    #[test]
+    fn allowance_refuses_data_beyond_credit_and_credit_beyond_the_limit() {
+        let allowance = Allowance::default();
+        allowance.receive(WINDOW as usize).expect("the window");
+        assert!(allowance.receive(1).is_err());
+        allowance.grant(5);
+        allowance.receive(5).expect("granted");
+        let flow = Outflow::new(WINDOW);
+        assert!(flow.grant(MAX_CREDIT).is_err());
+        assert!(flow.grant(u64::MAX).is_err());
+        let mut grants = Grants::default();
+        assert_eq!(grants.taken(GRANT_STEP as usize - 1), None);
+        assert_eq!(grants.taken(1), Some(GRANT_STEP));
+    }
+
+    #[test]
+    fn a_cut_item_stays_partial() {
+        let mut reader = ItemReader::default();
+        reader.extend(&[0, 0, 0, 5, 1, 2]);
+        assert!(reader.next_item().is_none());
+        assert!(reader.has_partial_item());
+        reader.extend(&[3, 4, 5]);
+        assert_eq!(reader.next_item().as_deref(), Some(&[1, 2, 3, 4, 5][..]));
+    }
+}

@@ -32,6 +32,8 @@
 //! - `files`: put and fetch: round trips, modes, atomic replacement, corruption, full disk,
 //!   killed agents, permissions, constant memory
 //! - `deploy`: puts from memory, owners and groups, and puts that skip an unchanged target
+//! - `inputs`: input streams of items and bytes fed to functions locally and over sshd, flow
+//!   control, early ends, hostile controllers
 //! - `streams`: streaming calls locally and over sshd: order, first item early, flow control,
 //!   cancellation both ways, failures mid-stream, big items, thousands of streams, hostile peers
 
@@ -56,6 +58,7 @@ mod forged_calls;
 mod group;
 mod heartbeat;
 mod hygiene;
+mod inputs;
 mod lifecycle;
 mod memory;
 mod other_build;

@@ -37,6 +37,12 @@ pub(crate) enum Action {
     Cancel { id: u64 },
     /// The controller lets stream `id` send `bytes` more.
     Credit { id: u64, bytes: u64 },
+    /// Call `id` takes an input stream; its data may come before the call.
+    OpenInput { id: u64 },
+    /// The next bytes of call `id`'s input.
+    InputData { id: u64, data: Bytes },
+    /// Call `id`'s input is complete.
+    EndInput { id: u64 },
     /// Exit cleanly.
     Shutdown,
     /// Nothing to do (a heartbeat, a chunk of an argument still arriving,
@@ -52,6 +58,8 @@ pub(crate) struct Dispatcher {
     assemblies: Assemblies,
     awaiting_payload: HashMap<u64, (FunctionRef, CallMode)>,
     puts: HashSet<u64>,
+    /// Calls whose input the controller announced and has not ended.
+    inputs: HashSet<u64>,
 }
 
 impl Dispatcher {
@@ -113,12 +121,34 @@ impl Dispatcher {
                 self.assemblies.cancel(id);
                 self.awaiting_payload.remove(&id);
                 self.puts.remove(&id);
+                self.inputs.remove(&id);
                 Action::Cancel { id }
             }
             Frame::Message(Message::Credit { id, bytes }) => Action::Credit { id, bytes },
+            Frame::Message(Message::Input { id }) => {
+                if self.inputs.insert(id) {
+                    Action::OpenInput { id }
+                } else {
+                    Action::Violation(format!(
+                        "the controller opened the input of request {id} twice"
+                    ))
+                }
+            }
+            Frame::Stream { id, data } if self.inputs.contains(&id) => {
+                Action::InputData { id, data }
+            }
             Frame::Stream { id, .. } => Action::Violation(format!(
                 "the controller sent stream data for request {id}, which takes no input"
             )),
+            Frame::Message(Message::InputEnd { id }) => {
+                if self.inputs.remove(&id) {
+                    Action::EndInput { id }
+                } else {
+                    Action::Violation(format!(
+                        "the controller ended the input of request {id}, which takes none"
+                    ))
+                }
+            }
             Frame::Message(Message::Shutdown) => Action::Shutdown,
             Frame::Message(Message::Heartbeat) => Action::Nothing,
             Frame::Message(other) => Action::Violation(format!(

@@ -24,11 +24,12 @@ use std::time::Duration;
 use chopsticks_core::__private::flow::{End, Out, Outflow};
 use chopsticks_core::__private::heartbeat::{self, SilenceClock};
 use chopsticks_core::__private::identity::{binary_id, uname};
+use chopsticks_core::__private::input::{InputQueue, provide, providing};
 use chopsticks_core::__private::protocol::{
     CallMode, Failure, FailureKind, FunctionRef, Hello, Message, PROTOCOL_VERSION, Payload,
     PutRequest, encode_value,
 };
-use chopsticks_core::__private::remote::{CallOutcome, Resolved, resolve};
+use chopsticks_core::__private::remote::{CallOutcome, OutcomeFuture, Resolved, resolve};
 use chopsticks_core::__private::wire::{
     Frame, INLINE_LIMIT, MAX_PAYLOAD_LEN, OutFrame, Outbox, write_frames,
 };
@@ -69,6 +70,14 @@ struct Dispatch {
     /// The runtime that runs `async fn`s (and that blocking functions can enter),
     /// so that a function that blocks cannot stall the protocol.
     calls: tokio::runtime::Handle,
+    /// Input streams of calls, by id, from their announcement to the call's end.
+    inputs: Inputs,
+}
+
+type Inputs = Arc<Mutex<HashMap<u64, Arc<InputQueue>>>>;
+
+fn lock_inputs(inputs: &Inputs) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<InputQueue>>> {
+    inputs.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 /// Longest panic message or backtrace sent back, so a failure always fits in one frame.
@@ -211,6 +220,7 @@ async fn serve(
             pool: CallPool::default(),
             io: tokio::runtime::Handle::current(),
             calls,
+            inputs: Inputs::default(),
         },
         reader: Mutex::new(ReadState {
             reader,
@@ -433,6 +443,14 @@ fn lead(agent: &Agent) {
             }
             Action::Fetch { id, path } => agent.start_fetch(id, path),
             Action::Cancel { id } => agent.cancel(id),
+            Action::OpenInput { id } => agent.dispatch.open_input(id),
+            Action::InputData { id, data } => {
+                if let Err(message) = agent.dispatch.input_data(id, data) {
+                    crate::warn(format_args!("protocol violation: {message}; exiting"));
+                    return finish(agent, 2);
+                }
+            }
+            Action::EndInput { id } => agent.dispatch.end_input(id),
             Action::Credit { id, bytes } => {
                 if let Err(message) = agent.credit(id, bytes) {
                     crate::warn(format_args!("protocol violation: {message}; exiting"));
@@ -486,6 +504,7 @@ impl Agent {
     /// call or a result's stream), or marks its blocking call or fetch.
     fn cancel(&self, id: u64) {
         self.puts().remove(&id);
+        self.dispatch.close_input(id);
         match lock(&self.dispatch.running).remove(&id) {
             Some(RunningCall::Task(handle)) => handle.abort(),
             Some(RunningCall::Blocking(cancelled)) => cancelled.store(true, Ordering::Relaxed),
@@ -535,12 +554,18 @@ impl Dispatch {
                 // this lock to do so. It stays registered while its result
                 // streams, so that a cancel stops the stream too.
                 let mut calls_running = lock(&self.running);
+                let (input, inputs) = (self.input_of(id), self.inputs.clone());
                 let task = self.calls.spawn(async move {
-                    let outcome = AssertUnwindSafe(InCall(trampoline.run(args)))
+                    let run: OutcomeFuture = match input {
+                        None => trampoline.run(args),
+                        input => Box::pin(providing(input, trampoline.run(args))),
+                    };
+                    let outcome = AssertUnwindSafe(InCall(run))
                         .catch_unwind()
                         .await
                         .unwrap_or_else(|_| Err(panic_failure()));
                     CALLS_FINISHED.fetch_add(1, Ordering::Relaxed);
+                    close_input(&inputs, id);
                     send_outcome(&outbox, id, outcome).await;
                     lock(&running).remove(&id);
                 });
@@ -551,11 +576,15 @@ impl Dispatch {
                 lock(&self.running).insert(id, RunningCall::Stream(flow.clone(), None));
                 self.flush(id, flow.clone());
                 let calls = self.calls.clone();
+                let (input, inputs) = (self.input_of(id), self.inputs.clone());
                 self.pool.submit(Box::new(move || {
                     let _runtime = calls.enter();
                     let outcome = in_call(|| {
-                        std::panic::catch_unwind(AssertUnwindSafe(|| trampoline.run(&args, &flow)))
+                        std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            provide(input, || trampoline.run(&args, &flow))
+                        }))
                     });
+                    close_input(&inputs, id);
                     flow.finish(stream_end(outcome));
                 }));
             }
@@ -565,10 +594,11 @@ impl Dispatch {
                 // Registered before the task runs, as for async calls; a
                 // cancel aborts it, and the flusher ends the stream.
                 let mut calls_running = lock(&self.running);
+                let (input, inputs) = (self.input_of(id), self.inputs.clone());
                 let task = self.calls.spawn(async move {
-                    let outcome = AssertUnwindSafe(InCall(trampoline.run(args, producer.clone())))
-                        .catch_unwind()
-                        .await;
+                    let run = providing(input, trampoline.run(args, producer.clone()));
+                    let outcome = AssertUnwindSafe(InCall(Box::pin(run))).catch_unwind().await;
+                    close_input(&inputs, id);
                     producer.finish(stream_end(outcome));
                 });
                 calls_running.insert(
@@ -608,6 +638,59 @@ impl Dispatch {
     }
 }
 
+impl Dispatch {
+    /// Makes room for call `id`'s input; its credit goes back as the function takes it.
+    fn open_input(&self, id: u64) {
+        let outbox = self.outbox.clone();
+        let queue = InputQueue::new(move |bytes| {
+            let _ = outbox.send(OutFrame::message(&Message::Credit { id, bytes }));
+        });
+        lock_inputs(&self.inputs).insert(id, queue);
+    }
+
+    /// Queues input data; dropped when its call has ended already.
+    fn input_data(&self, id: u64, data: bytes::Bytes) -> Result<(), String> {
+        let queue = lock_inputs(&self.inputs).get(&id).cloned();
+        match queue {
+            Some(queue) => queue
+                .receive(data)
+                .map_err(|why| format!("the controller {why} (request {id})")),
+            None => Ok(()),
+        }
+    }
+
+    /// The controller's input of call `id` is complete.
+    fn end_input(&self, id: u64) {
+        if let Some(queue) = lock_inputs(&self.inputs).get(&id) {
+            queue.end();
+        }
+    }
+
+    fn close_input(&self, id: u64) {
+        close_input(&self.inputs, id);
+    }
+
+    /// The input of call `id`, if it takes one.
+    fn input_of(&self, id: u64) -> Option<Arc<InputQueue>> {
+        if inputs_empty(&self.inputs) {
+            return None;
+        }
+        lock_inputs(&self.inputs).get(&id).cloned()
+    }
+}
+
+fn inputs_empty(inputs: &Inputs) -> bool {
+    lock_inputs(inputs).is_empty()
+}
+
+/// Forgets call `id`'s input: the function is done with it, or the call
+/// was cancelled; what is queued is dropped.
+fn close_input(inputs: &Inputs, id: u64) {
+    if let Some(queue) = lock_inputs(inputs).remove(&id) {
+        queue.close();
+    }
+}
+
 /// How a streaming function ended, from its trampoline's outcome.
 fn stream_end(outcome: std::thread::Result<Result<(), Failure>>) -> End {
     match outcome {
@@ -644,12 +727,19 @@ impl Dispatch {
             self.calls.clone(),
             self.pool.clone(),
         );
+        let (input, inputs) = (self.input_of(id), self.inputs.clone());
         Some(Box::new(move || {
             // Blocking functions may use tokio (`Handle::current()`, `block_on`).
             let _runtime = calls.enter();
-            let outcome =
-                in_call(|| std::panic::catch_unwind(AssertUnwindSafe(|| trampoline.run(&args))))
-                    .unwrap_or_else(|_| Err(panic_failure()));
+            let outcome = in_call(|| {
+                std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    provide(input, || trampoline.run(&args))
+                }))
+            })
+            .unwrap_or_else(|_| Err(panic_failure()));
+            if !inputs_empty(&inputs) {
+                close_input(&inputs, id);
+            }
             // The next large payload reuses these pages instead of fresh ones.
             chopsticks_core::__private::buffer::give(args);
             CALLS_FINISHED.fetch_add(1, Ordering::Relaxed);

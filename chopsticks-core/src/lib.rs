@@ -37,11 +37,13 @@ mod connection;
 mod descriptor_limit;
 mod digest_cache;
 mod error;
+mod feed;
 mod files;
 mod flow;
 mod group;
 mod heartbeat;
 mod identity;
+mod input;
 mod named;
 mod program_files;
 pub mod progress;
@@ -57,6 +59,7 @@ mod wire;
 
 pub use error::{BoxError, Direction, Error, Phase, Result, ValueAction, ValuePart};
 pub use group::{Group, GroupFetch, GroupPut, GroupResult, GroupStream};
+pub use input::{ByteReceiver, InputEnd, Receiver, WithInput};
 pub use remote::{AsyncRemoteFn, RemoteFn};
 pub use remote_error::RemoteError;
 pub use stderr::StderrSink;
@@ -103,6 +106,10 @@ pub mod __private {
     /// Heartbeat timing.
     pub mod heartbeat {
         pub use crate::heartbeat::*;
+    }
+    /// The agent's end of input streams.
+    pub mod input {
+        pub use crate::input::*;
     }
     /// Build id, agent file, uname.
     pub mod identity {

@@ -94,6 +94,17 @@ pub enum Message {
         /// The file's size when it was opened.
         size: u64,
     },
+    /// Call `id`, which follows, takes an input stream: its data follows as
+    /// STREAM frames with the call's id, then [`Message::InputEnd`].
+    Input {
+        /// The call's id.
+        id: u64,
+    },
+    /// The input of call `id` is complete.
+    InputEnd {
+        /// The call's id.
+        id: u64,
+    },
     /// The receiver of stream `id` lets its sender have `bytes` more of
     /// stream data in flight (see [`flow`](crate::flow)).
     Credit {
@@ -121,6 +132,8 @@ impl Message {
             Message::Fetch { .. } => "a Fetch",
             Message::FetchHead { .. } => "a FetchHead",
             Message::Credit { .. } => "a Credit",
+            Message::Input { .. } => "an Input",
+            Message::InputEnd { .. } => "an InputEnd",
         }
     }
 }
@@ -485,6 +498,8 @@ mod tests {
                 id: 12,
                 bytes: 1 << 20,
             },
+            Message::Input { id: 13 },
+            Message::InputEnd { id: 13 },
             Message::Fail {
                 id: 11,
                 failure: Failure::new(FailureKind::File(FileFailure::Os(2)), "missing"),

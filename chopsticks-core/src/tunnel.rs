@@ -267,7 +267,7 @@ impl Tunnel {
     /// again. `function` must capture nothing, as for [`call`](Self::call).
     ///
     /// ```no_run
-    /// # async fn demo(tun: &chopsticks::Tunnel) -> chopsticks::Result<()> {
+    /// # async fn demo(tun: &chopsticks_core::Tunnel) -> chopsticks_core::Result<()> {
     /// use futures_util::StreamExt;
     ///
     /// fn lines(path: String) -> impl Iterator<Item = String> {
@@ -329,6 +329,87 @@ impl Tunnel {
             function_ref,
             CallMode::AsyncStream,
             encode_value(&args),
+        )
+    }
+
+    /// Calls the blocking function `function`, whose first argument is a
+    /// [`Receiver`](crate::Receiver) (items) or a
+    /// [`ByteReceiver`](crate::ByteReceiver) (raw bytes), with the other
+    /// arguments `args`, and feeds it `input` while it runs.
+    ///
+    /// The function sees the items as they come; the input is read only as
+    /// fast as the function takes it (the receiver's window), and ends
+    /// when `input` ends. When the function returns, the feeding stops.
+    /// Dropping the returned future cancels the call and drops `input`.
+    ///
+    /// ```no_run
+    /// # async fn demo(tun: &chopsticks_core::Tunnel) -> chopsticks_core::Result<()> {
+    /// use chopsticks_core::Receiver;
+    ///
+    /// fn count_matching(lines: Receiver<String>, needle: String) -> usize {
+    ///     lines.filter(|line| line.contains(&needle)).count()
+    /// }
+    ///
+    /// let lines = futures_util::stream::iter(["a error", "fine", "an error"].map(String::from));
+    /// let count = tun
+    ///     .call_with_input(count_matching, ("error".to_string(),), lines)
+    ///     .await?;
+    /// assert_eq!(count, 2);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn call_with_input<'t, F, Args, I, S>(
+        &'t self,
+        function: F,
+        args: Args,
+        input: S,
+    ) -> impl Future<Output = Result<F::Output>> + Send + 't
+    where
+        I: crate::InputEnd + 'static,
+        Args: crate::WithInput<I>,
+        Args::Whole: Serialize + DeserializeOwned,
+        F: RemoteFn<Args::Whole>,
+        F::Output: Serialize + DeserializeOwned + Send + 'static,
+        S: futures_util::Stream<Item = I::Item> + Send + 't,
+        I::Item: Send,
+    {
+        let () = crate::remote::CapturesNothing::<F>::CHECK;
+        let function_ref = function_ref(function);
+        let args = encode_value(&args.with_input(I::placeholder()));
+        crate::feed::call_with_input::<F::Output, I, S>(
+            self,
+            function_ref,
+            CallMode::Blocking,
+            args,
+            input,
+        )
+    }
+
+    /// Like [`call_with_input`](Self::call_with_input) for an `async` function.
+    pub fn call_async_with_input<'t, F, Args, I, S>(
+        &'t self,
+        function: F,
+        args: Args,
+        input: S,
+    ) -> impl Future<Output = Result<F::Output>> + Send + 't
+    where
+        I: crate::InputEnd + Send + 'static,
+        Args: crate::WithInput<I>,
+        Args::Whole: Serialize + DeserializeOwned + Send + 'static,
+        F: AsyncRemoteFn<Args::Whole>,
+        F::Output: Serialize + DeserializeOwned + Send + 'static,
+        S: futures_util::Stream<Item = I::Item> + Send + 't,
+        I::Item: Send,
+    {
+        let () = crate::remote::CapturesNothing::<F>::CHECK;
+        let function_ref = async_function_ref(function);
+        let args = encode_value(&args.with_input(I::placeholder()));
+        crate::feed::call_with_input::<F::Output, I, S>(
+            self,
+            function_ref,
+            CallMode::Async,
+            args,
+            input,
         )
     }
 

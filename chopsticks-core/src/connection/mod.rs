@@ -29,7 +29,7 @@ use crate::wire::{
 mod request;
 mod start;
 
-pub(crate) use request::{Answer, CHUNK_LEN, Request, RequestSender};
+pub(crate) use request::{Answer, CHUNK_LEN, InputSender, Request, RequestSender};
 pub(crate) use start::connect;
 
 /// How long a closing connection waits for stderr and the exit status, to explain itself.
@@ -111,6 +111,8 @@ struct Pending {
     streams: HashMap<u64, tokio::sync::mpsc::Sender<StreamEvent>>,
     /// Streaming calls, by id: where their stream data goes. Dropped at their final reply.
     flows: HashMap<u64, Inflow>,
+    /// Calls fed an input stream, by id: the agent's credit goes there. Dropped at their final reply.
+    inputs: HashMap<u64, Arc<crate::flow::Outflow>>,
     closed: Option<Arc<Closure>>,
 }
 
@@ -177,6 +179,9 @@ impl Shared {
             if let Some(flow) = pending.flows.get_mut(&id) {
                 flow.data = None;
             }
+            if let Some(input) = pending.inputs.remove(&id) {
+                input.cancel();
+            }
             pending.waiters.remove(&id).is_some()
         };
         // After the waiter is gone: the reader starts an assembly only for a
@@ -211,6 +216,9 @@ impl Shared {
             if !pending.flows.is_empty() {
                 pending.flows.remove(&id);
             }
+            if let Some(input) = pending.inputs.remove(&id) {
+                input.cancel();
+            }
             pending.waiters.remove(&id)
         };
         if let Some(waiter) = waiter {
@@ -244,6 +252,18 @@ impl Shared {
         Ok(())
     }
 
+    /// Gives the input of call `id` the agent's credit. Credit for an input
+    /// that has ended is dropped: it may have crossed the end.
+    fn input_credit(&self, id: u64, bytes: u64) -> std::result::Result<(), String> {
+        let input = self.lock().inputs.get(&id).cloned();
+        match input {
+            Some(input) => input
+                .grant(bytes)
+                .map_err(|why| format!("the agent {why} (request {id})")),
+            None => Ok(()),
+        }
+    }
+
     fn is_waiting(&self, id: u64) -> bool {
         self.lock().waiters.contains_key(&id)
     }
@@ -259,6 +279,9 @@ impl Shared {
             pending.closed = Some(closure.clone());
             pending.streams.clear();
             pending.flows.clear();
+            for (_, input) in pending.inputs.drain() {
+                input.cancel();
+            }
             std::mem::take(&mut pending.waiters)
         };
         self.assemblies().clear();
@@ -446,7 +469,7 @@ impl Connection {
 
     /// The reference to send for `function`: itself, or its registered name
     /// when the agent is another build. Fails for arguments over the limit.
-    fn callable<'f>(
+    pub(crate) fn callable<'f>(
         &self,
         function: &'f FunctionRef,
         mode: CallMode,
@@ -625,6 +648,7 @@ async fn read_replies(mut frames: Frames, shared: Arc<Shared>) {
             }
             Frame::Message(Message::Heartbeat) => Ok(()),
             Frame::Stream { id, data } => shared.stream_data(id, data),
+            Frame::Message(Message::Credit { id, bytes }) => shared.input_credit(id, bytes),
             Frame::Message(Message::FetchHead { id, size }) => {
                 if let Some(stream) = shared.stream(id) {
                     let _ = stream.send(StreamEvent::Head(size)).await;

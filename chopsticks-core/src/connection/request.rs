@@ -147,6 +147,22 @@ impl<C: Deref<Target = Connection>> Request<C> {
         receiver
     }
 
+    /// Announces that this request's call takes an input stream, which
+    /// `flow` sends as the agent's credit allows; returns its sender.
+    pub(crate) fn open_input(&self, flow: Arc<crate::flow::Outflow>) -> InputSender {
+        {
+            let mut pending = self.connection.shared.lock();
+            if pending.closed.is_none() {
+                pending.inputs.insert(self.id, flow);
+            }
+        }
+        self.send(&Message::Input { id: self.id });
+        InputSender {
+            id: self.id,
+            outbox: self.connection.outbox.clone(),
+        }
+    }
+
     /// Lets the agent send `bytes` more of this request's stream.
     pub(crate) fn grant(&self, bytes: u64) {
         let allowance = {
@@ -269,5 +285,25 @@ impl RequestSender {
         self.outbox
             .send_bulk_blocking_unless(frame, &self.stop, &self.runtime)
             .map_err(|_| Stopped)
+    }
+}
+
+/// Sends a call's input stream, behind its `Call`.
+pub(crate) struct InputSender {
+    id: u64,
+    outbox: Outbox,
+}
+
+impl InputSender {
+    /// Queues the next bytes of the input, at most a stream frame's worth.
+    pub(crate) fn data(&self, data: Bytes) {
+        let _ = self.outbox.send(OutFrame::stream(self.id, data));
+    }
+
+    /// Queues the input's end.
+    pub(crate) fn end(&self) {
+        let _ = self
+            .outbox
+            .send(OutFrame::message(&Message::InputEnd { id: self.id }));
     }
 }

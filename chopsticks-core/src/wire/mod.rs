@@ -639,6 +639,8 @@ mod tests {
                     args: Payload::Inline(args),
                 }),
             (any::<u64>(), any::<u64>()).prop_map(|(id, bytes)| Message::Credit { id, bytes }),
+            any::<u64>().prop_map(|id| Message::Input { id }),
+            any::<u64>().prop_map(|id| Message::InputEnd { id }),
             (any::<u64>(), any::<u64>()).prop_map(|(id, len)| Message::Return {
                 id,
                 value: Payload::Streamed { len },

@@ -649,3 +649,152 @@ mod hostile {
         }
     }
 }
+
+/// `tracing` events of remote functions at the controller's subscriber.
+mod traced {
+    use std::sync::{Arc, Mutex};
+
+    use chopsticks::{Local, Tunnel};
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Level, Metadata, Subscriber};
+
+    fn traced(fine: u64) -> bool {
+        tracing::info!(answer = 42, user = "ops", "hello from the agent");
+        for i in 0..fine {
+            tracing::trace!(i, "too fine to cross");
+            tracing::debug!("also too fine");
+        }
+        tracing::warn!(target: "app::disk", free = 3, "low space");
+        tracing::enabled!(Level::TRACE)
+    }
+
+    async fn nested_traced() -> Result<bool, String> {
+        let inner = Tunnel::builder(Local::named("inner"))
+            .stderr(chopsticks::stderr::discard())
+            .build();
+        inner
+            .call(traced, (10,))
+            .await
+            .map_err(|error| error.to_string())
+    }
+
+    /// One captured event: level and its fields by name.
+    #[derive(Debug, Clone)]
+    struct Captured {
+        level: Level,
+        fields: Vec<(String, String)>,
+    }
+
+    impl Captured {
+        fn field(&self, name: &str) -> &str {
+            self.fields
+                .iter()
+                .find(|(field, _)| field == name)
+                .map(|(_, value)| value.as_str())
+                .unwrap_or("")
+        }
+    }
+
+    /// Records the events of `chopsticks::agent` up to INFO.
+    struct Capture(Arc<Mutex<Vec<Captured>>>);
+
+    struct Values(Vec<(String, String)>);
+
+    impl Visit for Values {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            self.0
+                .push((field.name().to_string(), format!("{value:?}")));
+        }
+    }
+
+    impl Subscriber for Capture {
+        fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+            metadata.target() == "chopsticks::agent" && *metadata.level() <= Level::INFO
+        }
+        fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+            Some(tracing::level_filters::LevelFilter::INFO)
+        }
+        fn new_span(&self, _span: &Attributes<'_>) -> Id {
+            Id::from_u64(1)
+        }
+        fn record(&self, _span: &Id, _values: &Record<'_>) {}
+        fn record_follows_from(&self, _span: &Id, _follows: &Id) {}
+        fn event(&self, event: &Event<'_>) {
+            let mut values = Values(Vec::new());
+            event.record(&mut values);
+            self.0.lock().expect("lock").push(Captured {
+                level: *event.metadata().level(),
+                fields: values.0,
+            });
+        }
+        fn enter(&self, _span: &Id) {}
+        fn exit(&self, _span: &Id) {}
+    }
+
+    #[tokio::test]
+    async fn agent_events_reach_the_subscriber_with_their_host_and_finer_ones_never_cross() {
+        let captured = Arc::new(Mutex::new(Vec::new()));
+        let _subscriber = tracing::subscriber::set_default(Capture(captured.clone()));
+        let tun = Tunnel::builder(Local::named("outer"))
+            .stderr(chopsticks::stderr::discard())
+            .build();
+        let received = || {
+            chopsticks_core::__private::trace::EVENTS_RECEIVED
+                .load(std::sync::atomic::Ordering::SeqCst)
+        };
+        tun.connect().await.expect("connect");
+        let before = received();
+        let trace_enabled = tun.call(traced, (1000,)).await.expect("call");
+        assert!(
+            !trace_enabled,
+            "the agent enabled trace events nobody wants"
+        );
+        assert_eq!(
+            received() - before,
+            2,
+            "2000 finer events must not cross the pipe"
+        );
+        let events = captured.lock().expect("lock").clone();
+        assert_eq!(events.len(), 2, "{events:?}");
+        let (info, warn) = (&events[0], &events[1]);
+        assert_eq!(info.level, Level::INFO);
+        assert_eq!(info.field("host"), "outer");
+        assert_eq!(info.field("message"), "hello from the agent");
+        assert!(info.field("remote_target").contains("streams"), "{info:?}");
+        assert_eq!(info.field("fields"), "answer=42 user=ops");
+        assert_eq!(warn.level, Level::WARN);
+        assert_eq!(warn.field("remote_target"), "app::disk");
+        assert_eq!(warn.field("fields"), "free=3");
+
+        // A nested agent's events come through the outer one, with both hosts.
+        captured.lock().expect("lock").clear();
+        let nested = tun
+            .call_async(nested_traced, ())
+            .await
+            .expect("call")
+            .expect("nested");
+        assert!(!nested);
+        let events = captured.lock().expect("lock").clone();
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(events[0].field("host"), "outer > inner");
+        assert_eq!(events[0].field("message"), "hello from the agent");
+        assert_eq!(events[1].field("remote_target"), "app::disk");
+    }
+
+    #[cfg(feature = "ssh")]
+    #[tokio::test]
+    async fn agent_events_over_a_real_sshd() {
+        let Some(sshd) = chopsticks_testkit::sshd_or_skip("traced", 1) else {
+            return;
+        };
+        let captured = Arc::new(Mutex::new(Vec::new()));
+        let _subscriber = tracing::subscriber::set_default(Capture(captured.clone()));
+        let tun = crate::ssh::tunnel(&sshd, sshd.alias(0));
+        assert!(!tun.call(traced, (100,)).await.expect("call"));
+        let events = captured.lock().expect("lock").clone();
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(events[0].field("host"), sshd.alias(0));
+        assert_eq!(events[1].field("message"), "low space");
+    }
+}

@@ -37,6 +37,8 @@ pub(crate) enum Action {
     Cancel { id: u64 },
     /// The controller lets stream `id` send `bytes` more.
     Credit { id: u64, bytes: u64 },
+    /// Forward `tracing` events at this level number or above.
+    TraceLevel { level: u8 },
     /// Call `id` takes an input stream; its data may come before the call.
     OpenInput { id: u64 },
     /// The next bytes of call `id`'s input.
@@ -125,6 +127,7 @@ impl Dispatcher {
                 Action::Cancel { id }
             }
             Frame::Message(Message::Credit { id, bytes }) => Action::Credit { id, bytes },
+            Frame::Message(Message::TraceLevel { level }) => Action::TraceLevel { level },
             Frame::Message(Message::Input { id }) => {
                 if self.inputs.insert(id) {
                     Action::OpenInput { id }
@@ -374,6 +377,81 @@ mod tests {
         assert!(matches!(
             dispatcher.handle(Frame::Message(Message::Shutdown)),
             Action::Shutdown
+        ));
+    }
+
+    fn stream(id: u64, data: &[u8]) -> Frame {
+        Frame::Stream {
+            id,
+            data: Bytes::copy_from_slice(data),
+        }
+    }
+
+    #[test]
+    fn input_data_goes_to_announced_inputs_only_until_their_end_or_cancel() {
+        let mut dispatcher = Dispatcher::default();
+        assert!(matches!(
+            dispatcher.handle(stream(1, b"unasked")),
+            Action::Violation(message) if message.contains("takes no input")
+        ));
+        assert!(matches!(
+            dispatcher.handle(Frame::Message(Message::Input { id: 2 })),
+            Action::OpenInput { id: 2 }
+        ));
+        assert!(matches!(
+            dispatcher.handle(Frame::Message(Message::Input { id: 2 })),
+            Action::Violation(message) if message.contains("twice")
+        ));
+        assert!(matches!(
+            dispatcher.handle(stream(2, b"data")),
+            Action::InputData { id: 2, data } if &data[..] == b"data"
+        ));
+        assert!(matches!(
+            dispatcher.handle(Frame::Message(Message::InputEnd { id: 2 })),
+            Action::EndInput { id: 2 }
+        ));
+        assert!(matches!(
+            dispatcher.handle(stream(2, b"after the end")),
+            Action::Violation(_)
+        ));
+        assert!(matches!(
+            dispatcher.handle(Frame::Message(Message::InputEnd { id: 2 })),
+            Action::Violation(message) if message.contains("takes none")
+        ));
+        dispatcher.handle(Frame::Message(Message::Input { id: 3 }));
+        assert!(matches!(
+            dispatcher.handle(Frame::Message(Message::Cancel { id: 3 })),
+            Action::Cancel { id: 3 }
+        ));
+        assert!(matches!(
+            dispatcher.handle(stream(3, b"after a cancel")),
+            Action::Violation(_)
+        ));
+    }
+
+    #[test]
+    fn credit_and_trace_levels_are_passed_on() {
+        let mut dispatcher = Dispatcher::default();
+        assert!(matches!(
+            dispatcher.handle(Frame::Message(Message::Credit { id: 4, bytes: 9 })),
+            Action::Credit { id: 4, bytes: 9 }
+        ));
+        assert!(matches!(
+            dispatcher.handle(Frame::Message(Message::TraceLevel { level: 3 })),
+            Action::TraceLevel { level: 3 }
+        ));
+        let from_an_agent = Frame::Message(Message::Trace(
+            chopsticks_core::__private::trace::TraceEvent {
+                level: 1,
+                target: "t".into(),
+                message: "m".into(),
+                fields: String::new(),
+                hosts: Vec::new(),
+            },
+        ));
+        assert!(matches!(
+            dispatcher.handle(from_an_agent),
+            Action::Violation(message) if message.contains("a Trace")
         ));
     }
 }

@@ -30,6 +30,7 @@ use chopsticks_core::__private::protocol::{
     PutRequest, encode_value,
 };
 use chopsticks_core::__private::remote::{CallOutcome, OutcomeFuture, Resolved, resolve};
+use chopsticks_core::__private::trace::Forwarder;
 use chopsticks_core::__private::wire::{
     Frame, INLINE_LIMIT, MAX_PAYLOAD_LEN, OutFrame, Outbox, write_frames,
 };
@@ -213,6 +214,10 @@ async fn serve(
     // Pool threads give buffers back outside any runtime; release the spare from here.
     tokio::spawn(release_memory_when_idle());
     let (exit, mut exit_code) = tokio::sync::mpsc::unbounded_channel();
+    // The agent's own process never ran the program's main: this is its
+    // only subscriber, off until the controller says what it wants.
+    let forwarder = Arc::new(Forwarder::new(outbox.clone()));
+    let _ = tracing::subscriber::set_global_default(forwarder.clone());
     let agent = Arc::new(Agent {
         dispatch: Dispatch {
             outbox: outbox.clone(),
@@ -228,6 +233,7 @@ async fn serve(
         }),
         puts: Mutex::default(),
         exit,
+        forwarder: forwarder.clone(),
     });
     let watchdog = Arc::new(Watchdog::new().map_err(AgentError::Runtime)?);
     let ticks = watchdog.clone();
@@ -329,6 +335,8 @@ struct Agent {
     puts: Mutex<HashMap<u64, IncomingPut>>,
     /// The exit code, once the input has ended, broken or asked for shutdown.
     exit: tokio::sync::mpsc::UnboundedSender<i32>,
+    /// Sends the functions' `tracing` events to the controller.
+    forwarder: Arc<Forwarder>,
 }
 
 /// How long an exiting agent waits for the writers of unfinished puts to
@@ -444,6 +452,7 @@ fn lead(agent: &Agent) {
             Action::Fetch { id, path } => agent.start_fetch(id, path),
             Action::Cancel { id } => agent.cancel(id),
             Action::OpenInput { id } => agent.dispatch.open_input(id),
+            Action::TraceLevel { level } => agent.forwarder.set_level(level),
             Action::InputData { id, data } => {
                 if let Err(message) = agent.dispatch.input_data(id, data) {
                     crate::warn(format_args!("protocol violation: {message}; exiting"));

@@ -52,6 +52,7 @@ mod remote;
 mod remote_error;
 pub mod stderr;
 mod stream;
+mod trace;
 mod transfer;
 mod transport;
 mod tunnel;
@@ -128,6 +129,10 @@ pub mod __private {
     /// Protocol messages.
     pub mod protocol {
         pub use crate::protocol::*;
+    }
+    /// `tracing` events from the agent.
+    pub mod trace {
+        pub use crate::trace::*;
     }
     /// Function references and their resolution.
     pub mod remote {

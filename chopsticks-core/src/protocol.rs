@@ -94,6 +94,14 @@ pub enum Message {
         /// The file's size when it was opened.
         size: u64,
     },
+    /// The most verbose `tracing` level the controller wants (see
+    /// [`trace`](crate::trace)): 0 off, 1 error to 5 trace.
+    TraceLevel {
+        /// The level's number.
+        level: u8,
+    },
+    /// A `tracing` event of the agent.
+    Trace(crate::trace::TraceEvent),
     /// Call `id`, which follows, takes an input stream: its data follows as
     /// STREAM frames with the call's id, then [`Message::InputEnd`].
     Input {
@@ -133,6 +141,8 @@ impl Message {
             Message::FetchHead { .. } => "a FetchHead",
             Message::Credit { .. } => "a Credit",
             Message::Input { .. } => "an Input",
+            Message::TraceLevel { .. } => "a TraceLevel",
+            Message::Trace(_) => "a Trace",
             Message::InputEnd { .. } => "an InputEnd",
         }
     }
@@ -499,6 +509,14 @@ mod tests {
                 bytes: 1 << 20,
             },
             Message::Input { id: 13 },
+            Message::TraceLevel { level: 3 },
+            Message::Trace(crate::trace::TraceEvent {
+                level: 3,
+                target: "app::db".into(),
+                message: "connected".into(),
+                fields: "pool=4".into(),
+                hosts: vec!["db1".into()],
+            }),
             Message::InputEnd { id: 13 },
             Message::Fail {
                 id: 11,

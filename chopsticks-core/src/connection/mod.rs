@@ -381,6 +381,10 @@ impl Connection {
                     .await;
             }
         });
+        // Before any call: the agent forwards the events this process wants.
+        let _ = outbox.send(OutFrame::message(&Message::TraceLevel {
+            level: crate::trace::wanted_level(),
+        }));
         let reader = tokio::spawn(read_replies(frames, shared.clone()));
         let heartbeat = tokio::spawn(heartbeat(shared.clone(), outbox.clone(), heartbeat_timeout));
         Connection {
@@ -649,6 +653,10 @@ async fn read_replies(mut frames: Frames, shared: Arc<Shared>) {
             Frame::Message(Message::Heartbeat) => Ok(()),
             Frame::Stream { id, data } => shared.stream_data(id, data),
             Frame::Message(Message::Credit { id, bytes }) => shared.input_credit(id, bytes),
+            Frame::Message(Message::Trace(event)) => {
+                crate::trace::emit(&shared.host, event);
+                Ok(())
+            }
             Frame::Message(Message::FetchHead { id, size }) => {
                 if let Some(stream) = shared.stream(id) {
                     let _ = stream.send(StreamEvent::Head(size)).await;

@@ -641,6 +641,22 @@ mod tests {
             (any::<u64>(), any::<u64>()).prop_map(|(id, bytes)| Message::Credit { id, bytes }),
             any::<u64>().prop_map(|id| Message::Input { id }),
             any::<u64>().prop_map(|id| Message::InputEnd { id }),
+            any::<u8>().prop_map(|level| Message::TraceLevel { level }),
+            (
+                any::<u8>(),
+                ".{0,20}",
+                ".{0,40}",
+                proptest::collection::vec(".{0,10}", 0..3)
+            )
+                .prop_map(|(level, target, message, hosts)| Message::Trace(
+                    crate::trace::TraceEvent {
+                        level,
+                        target,
+                        message,
+                        fields: String::new(),
+                        hosts,
+                    }
+                )),
             (any::<u64>(), any::<u64>()).prop_map(|(id, len)| Message::Return {
                 id,
                 value: Payload::Streamed { len },

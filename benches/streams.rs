@@ -3,8 +3,11 @@
 //! - `items_u64`: 1,000,000 `u64` items from an iterator (and from an async
 //!   `Stream`) on one stream, beside 1,000,000 pipelined calls of 256 in
 //!   flight, and beside a pipe carrying the same bytes (`head -c`)
-//! - `bytes_out`: 256 MiB as 64 KiB `ByteBuf` items, beside `cat` of as many
-//!   bytes through a pipe
+//! - `bytes_out`: 256 MiB as a byte stream of 64 KiB pieces
+//!   (`call_byte_stream`) and as 64 KiB `ByteBuf` items, beside `cat` of as
+//!   many bytes through a pipe
+//! - `bytes_in`: 256 MiB fed to a `ByteReceiver` (counted on the agent),
+//!   beside writing as many into `cat > /dev/null`
 //! - `first_item`: the first item of a fresh stream, beside a trivial call
 //!
 //! With `--features ssh` the same run over the test kit's sshd, with `ssh
@@ -45,6 +48,11 @@ fn numbers_async(count: u64) -> impl Stream<Item = u64> {
 fn chunks(total: u64, chunk: usize) -> impl Iterator<Item = ByteBuf> {
     let block = vec![0x5au8; chunk];
     (0..total / chunk as u64).map(move |_| ByteBuf::from(block.clone()))
+}
+
+fn raw_chunks(total: u64, chunk: usize) -> impl Iterator<Item = bytes::Bytes> {
+    let block = bytes::Bytes::from(vec![0x5au8; chunk]);
+    (0..total / chunk as u64).map(move |_| block.clone())
 }
 
 fn forever() -> std::ops::RangeFrom<u64> {
@@ -197,18 +205,38 @@ fn bytes_out(c: &mut Criterion, target: &Target) {
     group
         .throughput(Throughput::Bytes(BYTES_OUT))
         .sample_size(10);
-    group.bench_with_input(BenchmarkId::new("stream", CHUNK), &CHUNK, |b, &chunk| {
-        b.iter(|| {
-            rt.block_on(async {
-                let mut stream = tun.call_stream(chunks, (BYTES_OUT, chunk));
-                let mut total = 0;
-                while let Some(item) = stream.next().await {
-                    total += item.expect("item").len() as u64;
-                }
-                assert_eq!(total, BYTES_OUT);
+    group.bench_with_input(
+        BenchmarkId::new("byte_stream", CHUNK),
+        &CHUNK,
+        |b, &chunk| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let mut stream = tun.call_byte_stream(raw_chunks, (BYTES_OUT, chunk));
+                    let mut total = 0;
+                    while let Some(piece) = stream.next().await {
+                        total += piece.expect("piece").len() as u64;
+                    }
+                    assert_eq!(total, BYTES_OUT);
+                })
             })
-        })
-    });
+        },
+    );
+    group.bench_with_input(
+        BenchmarkId::new("byte_items", CHUNK),
+        &CHUNK,
+        |b, &chunk| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let mut stream = tun.call_stream(chunks, (BYTES_OUT, chunk));
+                    let mut total = 0;
+                    while let Some(item) = stream.next().await {
+                        total += item.expect("item").len() as u64;
+                    }
+                    assert_eq!(total, BYTES_OUT);
+                })
+            })
+        },
+    );
     group.bench_function("pipe_cat", |b| {
         b.iter(|| {
             rt.block_on(floor(
@@ -220,6 +248,55 @@ fn bytes_out(c: &mut Criterion, target: &Target) {
     group.finish();
 }
 
+fn bytes_in(c: &mut Criterion, target: &Target) {
+    let rt = runtime();
+    let tun = target.tunnel();
+    rt.block_on(tun.connect()).expect("connect");
+    let chunk = bytes::Bytes::from(vec![0x5au8; 256 << 10]);
+    let mut group = c.benchmark_group(format!("{}/bytes_in", target.name()));
+    group
+        .throughput(Throughput::Bytes(BYTES_OUT))
+        .sample_size(10);
+    group.bench_function("stream", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let pieces = BYTES_OUT / chunk.len() as u64;
+                let input = futures_util::stream::iter((0..pieces).map(|_| chunk.clone()));
+                let total = tun
+                    .call_with_input(count_bytes, (), input)
+                    .await
+                    .expect("call");
+                assert_eq!(total, BYTES_OUT);
+            })
+        })
+    });
+    group.bench_function("pipe_cat", |b| {
+        b.iter(|| rt.block_on(feed_floor(target, &chunk)))
+    });
+    group.finish();
+}
+
+fn count_bytes(input: chopsticks::ByteReceiver) -> u64 {
+    input.map(|piece| piece.len() as u64).sum()
+}
+
+/// Writes as many bytes into `cat > /dev/null` on the target.
+async fn feed_floor(target: &Target, chunk: &bytes::Bytes) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = target
+        .floor("cat > /dev/null")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("floor");
+    let mut stdin = child.stdin.take().expect("stdin");
+    for _ in 0..BYTES_OUT / chunk.len() as u64 {
+        stdin.write_all(chunk).await.expect("write");
+    }
+    drop(stdin);
+    child.wait().await.expect("wait");
+}
+
 fn first_item(c: &mut Criterion, target: &Target) {
     let rt = runtime();
     let tun = target.tunnel();
@@ -228,8 +305,11 @@ fn first_item(c: &mut Criterion, target: &Target) {
     group.bench_function("stream", |b| {
         b.iter(|| {
             rt.block_on(async {
-                let mut stream = tun.call_stream(forever, ());
-                stream.next().await.expect("item").expect("ok")
+                let mut stream = tun.call_stream(numbers, (1,));
+                let first = stream.next().await.expect("item").expect("ok");
+                // Its end follows at once; draining it keeps each round alone.
+                assert!(stream.next().await.is_none());
+                first
             })
         })
     });
@@ -280,6 +360,7 @@ fn main() {
     for target in &targets {
         items(&mut criterion, target);
         bytes_out(&mut criterion, target);
+        bytes_in(&mut criterion, target);
         first_item(&mut criterion, target);
     }
     criterion.final_summary();

@@ -74,13 +74,19 @@
 //!    A function returning `Result<T, E>` gives `Ok(Err(e))` when it ran and
 //!    failed; return [`RemoteError`] there to use `?` on any error.
 //! 4. Move files with [`Tunnel::put`] and [`Tunnel::fetch`].
-//! 5. Reach many hosts with a [`Group`]: every operation gives a
-//!    [`GroupResult`], one outcome per host.
-//! 6. Act on failures with [`Error`]: [`Error::host`], [`Error::phase`],
+//! 5. Stream: [`Tunnel::call_stream`] gives the items of a function that
+//!    returns an iterator as they come (a [`CallStream`]);
+//!    [`Tunnel::call_byte_stream`] raw bytes; [`Tunnel::call_with_input`]
+//!    feeds a function's [`Receiver`] or [`ByteReceiver`] from any stream.
+//!    `tracing` events of remote functions reach your subscriber.
+//! 6. Reach many hosts with a [`Group`]: every operation gives a
+//!    [`GroupResult`], one outcome per host ([`Group::call_stream`] merges
+//!    the hosts' streams).
+//! 7. Act on failures with [`Error`]: [`Error::host`], [`Error::phase`],
 //!    [`Error::is_timeout`], [`Error::is_disconnected`].
-//! 7. Reach targets through any command with `Exec` (`kubectl exec -i`,
+//! 8. Reach targets through any command with `Exec` (`kubectl exec -i`,
 //!    `ip netns exec`, `chroot`), or write your own [`Transport`].
-//! 8. Reach hosts that cannot run this program: its libraries travel with it
+//! 9. Reach hosts that cannot run this program: its libraries travel with it
 //!    when needed ([`TunnelBuilder::bundle_libraries`]); for another
 //!    architecture, [`register!`] the functions and name a build with
 //!    [`TunnelBuilder::program_for`].

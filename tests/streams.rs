@@ -325,6 +325,37 @@ async fn items_larger_than_the_window_and_the_frame_arrive_whole() {
     }
 }
 
+/// `count` pieces of `len` bytes, piece `i` filled with `i`.
+fn pieces(count: usize, len: usize) -> impl Iterator<Item = Vec<u8>> {
+    (0..count).map(move |i| vec![i as u8; len])
+}
+
+#[tokio::test]
+async fn a_byte_stream_arrives_whole_and_in_order_as_raw_bytes() {
+    let tun = local();
+    let mut received = Vec::new();
+    let mut stream = tun.call_byte_stream(pieces, (40, 100_003));
+    while let Some(piece) = stream.next().await {
+        received.extend_from_slice(&piece.expect("piece"));
+    }
+    let expected: Vec<u8> = pieces(40, 100_003).flatten().collect();
+    assert_eq!(received.len(), expected.len());
+    assert!(received == expected, "the bytes differ");
+    // Dropped mid-stream, it stops the iterator like any stream.
+    let mut endless = tun.call_byte_stream(count_forever_bytes, ());
+    assert!(!endless.next().await.expect("piece").expect("ok").is_empty());
+    drop(endless);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tun.call(dropped, ()).await.expect("dropped") {
+        assert!(Instant::now() < deadline, "the iterator was never dropped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn count_forever_bytes() -> impl Iterator<Item = String> {
+    count_forever().map(|n| format!("{n}\n"))
+}
+
 #[tokio::test]
 async fn thousands_of_streams_run_at_once_on_one_tunnel() {
     let tun = local();
@@ -567,8 +598,11 @@ mod hostile {
     #[tokio::test]
     async fn stream_data_beyond_the_window_is_a_protocol_error() {
         let dir = tempfile::tempdir().expect("tempdir");
-        // Frames full of valid items (the u64 0), more than a window of them.
-        let items: Vec<u8> = [0, 0, 0, 1, 0x00].repeat(STREAM_FRAME_LEN / 5);
+        // Frames full of valid items (the u64 0), more than a window of
+        // them; each frame under a credit step, so taking one gives nothing back.
+        let frame_len =
+            (chopsticks_core::__private::flow::GRANT_STEP as usize - 1).min(STREAM_FRAME_LEN);
+        let items: Vec<u8> = [0, 0, 0, 1, 0x00].repeat(frame_len / 5);
         let mut frames = Vec::new();
         let mut sent = 0;
         while sent <= WINDOW as usize {
@@ -659,17 +693,24 @@ mod traced {
     use tracing::span::{Attributes, Id, Record};
     use tracing::{Event, Level, Metadata, Subscriber};
 
-    fn traced(fine: u64) -> bool {
+    /// Emits two wanted events and `2 * fine` finer ones; returns whether
+    /// trace events were enabled and how many events the agent sent.
+    fn traced(fine: u64) -> (bool, u64) {
+        let forwarded = || {
+            chopsticks_core::__private::trace::EVENTS_FORWARDED
+                .load(std::sync::atomic::Ordering::SeqCst)
+        };
+        let before = forwarded();
         tracing::info!(answer = 42, user = "ops", "hello from the agent");
         for i in 0..fine {
             tracing::trace!(i, "too fine to cross");
             tracing::debug!("also too fine");
         }
         tracing::warn!(target: "app::disk", free = 3, "low space");
-        tracing::enabled!(Level::TRACE)
+        (tracing::enabled!(Level::TRACE), forwarded() - before)
     }
 
-    async fn nested_traced() -> Result<bool, String> {
+    async fn nested_traced() -> Result<(bool, u64), String> {
         let inner = Tunnel::builder(Local::named("inner"))
             .stderr(chopsticks::stderr::discard())
             .build();
@@ -739,22 +780,12 @@ mod traced {
         let tun = Tunnel::builder(Local::named("outer"))
             .stderr(chopsticks::stderr::discard())
             .build();
-        let received = || {
-            chopsticks_core::__private::trace::EVENTS_RECEIVED
-                .load(std::sync::atomic::Ordering::SeqCst)
-        };
-        tun.connect().await.expect("connect");
-        let before = received();
-        let trace_enabled = tun.call(traced, (1000,)).await.expect("call");
+        let (trace_enabled, sent) = tun.call(traced, (1000,)).await.expect("call");
         assert!(
             !trace_enabled,
             "the agent enabled trace events nobody wants"
         );
-        assert_eq!(
-            received() - before,
-            2,
-            "2000 finer events must not cross the pipe"
-        );
+        assert_eq!(sent, 2, "2000 finer events must not cross the pipe");
         let events = captured.lock().expect("lock").clone();
         assert_eq!(events.len(), 2, "{events:?}");
         let (info, warn) = (&events[0], &events[1]);
@@ -774,7 +805,7 @@ mod traced {
             .await
             .expect("call")
             .expect("nested");
-        assert!(!nested);
+        assert_eq!(nested, (false, 2));
         let events = captured.lock().expect("lock").clone();
         assert_eq!(events.len(), 2, "{events:?}");
         assert_eq!(events[0].field("host"), "outer > inner");
@@ -791,7 +822,7 @@ mod traced {
         let captured = Arc::new(Mutex::new(Vec::new()));
         let _subscriber = tracing::subscriber::set_default(Capture(captured.clone()));
         let tun = crate::ssh::tunnel(&sshd, sshd.alias(0));
-        assert!(!tun.call(traced, (100,)).await.expect("call"));
+        assert_eq!(tun.call(traced, (100,)).await.expect("call"), (false, 2));
         let events = captured.lock().expect("lock").clone();
         assert_eq!(events.len(), 2, "{events:?}");
         assert_eq!(events[0].field("host"), sshd.alias(0));

@@ -13,7 +13,7 @@ use tokio_util::codec::Decoder;
 pub(crate) static INPUT: InputWatch = InputWatch::new();
 
 /// How much room each read asks for.
-const READ_SIZE: usize = 64 * 1024;
+const READ_SIZE: usize = 256 * 1024;
 
 /// The protocol input, read with blocking `read(2)` calls by whichever pool thread leads.
 pub(crate) struct Reader {

@@ -395,7 +395,7 @@ fn lead(agent: &Agent) {
                 return finish(agent, 2);
             }
         };
-        if matches!(frame, Frame::Chunk { .. }) {
+        if matches!(frame, Frame::Chunk { .. } | Frame::Stream { .. }) {
             crate::pipe_size::bulk();
         }
         match state.dispatcher.handle(frame) {

@@ -100,19 +100,14 @@ where
         let mut encoded = Vec::new();
         let mut index = 0;
         while let Some(item) = input.next().await {
-            if let Err(message) = I::encode(&item, &mut encoded) {
-                flow.cancel();
-                return Err((index, message));
+            match I::push(item, &flow, &mut encoded).await {
+                Ok(Ok(())) => index += 1,
+                Ok(Err(_stopped)) => return Ok(()),
+                Err(message) => {
+                    flow.cancel();
+                    return Err((index, message));
+                }
             }
-            let pushed = if I::ITEMS {
-                flow.push_item(&encoded).await
-            } else {
-                flow.push_bytes(&encoded).await
-            };
-            if pushed.is_err() {
-                return Ok(());
-            }
-            index += 1;
         }
         flow.finish(End::Finished);
         Ok(())

@@ -36,7 +36,7 @@ pub const GRANT_STEP: u64 = WINDOW / 4;
 /// The most credit a sender may hold; more is a protocol violation.
 pub const MAX_CREDIT: u64 = 1 << 32;
 /// A producer waits while this much of its stream waits unsent.
-pub const BUFFERED_LEN: usize = 64 * 1024;
+pub const BUFFERED_LEN: usize = 256 * 1024;
 /// The largest item a stream carries, encoded.
 pub const MAX_ITEM_LEN: usize = u32::MAX as usize;
 
@@ -78,11 +78,38 @@ pub struct Outflow {
 
 #[derive(Debug)]
 struct OutState {
+    /// Items, behind their lengths.
     pending: BytesMut,
+    /// Pieces of a byte stream, sent without a copy.
+    chunks: std::collections::VecDeque<Bytes>,
+    /// The bytes in `chunks`.
+    chunked: usize,
     credit: u64,
     items: u64,
     end: Option<End>,
     cancelled: bool,
+}
+
+impl OutState {
+    /// What waits unsent.
+    fn buffered(&self) -> usize {
+        self.pending.len() + self.chunked
+    }
+
+    /// Takes at most `len` bytes to send.
+    fn take(&mut self, len: usize) -> Bytes {
+        if !self.pending.is_empty() {
+            return self.pending.split_to(len.min(self.pending.len())).freeze();
+        }
+        let Some(mut chunk) = self.chunks.pop_front() else {
+            return Bytes::new();
+        };
+        if chunk.len() > len {
+            self.chunks.push_front(chunk.split_off(len));
+        }
+        self.chunked -= chunk.len();
+        chunk
+    }
 }
 
 impl Default for Outflow {
@@ -97,6 +124,8 @@ impl Outflow {
         Outflow {
             state: Mutex::new(OutState {
                 pending: BytesMut::new(),
+                chunks: std::collections::VecDeque::new(),
+                chunked: 0,
                 credit,
                 items: 0,
                 end: None,
@@ -118,13 +147,13 @@ impl Outflow {
     /// while the unsent part is full.
     pub fn push_item_blocking(&self, item: &[u8]) -> Result<(), Stopped> {
         let mut state = self.lock();
-        while !state.cancelled && state.pending.len() >= BUFFERED_LEN {
+        while !state.cancelled && state.buffered() >= BUFFERED_LEN {
             state = self
                 .room
                 .wait(state)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
-        self.append(state, item, true)
+        self.append(state, item)
     }
 
     /// Appends one encoded item, behind its length, waiting while the
@@ -133,8 +162,8 @@ impl Outflow {
         loop {
             {
                 let state = self.lock();
-                if state.cancelled || state.pending.len() < BUFFERED_LEN {
-                    return self.append(state, item, true);
+                if state.cancelled || state.buffered() < BUFFERED_LEN {
+                    return self.append(state, item);
                 }
             }
             // One producer: a room notice sent in between is kept as a permit.
@@ -142,37 +171,62 @@ impl Outflow {
         }
     }
 
-    /// Appends raw bytes of a byte stream, waiting while the unsent part is full.
-    pub async fn push_bytes(&self, bytes: &[u8]) -> Result<(), Stopped> {
+    /// Appends a piece of a byte stream (sent without a copy), waiting on
+    /// this thread while the unsent part is full.
+    pub fn push_chunk_blocking(&self, chunk: Bytes) -> Result<(), Stopped> {
+        let mut state = self.lock();
+        while !state.cancelled && state.buffered() >= BUFFERED_LEN {
+            state = self
+                .room
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        self.append_chunk(state, chunk)
+    }
+
+    fn append_chunk(
+        &self,
+        mut state: MutexGuard<'_, OutState>,
+        chunk: Bytes,
+    ) -> Result<(), Stopped> {
+        if state.cancelled || state.end.is_some() {
+            return Err(Stopped);
+        }
+        let was_empty = state.buffered() == 0;
+        state.chunked += chunk.len();
+        state.chunks.push_back(chunk);
+        drop(state);
+        if was_empty {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Appends a piece of a byte stream (sent without a copy), waiting
+    /// while the unsent part is full.
+    pub async fn push_chunk(&self, chunk: Bytes) -> Result<(), Stopped> {
         loop {
             {
                 let state = self.lock();
-                if state.cancelled || state.pending.len() < BUFFERED_LEN {
-                    return self.append(state, bytes, false);
+                if state.cancelled || state.buffered() < BUFFERED_LEN {
+                    return self.append_chunk(state, chunk);
                 }
             }
             self.room_async.notified().await;
         }
     }
 
-    fn append(
-        &self,
-        mut state: MutexGuard<'_, OutState>,
-        data: &[u8],
-        item: bool,
-    ) -> Result<(), Stopped> {
+    fn append(&self, mut state: MutexGuard<'_, OutState>, item: &[u8]) -> Result<(), Stopped> {
         if state.cancelled || state.end.is_some() {
             return Err(Stopped);
         }
-        let was_empty = state.pending.is_empty();
-        if item {
-            // Checked by the callers' encoders: an item fits in a u32.
-            state
-                .pending
-                .extend_from_slice(&(data.len() as u32).to_be_bytes());
-            state.items += 1;
-        }
-        state.pending.extend_from_slice(data);
+        let was_empty = state.buffered() == 0;
+        // Checked by the callers' encoders: an item fits in a u32.
+        state
+            .pending
+            .extend_from_slice(&(item.len() as u32).to_be_bytes());
+        state.items += 1;
+        state.pending.extend_from_slice(item);
         drop(state);
         if was_empty {
             self.ready.notify_one();
@@ -229,15 +283,12 @@ impl Outflow {
                 if state.cancelled {
                     return Out::Cancelled(state.items);
                 }
-                if !state.pending.is_empty() && state.credit > 0 {
-                    let len = state
-                        .pending
-                        .len()
-                        .min(STREAM_FRAME_LEN)
-                        .min(usize::try_from(state.credit).unwrap_or(usize::MAX));
-                    let data = state.pending.split_to(len).freeze();
-                    state.credit -= len as u64;
-                    let room = state.pending.len() < BUFFERED_LEN;
+                if state.buffered() > 0 && state.credit > 0 {
+                    let len =
+                        STREAM_FRAME_LEN.min(usize::try_from(state.credit).unwrap_or(usize::MAX));
+                    let data = state.take(len);
+                    state.credit -= data.len() as u64;
+                    let room = state.buffered() < BUFFERED_LEN;
                     drop(state);
                     if room {
                         self.room.notify_all();
@@ -245,7 +296,7 @@ impl Outflow {
                     }
                     return Out::Data(data);
                 }
-                if state.pending.is_empty()
+                if state.buffered() == 0
                     && let Some(end) = state.end.take()
                 {
                     return Out::End(end, state.items);
@@ -355,6 +406,30 @@ mod tests {
         assert_eq!(reader.next_item().as_deref(), Some(&b"ghijkl"[..]));
         assert!(reader.next_item().is_none() && !reader.has_partial_item());
         assert!(matches!(flow.next_out().await, Out::End(End::Finished, 2)));
+    }
+
+    #[tokio::test]
+    async fn chunks_go_out_whole_or_cut_at_the_credit() {
+        let flow = Outflow::new(100_000);
+        let chunk = Bytes::from(vec![7u8; 70_000]);
+        flow.push_chunk(chunk.clone()).await.expect("push");
+        flow.push_chunk(Bytes::from_static(b"tail"))
+            .await
+            .expect("push");
+        flow.finish(End::Finished);
+        let mut received = Vec::new();
+        loop {
+            match flow.next_out().await {
+                Out::Data(data) => {
+                    assert!(data.len() <= STREAM_FRAME_LEN);
+                    received.extend_from_slice(&data);
+                }
+                Out::End(End::Finished, 0) => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(received.len(), 70_004);
+        assert!(received.ends_with(b"tail"));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::flow::{Allowance, Grants, ItemReader};
+use crate::flow::{Allowance, Grants, ItemReader, Outflow, Stopped};
 
 /// The agent's end of one call's input: what arrived and not yet taken.
 pub struct InputQueue {
@@ -442,28 +442,40 @@ pub trait InputEnd: sealed::Sealed + Serialize + DeserializeOwned {
     /// The placeholder sent in the argument tuple.
     #[doc(hidden)]
     fn placeholder() -> Self;
-    /// Appends `item` to `out` as the input stream carries it.
+    /// Puts `item` into `flow` as the input stream carries it, using
+    /// `scratch` to encode; an error when it cannot be encoded.
     #[doc(hidden)]
-    fn encode(item: &Self::Item, out: &mut Vec<u8>) -> Result<(), String>;
-    /// Whether items go behind their length (items) or as they are (bytes).
-    #[doc(hidden)]
-    const ITEMS: bool;
+    fn push(
+        item: Self::Item,
+        flow: &Outflow,
+        scratch: &mut Vec<u8>,
+    ) -> impl Future<Output = Result<Result<(), Stopped>, String>> + Send;
 }
 
-impl<T: Serialize + DeserializeOwned> InputEnd for Receiver<T> {
+impl<T: Serialize + DeserializeOwned> InputEnd for Receiver<T>
+where
+    T: Send,
+{
     type Item = T;
     fn placeholder() -> Self {
         Receiver::placeholder()
     }
-    fn encode(item: &T, out: &mut Vec<u8>) -> Result<(), String> {
-        out.clear();
-        crate::cbor::append_to(item, out).map_err(|error| error.to_string())?;
-        if out.len() > crate::flow::MAX_ITEM_LEN {
-            return Err(format!("an input item of {} bytes is too large", out.len()));
+    async fn push(
+        item: T,
+        flow: &Outflow,
+        scratch: &mut Vec<u8>,
+    ) -> Result<Result<(), Stopped>, String> {
+        scratch.clear();
+        crate::cbor::append_to(&item, scratch).map_err(|error| error.to_string())?;
+        drop(item);
+        if scratch.len() > crate::flow::MAX_ITEM_LEN {
+            return Err(format!(
+                "an input item of {} bytes is too large",
+                scratch.len()
+            ));
         }
-        Ok(())
+        Ok(flow.push_item(scratch).await)
     }
-    const ITEMS: bool = true;
 }
 
 impl InputEnd for ByteReceiver {
@@ -471,12 +483,13 @@ impl InputEnd for ByteReceiver {
     fn placeholder() -> Self {
         ByteReceiver::placeholder()
     }
-    fn encode(item: &Bytes, out: &mut Vec<u8>) -> Result<(), String> {
-        out.clear();
-        out.extend_from_slice(item);
-        Ok(())
+    async fn push(
+        item: Bytes,
+        flow: &Outflow,
+        _scratch: &mut Vec<u8>,
+    ) -> Result<Result<(), Stopped>, String> {
+        Ok(flow.push_chunk(item).await)
     }
-    const ITEMS: bool = false;
 }
 
 /// An argument tuple without its first element, the input: `(A2, ..)` for

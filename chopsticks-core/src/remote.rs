@@ -288,6 +288,27 @@ where
     Ok(())
 }
 
+fn byte_stream_trampoline<F, Args, I>(args: &[u8], flow: &Outflow) -> Result<(), Failure>
+where
+    F: RemoteFn<Args, Output = I>,
+    Args: DeserializeOwned,
+    I: IntoIterator,
+    I::Item: Into<bytes::Bytes>,
+{
+    let args: Args =
+        decode_value(args).map_err(|message| Failure::new(FailureKind::Arguments, message))?;
+    // SAFETY: `byte_stream_function_ref_of` asserted at compile time that F is zero-sized; F is Copy.
+    let function: F = unsafe { conjure() };
+    let mut pieces = function.invoke(args).into_iter();
+    while !flow.is_cancelled() {
+        let Some(piece) = pieces.next() else { break };
+        if flow.push_chunk_blocking(piece.into()).is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
 fn async_stream_trampoline<F, Args, S>(args: Vec<u8>, flow: Arc<Outflow>) -> StreamFuture
 where
     F: RemoteFn<Args, Output = S>,
@@ -413,6 +434,29 @@ where
             trampoline: Trampoline::BlockingStream(
                 blocking_stream_trampoline::<F, Args, F::Output>,
             ),
+        }
+    };
+    FunctionRef::Offset {
+        offset: offset_of(entry),
+        name: Cow::Borrowed(std::any::type_name::<F>()),
+    }
+}
+
+/// The reference to a blocking function that returns an iterator of byte
+/// pieces, which stream back as raw bytes; checked at build time to capture nothing.
+pub fn byte_stream_function_ref_of<F, Args>() -> FunctionRef
+where
+    F: RemoteFn<Args>,
+    Args: DeserializeOwned,
+    F::Output: IntoIterator,
+    <F::Output as IntoIterator>::Item: Into<bytes::Bytes>,
+{
+    let () = CapturesNothing::<F>::CHECK;
+    let entry: &'static Entry = const {
+        &Entry {
+            tag: ENTRY_TAG,
+            mode: BLOCKING_STREAM,
+            trampoline: Trampoline::BlockingStream(byte_stream_trampoline::<F, Args, F::Output>),
         }
     };
     FunctionRef::Offset {

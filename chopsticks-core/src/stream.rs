@@ -53,12 +53,49 @@ impl<T> std::fmt::Debug for CallStream<'_, T> {
     }
 }
 
+/// How a stream's data becomes what it yields: CBOR items behind their
+/// lengths, or each piece of a byte stream as it came.
+#[derive(Debug, Clone, Copy)]
+enum Framing<T> {
+    Items(fn(&[u8]) -> std::result::Result<T, String>),
+    Bytes(fn(Bytes) -> T),
+}
+
+impl<'t> CallStream<'t, Bytes> {
+    /// The pieces of a byte stream, as they come.
+    pub(crate) fn bytes(
+        tunnel: &'t Tunnel,
+        function: FunctionRef,
+        args: std::result::Result<Vec<u8>, String>,
+    ) -> Self {
+        Self::framed(
+            tunnel,
+            function,
+            CallMode::BlockingStream,
+            args,
+            Framing::Bytes(|bytes| bytes),
+        )
+    }
+}
+
 impl<'t, T: DeserializeOwned + Send + 't> CallStream<'t, T> {
     pub(crate) fn new(
         tunnel: &'t Tunnel,
         function: FunctionRef,
         mode: CallMode,
         args: std::result::Result<Vec<u8>, String>,
+    ) -> Self {
+        Self::framed(tunnel, function, mode, args, Framing::Items(decode_value))
+    }
+}
+
+impl<'t, T: Send + 't> CallStream<'t, T> {
+    fn framed(
+        tunnel: &'t Tunnel,
+        function: FunctionRef,
+        mode: CallMode,
+        args: std::result::Result<Vec<u8>, String>,
+        framing: Framing<T>,
     ) -> Self {
         let name = match &function {
             FunctionRef::Offset {
@@ -72,6 +109,7 @@ impl<'t, T: DeserializeOwned + Send + 't> CallStream<'t, T> {
             function,
             mode,
             args,
+            framing,
         };
         CallStream {
             host: tunnel.host(),
@@ -89,36 +127,39 @@ impl<T> Stream for CallStream<'_, T> {
     }
 }
 
-enum State<'t> {
+enum State<'t, T> {
     Start {
         tunnel: &'t Tunnel,
         function: FunctionRef,
         mode: CallMode,
         args: std::result::Result<Vec<u8>, String>,
+        framing: Framing<T>,
     },
-    Running(Running),
+    Running(Running<T>),
     Done,
 }
 
 /// A streaming call under way.
-struct Running {
+struct Running<T> {
     request: Request<Arc<Connection>>,
     data: mpsc::UnboundedReceiver<Bytes>,
     reader: ItemReader,
     grants: Grants,
     items: u64,
     function: FunctionRef,
+    framing: Framing<T>,
 }
 
-impl<'t> State<'t> {
-    async fn next<T: DeserializeOwned>(self) -> Option<(Result<T>, State<'t>)> {
+impl<'t, T> State<'t, T> {
+    async fn next(self) -> Option<(Result<T>, State<'t, T>)> {
         let mut running = match self {
             State::Start {
                 tunnel,
                 function,
                 mode,
                 args,
-            } => match start(tunnel, function, mode, args).await {
+                framing,
+            } => match start(tunnel, function, mode, args, framing).await {
                 Ok(running) => running,
                 Err(error) => return Some((Err(error), State::Done)),
             },
@@ -133,12 +174,13 @@ impl<'t> State<'t> {
     }
 }
 
-async fn start(
+async fn start<T>(
     tunnel: &Tunnel,
     function: FunctionRef,
     mode: CallMode,
     args: std::result::Result<Vec<u8>, String>,
-) -> Result<Running> {
+    framing: Framing<T>,
+) -> Result<Running<T>> {
     let args = args.map_err(|message| Error::Value {
         host: tunnel.host().to_string(),
         function: function.name().to_string(),
@@ -155,16 +197,19 @@ async fn start(
         grants: Grants::default(),
         items: 0,
         function,
+        framing,
     })
 }
 
-impl Running {
+impl<T> Running<T> {
     /// The next item, an error that ends the stream, or `None` at its end.
-    async fn next_item<T: DeserializeOwned>(&mut self) -> Option<Result<T>> {
+    async fn next_item(&mut self) -> Option<Result<T>> {
         loop {
-            if let Some(item) = self.reader.next_item() {
+            if let Framing::Items(decode) = self.framing
+                && let Some(item) = self.reader.next_item()
+            {
                 self.items += 1;
-                return Some(decode_value(&item).map_err(|message| Error::Value {
+                return Some(decode(&item).map_err(|message| Error::Value {
                     host: self.request.host().to_string(),
                     function: self.function.name().to_string(),
                     what: ValuePart::Item(self.items - 1),
@@ -174,9 +219,15 @@ impl Running {
             }
             match self.data.recv().await {
                 Some(data) => {
-                    self.reader.extend(&data);
                     if let Some(credit) = self.grants.taken(data.len()) {
                         self.request.grant(credit);
+                    }
+                    match self.framing {
+                        Framing::Items(_) => self.reader.extend(&data),
+                        Framing::Bytes(piece) => {
+                            self.items += 1;
+                            return Some(Ok(piece(data)));
+                        }
                     }
                 }
                 None => return self.end().await,
@@ -185,7 +236,7 @@ impl Running {
     }
 
     /// The agent's final reply, once all data has been taken.
-    async fn end<T>(&mut self) -> Option<Result<T>> {
+    async fn end(&mut self) -> Option<Result<T>> {
         let host = self.request.host().to_string();
         let function = self.function.name();
         match self.request.answer().await {

@@ -57,12 +57,12 @@ pub fn wanted_level() -> u8 {
     level_number(tracing::level_filters::LevelFilter::current().into_level())
 }
 
-/// Trace events received by controllers in this process (for tests).
-pub static EVENTS_RECEIVED: AtomicU64 = AtomicU64::new(0);
+/// Events this process's [`Forwarder`] has sent (for tests, which read it
+/// on the agent).
+pub static EVENTS_FORWARDED: AtomicU64 = AtomicU64::new(0);
 
 /// Emits the agent's `event`, received from `host`, to this process's subscriber.
 pub(crate) fn emit(host: &str, event: TraceEvent) {
-    EVENTS_RECEIVED.fetch_add(1, Ordering::Relaxed);
     let mut chain = host.to_string();
     for below in event
         .hosts
@@ -172,6 +172,7 @@ impl Subscriber for Forwarder {
                 hosts: Vec::new(),
             }
         };
+        EVENTS_FORWARDED.fetch_add(1, Ordering::Relaxed);
         let _ = self
             .outbox
             .send(OutFrame::message(&Message::Trace(forwarded)));

@@ -305,6 +305,25 @@ impl Tunnel {
         )
     }
 
+    /// Calls `function`, a plain function that returns an iterator of byte
+    /// pieces (`Vec<u8>`, `Bytes`, `String`: anything `Into<Bytes>`), and
+    /// streams them back as raw bytes, never encoded: a process's output,
+    /// a file. The returned stream yields the bytes in pieces as they
+    /// arrive (not necessarily the pieces the function made). Otherwise as
+    /// [`call_stream`](Self::call_stream).
+    pub fn call_byte_stream<F, Args>(&self, function: F, args: Args) -> CallStream<'_, bytes::Bytes>
+    where
+        F: RemoteFn<Args>,
+        Args: Serialize + DeserializeOwned,
+        F::Output: IntoIterator,
+        <F::Output as IntoIterator>::Item: Into<bytes::Bytes>,
+    {
+        let () = crate::remote::CapturesNothing::<F>::CHECK;
+        let _ = function;
+        let function_ref = crate::remote::byte_stream_function_ref_of::<F, Args>();
+        CallStream::bytes(self, function_ref, encode_value(&args))
+    }
+
     /// Calls `function`, a plain function that returns a
     /// [`Stream`](futures_util::Stream), and streams its items back as they
     /// are produced. The stream is polled as a task on the agent's runtime;

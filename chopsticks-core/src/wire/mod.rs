@@ -60,9 +60,10 @@ pub const MAX_FRAME_LEN: usize = CHUNK_LEN + 64 * 1024;
 pub const INLINE_LIMIT: usize = 64 * 1024;
 /// The size of one data chunk.
 pub const CHUNK_LEN: usize = 256 * 1024;
-/// The most stream bytes one STREAM frame carries: small enough to share
-/// the small-frame queue with calls without delaying them.
-pub const STREAM_FRAME_LEN: usize = INLINE_LIMIT;
+/// The most stream bytes one STREAM frame carries: a chunk's worth. Stream
+/// frames share the small-frame queue with calls, so a call waits behind at
+/// most one such frame per stream with credit.
+pub const STREAM_FRAME_LEN: usize = CHUNK_LEN;
 /// The largest streamed payload either end accepts by default.
 pub const MAX_PAYLOAD_LEN: u64 = 4 << 30;
 

@@ -674,9 +674,17 @@ mod hostile {
                 1,
                 &stream_ref(count_forever),
                 chopsticks_core::__private::protocol::CallMode::BlockingStream,
-                &[0x80],
+                &chopsticks_core::__private::protocol::encode_value(&()).expect("encode"),
             );
             agent.send(&call).await;
+            // The stream runs (its first data came) before the hostile frame.
+            loop {
+                match agent.next().await {
+                    chopsticks_core::__private::wire::Frame::Stream { id: 1, .. } => break,
+                    chopsticks_core::__private::wire::Frame::Message(Message::Heartbeat) => {}
+                    other => panic!("the stream did not start: {other:?}"),
+                }
+            }
             agent.send(&frame.to_bytes()).await;
             let status = agent.exit_status(Duration::from_secs(10)).await;
             assert_eq!(status.code(), Some(2), "{status:?}");

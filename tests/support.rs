@@ -773,10 +773,26 @@ impl RawAgent {
 
     /// How the agent exited, waiting at most `bound`.
     pub async fn exit_status(&mut self, bound: Duration) -> std::process::ExitStatus {
-        tokio::time::timeout(bound, self.child.wait())
-            .await
-            .expect("the agent exits in time")
-            .expect("wait")
+        match tokio::time::timeout(bound, self.child.wait()).await {
+            Ok(status) => status.expect("wait"),
+            Err(_) => {
+                let pid = self.child.id().unwrap_or(0);
+                let mut threads = String::new();
+                for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    let path = task.path();
+                    let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+                    let wchan = std::fs::read_to_string(path.join("wchan")).unwrap_or_default();
+                    let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+                    let state = stat.split(' ').nth(2).unwrap_or("?").to_string();
+                    threads.push_str(&format!("{} {} {}\n", comm.trim(), state, wchan));
+                }
+                panic!("the agent {pid} did not exit in {bound:?}; its threads:\n{threads}");
+            }
+        }
     }
 
     /// The next reply to a call (heartbeats skipped): its id and outcome.

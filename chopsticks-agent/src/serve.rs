@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chopsticks_core::__private::flow::{End, Out, Outflow};
+use chopsticks_core::__private::flow::{End, Out, Outflow, WINDOW};
 use chopsticks_core::__private::heartbeat::{self, SilenceClock};
 use chopsticks_core::__private::identity::{binary_id, uname};
 use chopsticks_core::__private::input::{InputQueue, provide, providing};
@@ -402,11 +402,16 @@ fn lead(agent: &Agent) {
             Action::Call {
                 id,
                 function,
-                mode: CallMode::Blocking,
+                mode: mode @ (CallMode::Blocking | CallMode::BlockingStream),
                 args,
                 inline: true,
             } => {
-                let Some(job) = agent.dispatch.prepare_blocking(id, &function, args) else {
+                // An iterator runs here too: its first item leaves at once.
+                let job = match mode {
+                    CallMode::Blocking => agent.dispatch.prepare_blocking(id, &function, args),
+                    _ => agent.dispatch.prepare_stream(id, &function, args),
+                };
+                let Some(job) = job else {
                     continue;
                 };
                 if state.reader.more_buffered() {
@@ -514,7 +519,9 @@ impl Agent {
     fn cancel(&self, id: u64) {
         self.puts().remove(&id);
         self.dispatch.close_input(id);
-        match lock(&self.dispatch.running).remove(&id) {
+        // Out of the lock first: a stream's cancel sends its end, which takes it.
+        let running = lock(&self.dispatch.running).remove(&id);
+        match running {
             Some(RunningCall::Task(handle)) => handle.abort(),
             Some(RunningCall::Blocking(cancelled)) => cancelled.store(true, Ordering::Relaxed),
             Some(RunningCall::Stream(flow, task)) => {
@@ -530,12 +537,13 @@ impl Agent {
     /// Gives stream `id` more credit. Credit for a stream that has ended
     /// (or never was) is dropped: it may have crossed the stream's end.
     fn credit(&self, id: u64, bytes: u64) -> Result<(), String> {
-        match lock(&self.dispatch.running).get(&id) {
-            Some(RunningCall::Stream(flow, _)) => flow
-                .grant(bytes)
-                .map_err(|why| format!("request {id}: {why}")),
-            _ => Ok(()),
-        }
+        // Out of the lock first: credit may send the stream's end, which takes it.
+        let flow = match lock(&self.dispatch.running).get(&id) {
+            Some(RunningCall::Stream(flow, _)) => flow.clone(),
+            _ => return Ok(()),
+        };
+        flow.grant(bytes)
+            .map_err(|why| format!("request {id}: {why}"))
     }
 }
 
@@ -580,28 +588,16 @@ impl Dispatch {
                 });
                 calls_running.insert(id, RunningCall::Task(task.abort_handle()));
             }
-            Ok(Resolved::BlockingStream(trampoline)) => {
-                let flow = Arc::new(Outflow::default());
-                lock(&self.running).insert(id, RunningCall::Stream(flow.clone(), None));
-                self.flush(id, flow.clone());
-                let calls = self.calls.clone();
-                let (input, inputs) = (self.input_of(id), self.inputs.clone());
-                self.pool.submit(Box::new(move || {
-                    let _runtime = calls.enter();
-                    let outcome = in_call(|| {
-                        std::panic::catch_unwind(AssertUnwindSafe(|| {
-                            provide(input, || trampoline.run(&args, &flow))
-                        }))
-                    });
-                    close_input(&inputs, id);
-                    flow.finish(stream_end(outcome));
-                }));
+            Ok(Resolved::BlockingStream(_)) => {
+                if let Some(job) = self.prepare_stream(id, function, args) {
+                    self.pool.submit(job);
+                }
             }
             Ok(Resolved::AsyncStream(trampoline)) => {
-                let flow = Arc::new(Outflow::default());
+                let flow = self.outflow(id);
                 let producer = flow.clone();
                 // Registered before the task runs, as for async calls; a
-                // cancel aborts it, and the flusher ends the stream.
+                // cancel aborts it, and the cancel sends the stream's end.
                 let mut calls_running = lock(&self.running);
                 let (input, inputs) = (self.input_of(id), self.inputs.clone());
                 let task = self.calls.spawn(async move {
@@ -610,12 +606,7 @@ impl Dispatch {
                     close_input(&inputs, id);
                     producer.finish(stream_end(outcome));
                 });
-                calls_running.insert(
-                    id,
-                    RunningCall::Stream(flow.clone(), Some(task.abort_handle())),
-                );
-                drop(calls_running);
-                self.flush(id, flow);
+                calls_running.insert(id, RunningCall::Stream(flow, Some(task.abort_handle())));
             }
             Err(failure) => {
                 let _ = self.outbox.send(reply(id, Err(failure)));
@@ -623,27 +614,39 @@ impl Dispatch {
         }
     }
 
-    /// Sends stream `id` as credit allows, then its end: the item count
-    /// (also after a cancel, so the controller knows no more comes) or the
-    /// producer's failure.
-    fn flush(&self, id: u64, flow: Arc<Outflow>) {
+    /// The sending half of stream `id`: its frames go out from whichever
+    /// thread lets them (the producer's, or the reader's with credit), then
+    /// its end: the item count (also after a cancel, so the controller knows
+    /// no more comes) or the producer's failure.
+    fn outflow(&self, id: u64) -> Arc<Outflow> {
         let (outbox, running) = (self.outbox.clone(), self.running.clone());
-        self.io.spawn(async move {
-            let end = loop {
-                match flow.next_out().await {
-                    Out::Data(data) => {
-                        let _ = outbox.send(OutFrame::stream(id, data));
-                    }
-                    Out::End(End::Finished, items) | Out::Cancelled(items) => {
-                        break Ok(encode_value(&items).unwrap_or_default());
-                    }
-                    Out::End(End::Failed(failure), _) => break Err(failure),
-                }
-            };
+        let end = move |outcome: CallOutcome| {
             lock(&running).remove(&id);
             CALLS_FINISHED.fetch_add(1, Ordering::Relaxed);
-            let _ = outbox.send(reply(id, end));
+            let _ = outbox.send_or_write_now(reply(id, outcome));
+        };
+        let data = self.outbox.clone();
+        let flow = Arc::new(Outflow::new(
+            WINDOW,
+            Box::new(move |out| match out {
+                Out::Data(bytes) => {
+                    let _ = data.send_or_write_now(OutFrame::stream(id, bytes));
+                }
+                Out::End(End::Finished, items) | Out::Cancelled(items) => {
+                    end(Ok(encode_value(&items).unwrap_or_default()));
+                }
+                Out::End(End::Failed(failure), _) => end(Err(failure)),
+            }),
+        ));
+        let (flushing, io) = (Arc::downgrade(&flow), self.io.clone());
+        flow.flush_when_needed(move || {
+            io.spawn(async move {
+                if let Some(flow) = flushing.upgrade() {
+                    flow.flush().await;
+                }
+            });
         });
+        flow
     }
 }
 
@@ -710,6 +713,40 @@ fn stream_end(outcome: std::thread::Result<Result<(), Failure>>) -> End {
 }
 
 impl Dispatch {
+    /// Resolves an iterator-returning call, registers its stream for
+    /// cancellation; returns the job that iterates,
+    /// or `None` after replying with a failure.
+    fn prepare_stream(
+        &self,
+        id: u64,
+        function: &FunctionRef,
+        args: Vec<u8>,
+    ) -> Option<Box<dyn FnOnce() + Send>> {
+        // SAFETY: as in `start`: the controller runs this same executable.
+        let trampoline = match unsafe { resolve(function, CallMode::BlockingStream) } {
+            Ok(Resolved::BlockingStream(trampoline)) => trampoline,
+            Ok(_) => return None,
+            Err(failure) => {
+                let _ = self.outbox.send(reply(id, Err(failure)));
+                return None;
+            }
+        };
+        let flow = self.outflow(id);
+        lock(&self.running).insert(id, RunningCall::Stream(flow.clone(), None));
+        let calls = self.calls.clone();
+        let (input, inputs) = (self.input_of(id), self.inputs.clone());
+        Some(Box::new(move || {
+            let _runtime = calls.enter();
+            let outcome = in_call(|| {
+                std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    provide(input, || trampoline.run(&args, &flow))
+                }))
+            });
+            close_input(&inputs, id);
+            flow.finish(stream_end(outcome));
+        }))
+    }
+
     /// Resolves a blocking call and registers it for cancellation; returns the
     /// job that runs it, or `None` after replying with a failure.
     fn prepare_blocking(

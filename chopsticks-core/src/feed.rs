@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 
 use crate::connection::{Answer, InputSender};
 use crate::error::{Error, Result, ValueAction, ValuePart};
-use crate::flow::{End, Out, Outflow};
+use crate::flow::{End, Out, Outflow, WINDOW};
 use crate::input::InputEnd;
 use crate::protocol::{CallMode, FunctionRef, Message, decode_value};
 use crate::tunnel::Tunnel;
@@ -48,8 +48,21 @@ where
     let reference = connection.callable(&function, mode, &args)?;
     let mut request = connection.request()?;
     let id = request.id();
-    let flow = Arc::new(Outflow::default());
-    let sender = request.open_input(flow.clone());
+    let sender = Arc::new(std::sync::OnceLock::<InputSender>::new());
+    let sends = sender.clone();
+    let flow = Arc::new(Outflow::new(
+        WINDOW,
+        Box::new(move |out| {
+            if let Some(sender) = sends.get() {
+                match out {
+                    Out::Data(data) => sender.data(data),
+                    Out::End(..) => sender.end(),
+                    Out::Cancelled(_) => {}
+                }
+            }
+        }),
+    ));
+    let _ = sender.set(request.open_input(flow.clone()));
     request
         .send_payload(
             args,
@@ -62,7 +75,7 @@ where
             false,
         )
         .await;
-    let feeding = feed::<I, S>(input, flow, sender);
+    let feeding = feed::<I, S>(input, flow);
     let mut feeding = std::pin::pin!(feeding);
     let mut fed = false;
     let answer = loop {
@@ -84,13 +97,9 @@ where
         .map_err(|message| value_error(ValuePart::Result, ValueAction::Decode, message))
 }
 
-/// Encodes `input` into `flow` and sends what the agent's credit allows;
-/// an item that cannot be encoded stops it with the item's index.
-async fn feed<I, S>(
-    input: S,
-    flow: Arc<Outflow>,
-    sender: InputSender,
-) -> std::result::Result<(), (u64, String)>
+/// Encodes `input` into `flow`, which sends what the agent's credit
+/// allows; an item that cannot be encoded stops it with the item's index.
+async fn feed<I, S>(input: S, flow: Arc<Outflow>) -> std::result::Result<(), (u64, String)>
 where
     I: InputEnd,
     S: Stream<Item = I::Item>,
@@ -112,15 +121,6 @@ where
         flow.finish(End::Finished);
         Ok(())
     };
-    let sending = async {
-        loop {
-            match flow.next_out().await {
-                Out::Data(data) => sender.data(data),
-                Out::End(..) => return sender.end(),
-                Out::Cancelled(_) => return,
-            }
-        }
-    };
-    let (pushed, ()) = futures_util::future::join(pushing, sending).await;
+    let (pushed, ()) = futures_util::future::join(pushing, flow.flush()).await;
     pushed
 }

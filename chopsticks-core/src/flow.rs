@@ -16,7 +16,7 @@
 //! one item) waits at the sender, whatever the producer could make.
 //!
 //! [`Outflow`] is the sending half: the producer pushes into it (blocking
-//! or async) and one flusher task takes what credit allows. [`Allowance`]
+//! or async), and whoever changes it sends what credit allows. [`Allowance`]
 //! and [`Grants`] are the receiving half's books, [`ItemReader`] cuts the
 //! byte stream back into items.
 
@@ -53,27 +53,45 @@ pub enum End {
     Failed(Failure),
 }
 
-/// What the flusher sends next.
+/// What the stream sends next.
 #[derive(Debug)]
 pub enum Out {
     /// The next bytes of the stream, as credit allows.
     Data(Bytes),
-    /// The producer ended and everything it pushed has been taken.
+    /// The producer ended and everything it pushed has been sent.
     End(End, u64),
-    /// The stream was cancelled; what was pushed and not taken is dropped.
+    /// The stream was cancelled; what was pushed and not sent is dropped.
     Cancelled(u64),
 }
 
+/// Where an [`Outflow`] sends: queues a frame, never waits.
+pub type Send = Box<dyn Fn(Out) + std::marker::Send + Sync>;
+
 /// The sending half of a stream; see the [module](self).
-#[derive(Debug)]
+///
+/// Credit, the end and a cancel send what they allow at once, from their
+/// own thread, and so does the first push (the first item leaves from the
+/// producer's thread). Later pushes wake the [`flush`](Self::flush) task,
+/// which sends whatever has gathered by the time it runs, so a fast
+/// producer's items share frames. One sender at a time keeps the order.
 pub struct Outflow {
     state: Mutex<OutState>,
     /// Wakes a blocking producer waiting for room.
     room: Condvar,
     /// Wakes an async producer waiting for room.
     room_async: Notify,
-    /// Wakes the flusher: data after none, credit, the end or a cancel.
+    /// Wakes the flush task: data after none.
     ready: Notify,
+    send: Send,
+    /// Starts the flush task, the first time one is needed (a one-item
+    /// stream never needs one).
+    start_flush: Mutex<Option<Box<dyn FnOnce() + std::marker::Send>>>,
+}
+
+impl std::fmt::Debug for Outflow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outflow").finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -88,6 +106,12 @@ struct OutState {
     items: u64,
     end: Option<End>,
     cancelled: bool,
+    /// Someone is sending: others leave it to them (they look again after).
+    sending: bool,
+    /// The end (or the cancel) has been sent: nothing more is.
+    closed: bool,
+    /// Something was pushed already.
+    started: bool,
 }
 
 impl OutState {
@@ -110,17 +134,35 @@ impl OutState {
         self.chunked -= chunk.len();
         chunk
     }
-}
 
-impl Default for Outflow {
-    fn default() -> Self {
-        Outflow::new(WINDOW)
+    /// What may be sent now, if anything.
+    fn next_out(&mut self) -> Option<Out> {
+        if self.closed {
+            return None;
+        }
+        if self.cancelled {
+            self.closed = true;
+            return Some(Out::Cancelled(self.items));
+        }
+        if self.buffered() > 0 && self.credit > 0 {
+            let len = STREAM_FRAME_LEN.min(usize::try_from(self.credit).unwrap_or(usize::MAX));
+            let data = self.take(len);
+            self.credit -= data.len() as u64;
+            return Some(Out::Data(data));
+        }
+        if self.buffered() == 0
+            && let Some(end) = self.end.take()
+        {
+            self.closed = true;
+            return Some(Out::End(end, self.items));
+        }
+        None
     }
 }
 
 impl Outflow {
-    /// A stream whose sender starts with `credit` bytes of credit.
-    pub fn new(credit: u64) -> Outflow {
+    /// A stream whose sender starts with `credit` bytes of credit and sends through `send`.
+    pub fn new(credit: u64, send: Send) -> Outflow {
         Outflow {
             state: Mutex::new(OutState {
                 pending: BytesMut::new(),
@@ -130,10 +172,55 @@ impl Outflow {
                 items: 0,
                 end: None,
                 cancelled: false,
+                sending: false,
+                closed: false,
+                started: false,
             }),
             room: Condvar::new(),
             room_async: Notify::new(),
             ready: Notify::new(),
+            send,
+            start_flush: Mutex::new(None),
+        }
+    }
+
+    /// Has `start` run the [`flush`](Self::flush) task when the stream
+    /// first needs one, instead of the caller running it from the start.
+    pub fn flush_when_needed(&self, start: impl FnOnce() + std::marker::Send + 'static) {
+        *self
+            .start_flush
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::new(start));
+    }
+
+    /// Sends what later pushes gather, until the stream's end or cancel
+    /// has been sent. Run it as a task beside the producer.
+    pub async fn flush(&self) {
+        loop {
+            self.ready.notified().await;
+            let state = self.lock();
+            if state.closed {
+                return;
+            }
+            self.pump(state);
+        }
+    }
+
+    /// After a push: the first data goes at once, later data to the flush task.
+    fn pushed<'a>(&'a self, state: MutexGuard<'a, OutState>, was_empty: bool, first: bool) {
+        if first {
+            self.pump(state);
+        } else if was_empty {
+            drop(state);
+            let start = self
+                .start_flush
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(start) = start {
+                start();
+            }
+            self.ready.notify_one();
         }
     }
 
@@ -143,8 +230,37 @@ impl Outflow {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Sends what the stream allows now, unless someone else is sending
+    /// (who looks again when done).
+    fn pump<'a>(&'a self, mut state: MutexGuard<'a, OutState>) {
+        if state.sending {
+            return;
+        }
+        loop {
+            let before = state.buffered();
+            let Some(out) = state.next_out() else {
+                return;
+            };
+            let room = before >= BUFFERED_LEN && state.buffered() < BUFFERED_LEN;
+            state.sending = true;
+            drop(state);
+            if room {
+                self.room.notify_all();
+                self.room_async.notify_one();
+            }
+            (self.send)(out);
+            state = self.lock();
+            state.sending = false;
+            if state.closed {
+                // The flush task ends too.
+                self.ready.notify_one();
+                return;
+            }
+        }
+    }
+
     /// Appends one encoded item, behind its length, waiting on this thread
-    /// while the unsent part is full.
+    /// while the unsent part is full; sends what credit allows.
     pub fn push_item_blocking(&self, item: &[u8]) -> Result<(), Stopped> {
         let mut state = self.lock();
         while !state.cancelled && state.buffered() >= BUFFERED_LEN {
@@ -157,7 +273,7 @@ impl Outflow {
     }
 
     /// Appends one encoded item, behind its length, waiting while the
-    /// unsent part is full.
+    /// unsent part is full; sends what credit allows.
     pub async fn push_item(&self, item: &[u8]) -> Result<(), Stopped> {
         loop {
             {
@@ -184,24 +300,6 @@ impl Outflow {
         self.append_chunk(state, chunk)
     }
 
-    fn append_chunk(
-        &self,
-        mut state: MutexGuard<'_, OutState>,
-        chunk: Bytes,
-    ) -> Result<(), Stopped> {
-        if state.cancelled || state.end.is_some() {
-            return Err(Stopped);
-        }
-        let was_empty = state.buffered() == 0;
-        state.chunked += chunk.len();
-        state.chunks.push_back(chunk);
-        drop(state);
-        if was_empty {
-            self.ready.notify_one();
-        }
-        Ok(())
-    }
-
     /// Appends a piece of a byte stream (sent without a copy), waiting
     /// while the unsent part is full.
     pub async fn push_chunk(&self, chunk: Bytes) -> Result<(), Stopped> {
@@ -217,20 +315,34 @@ impl Outflow {
     }
 
     fn append(&self, mut state: MutexGuard<'_, OutState>, item: &[u8]) -> Result<(), Stopped> {
-        if state.cancelled || state.end.is_some() {
+        if state.cancelled || state.end.is_some() || state.closed {
             return Err(Stopped);
         }
-        let was_empty = state.buffered() == 0;
+        let (was_empty, first) = (state.buffered() == 0, !state.started);
+        state.started = true;
         // Checked by the callers' encoders: an item fits in a u32.
         state
             .pending
             .extend_from_slice(&(item.len() as u32).to_be_bytes());
         state.items += 1;
         state.pending.extend_from_slice(item);
-        drop(state);
-        if was_empty {
-            self.ready.notify_one();
+        self.pushed(state, was_empty, first);
+        Ok(())
+    }
+
+    fn append_chunk(
+        &self,
+        mut state: MutexGuard<'_, OutState>,
+        chunk: Bytes,
+    ) -> Result<(), Stopped> {
+        if state.cancelled || state.end.is_some() || state.closed {
+            return Err(Stopped);
         }
+        let (was_empty, first) = (state.buffered() == 0, !state.started);
+        state.started = true;
+        state.chunked += chunk.len();
+        state.chunks.push_back(chunk);
+        self.pushed(state, was_empty, first);
         Ok(())
     }
 
@@ -239,25 +351,29 @@ impl Outflow {
         self.lock().cancelled
     }
 
-    /// The producer ended; the flusher sends the end once all data has gone.
+    /// The producer ended; the end is sent once all data has gone.
     pub fn finish(&self, end: End) {
         let mut state = self.lock();
-        if state.end.is_none() {
+        if state.end.is_none() && !state.closed {
             state.end = Some(end);
         }
-        drop(state);
-        self.ready.notify_one();
+        self.pump(state);
     }
 
-    /// Stops the stream: producers get [`Stopped`], the flusher [`Out::Cancelled`].
+    /// Stops the stream: producers get [`Stopped`], and [`Out::Cancelled`] is sent.
     pub fn cancel(&self) {
-        self.lock().cancelled = true;
+        let mut state = self.lock();
+        state.cancelled = true;
+        state.pending.clear();
+        state.chunks.clear();
+        state.chunked = 0;
+        self.pump(state);
         self.room.notify_all();
         self.room_async.notify_one();
-        self.ready.notify_one();
     }
 
-    /// Adds credit from the receiver; an error when it would exceed [`MAX_CREDIT`].
+    /// Adds credit from the receiver and sends what it allows; an error
+    /// when it would exceed [`MAX_CREDIT`].
     pub fn grant(&self, bytes: u64) -> Result<(), String> {
         let mut state = self.lock();
         match state.credit.checked_add(bytes) {
@@ -269,41 +385,8 @@ impl Outflow {
                 ));
             }
         }
-        drop(state);
-        self.ready.notify_one();
+        self.pump(state);
         Ok(())
-    }
-
-    /// The next thing to send: data when there is some and credit for it,
-    /// the end once everything pushed has gone. Waits otherwise.
-    pub async fn next_out(&self) -> Out {
-        loop {
-            {
-                let mut state = self.lock();
-                if state.cancelled {
-                    return Out::Cancelled(state.items);
-                }
-                if state.buffered() > 0 && state.credit > 0 {
-                    let len =
-                        STREAM_FRAME_LEN.min(usize::try_from(state.credit).unwrap_or(usize::MAX));
-                    let data = state.take(len);
-                    state.credit -= data.len() as u64;
-                    let room = state.buffered() < BUFFERED_LEN;
-                    drop(state);
-                    if room {
-                        self.room.notify_all();
-                        self.room_async.notify_one();
-                    }
-                    return Out::Data(data);
-                }
-                if state.buffered() == 0
-                    && let Some(end) = state.end.take()
-                {
-                    return Out::End(end, state.items);
-                }
-            }
-            self.ready.notified().await;
-        }
     }
 }
 
@@ -383,58 +466,84 @@ impl ItemReader {
 mod tests {
     use super::*;
 
+    /// An outflow whose sends are collected.
+    fn collecting(credit: u64) -> (Outflow, std::sync::Arc<Mutex<Vec<Out>>>) {
+        let sent = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let into = sent.clone();
+        let flow = Outflow::new(
+            credit,
+            Box::new(move |out| into.lock().expect("lock").push(out)),
+        );
+        (flow, sent)
+    }
+
     #[tokio::test]
-    async fn credit_paces_the_flusher_and_the_end_follows_all_data() {
-        let flow = Outflow::new(10);
+    async fn credit_paces_the_sends_and_the_end_follows_all_data() {
+        let (flow, sent) = collecting(10);
         flow.push_item(b"abcdef").await.expect("push");
         flow.push_item(b"ghijkl").await.expect("push");
+        // The second push went to the flush task; the end sends nothing
+        // while data waits for credit.
         flow.finish(End::Finished);
-        let Out::Data(first) = flow.next_out().await else {
-            panic!("data first")
-        };
-        assert_eq!(first.len(), 10, "no more than the credit");
-        let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), flow.next_out());
-        assert!(waiting.await.is_err(), "no credit, nothing to send");
+        {
+            let sent = sent.lock().expect("lock");
+            assert!(
+                matches!(sent.as_slice(), [Out::Data(first)] if first.len() == 10),
+                "no more than the credit, no end before the data: {sent:?}"
+            );
+        }
         flow.grant(100).expect("grant");
-        let Out::Data(rest) = flow.next_out().await else {
-            panic!("the rest")
-        };
+        let sent = std::mem::take(&mut *sent.lock().expect("lock"));
         let mut reader = ItemReader::default();
-        reader.extend(&first);
-        reader.extend(&rest);
+        let mut ended = false;
+        for out in sent {
+            match out {
+                Out::Data(data) => reader.extend(&data),
+                Out::End(End::Finished, 2) => ended = true,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(ended);
         assert_eq!(reader.next_item().as_deref(), Some(&b"abcdef"[..]));
         assert_eq!(reader.next_item().as_deref(), Some(&b"ghijkl"[..]));
         assert!(reader.next_item().is_none() && !reader.has_partial_item());
-        assert!(matches!(flow.next_out().await, Out::End(End::Finished, 2)));
     }
 
     #[tokio::test]
     async fn chunks_go_out_whole_or_cut_at_the_credit() {
-        let flow = Outflow::new(100_000);
-        let chunk = Bytes::from(vec![7u8; 70_000]);
-        flow.push_chunk(chunk.clone()).await.expect("push");
+        let (flow, sent) = collecting(100_000);
+        flow.push_chunk(Bytes::from(vec![7u8; 70_000]))
+            .await
+            .expect("push");
+        flow.push_chunk(Bytes::from(vec![8u8; 70_000]))
+            .await
+            .expect("push");
         flow.push_chunk(Bytes::from_static(b"tail"))
             .await
             .expect("push");
         flow.finish(End::Finished);
+        flow.grant(100_000).expect("grant");
         let mut received = Vec::new();
-        loop {
-            match flow.next_out().await {
+        let mut ended = false;
+        for out in std::mem::take(&mut *sent.lock().expect("lock")) {
+            match out {
                 Out::Data(data) => {
                     assert!(data.len() <= STREAM_FRAME_LEN);
                     received.extend_from_slice(&data);
                 }
-                Out::End(End::Finished, 0) => break,
+                Out::End(End::Finished, 0) => ended = true,
                 other => panic!("{other:?}"),
             }
         }
-        assert_eq!(received.len(), 70_004);
+        assert!(ended);
+        assert_eq!(received.len(), 140_004);
         assert!(received.ends_with(b"tail"));
     }
 
     #[test]
     fn a_blocking_producer_waits_for_room_and_a_cancel_releases_it() {
-        let flow = std::sync::Arc::new(Outflow::new(0));
+        let (flow, sent) = collecting(0);
+        let flow = std::sync::Arc::new(flow);
         let producer = {
             let flow = flow.clone();
             std::thread::spawn(move || {
@@ -453,6 +562,8 @@ mod tests {
             (BUFFERED_LEN / 1004..=BUFFERED_LEN / 1004 + 1).contains(&pushed),
             "pushed {pushed} items with no credit"
         );
+        let sent = sent.lock().expect("lock");
+        assert!(matches!(sent.as_slice(), [Out::Cancelled(_)]), "{sent:?}");
     }
 
     #[test]
@@ -462,7 +573,7 @@ mod tests {
         assert!(allowance.receive(1).is_err());
         allowance.grant(5);
         allowance.receive(5).expect("granted");
-        let flow = Outflow::new(WINDOW);
+        let (flow, _sent) = collecting(WINDOW);
         assert!(flow.grant(MAX_CREDIT).is_err());
         assert!(flow.grant(u64::MAX).is_err());
         let mut grants = Grants::default();

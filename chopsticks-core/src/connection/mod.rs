@@ -173,17 +173,18 @@ impl Shared {
     /// Forgets request `id`: its waiter, its stream and any part of its
     /// result received so far. Returns whether a waiter was still there.
     fn forget(&self, id: u64) -> bool {
-        let was_waiting = {
+        let (was_waiting, input) = {
             let mut pending = self.lock();
             pending.streams.remove(&id);
             if let Some(flow) = pending.flows.get_mut(&id) {
                 flow.data = None;
             }
-            if let Some(input) = pending.inputs.remove(&id) {
-                input.cancel();
-            }
-            pending.waiters.remove(&id).is_some()
+            let input = pending.inputs.remove(&id);
+            (pending.waiters.remove(&id).is_some(), input)
         };
+        if let Some(input) = input {
+            input.cancel();
+        }
         // After the waiter is gone: the reader starts an assembly only for a
         // waiting id, and checks under this lock.
         self.assemblies().cancel(id);
@@ -208,7 +209,7 @@ impl Shared {
 
     fn deliver(&self, id: u64, reply: Reply) {
         self.tail.settle();
-        let waiter = {
+        let (waiter, input) = {
             let mut pending = self.lock();
             if !pending.streams.is_empty() {
                 pending.streams.remove(&id);
@@ -216,11 +217,16 @@ impl Shared {
             if !pending.flows.is_empty() {
                 pending.flows.remove(&id);
             }
-            if let Some(input) = pending.inputs.remove(&id) {
-                input.cancel();
-            }
-            pending.waiters.remove(&id)
+            let input = if pending.inputs.is_empty() {
+                None
+            } else {
+                pending.inputs.remove(&id)
+            };
+            (pending.waiters.remove(&id), input)
         };
+        if let Some(input) = input {
+            input.cancel();
+        }
         if let Some(waiter) = waiter {
             let _ = waiter.send(reply);
         }
@@ -271,7 +277,7 @@ impl Shared {
     /// Marks the connection closed and fails every pending call.
     fn close(&self, closure: Closure) {
         let closure = Arc::new(closure);
-        let waiters = {
+        let (waiters, inputs) = {
             let mut pending = self.lock();
             if pending.closed.is_some() {
                 return;
@@ -279,11 +285,12 @@ impl Shared {
             pending.closed = Some(closure.clone());
             pending.streams.clear();
             pending.flows.clear();
-            for (_, input) in pending.inputs.drain() {
-                input.cancel();
-            }
-            std::mem::take(&mut pending.waiters)
+            let inputs = std::mem::take(&mut pending.inputs);
+            (std::mem::take(&mut pending.waiters), inputs)
         };
+        for input in inputs.into_values() {
+            input.cancel();
+        }
         self.assemblies().clear();
         for (_, waiter) in waiters {
             let _ = waiter.send(Reply::Closed(ClosureRef(closure.clone())));
@@ -453,9 +460,10 @@ impl Connection {
         tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>,
     )> {
         let function = self.callable(function, mode, &args)?;
-        let mut request = self.owned_request()?;
+        let (mut request, alone) = self.owned_request()?;
         let data = request.flow();
         let id = request.id();
+        // Written at once when alone and the writer is idle, as a call is.
         request
             .send_payload(
                 args,
@@ -465,7 +473,7 @@ impl Connection {
                     mode,
                     args,
                 },
-                false,
+                alone,
             )
             .await;
         Ok((request, data))

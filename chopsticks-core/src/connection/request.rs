@@ -60,10 +60,11 @@ impl Connection {
         Ok((Request::new(self, id, reply), alone))
     }
 
-    /// A new request that holds its connection.
-    pub(crate) fn owned_request(self: &Arc<Self>) -> Result<Request<Arc<Connection>>> {
-        let (id, reply, _alone) = self.register_alone()?;
-        Ok(Request::new(self.clone(), id, reply))
+    /// A new request that holds its connection, and whether no other
+    /// request is waiting for a reply.
+    pub(crate) fn owned_request(self: &Arc<Self>) -> Result<(Request<Arc<Connection>>, bool)> {
+        let (id, reply, alone) = self.register_alone()?;
+        Ok((Request::new(self.clone(), id, reply), alone))
     }
 }
 

@@ -90,6 +90,15 @@ fn three_words() -> impl Stream<Item = String> {
     futures_util::stream::iter(["a", "b", "c"].map(String::from))
 }
 
+/// Waits (at most 10 s) until the agent of `tun` has dropped a producer.
+async fn until_dropped(tun: &Tunnel) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tun.call(dropped, ()).await.expect("dropped") {
+        assert!(Instant::now() < deadline, "the producer was never dropped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -230,11 +239,7 @@ async fn dropping_the_stream_stops_and_drops_the_producer() {
     let mut stream = tun.call_stream(count_forever, ());
     assert_eq!(stream.next().await.expect("item").expect("ok"), 0);
     drop(stream);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !tun.call(dropped, ()).await.expect("dropped") {
-        assert!(Instant::now() < deadline, "the iterator was never dropped");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_dropped(&tun).await;
     let stopped = tun.call(produced, ()).await.expect("produced");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
@@ -252,11 +257,7 @@ async fn dropping_an_async_stream_aborts_it() {
         assert_eq!(stream.next().await.expect("item").expect("ok"), expected);
     }
     drop(stream);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !tun.call(dropped, ()).await.expect("dropped") {
-        assert!(Instant::now() < deadline, "the stream was never dropped");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_dropped(&tun).await;
     let stopped = tun.call(produced, ()).await.expect("produced");
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(tun.call(produced, ()).await.expect("produced"), stopped);
@@ -345,11 +346,7 @@ async fn a_byte_stream_arrives_whole_and_in_order_as_raw_bytes() {
     let mut endless = tun.call_byte_stream(count_forever_bytes, ());
     assert!(!endless.next().await.expect("piece").expect("ok").is_empty());
     drop(endless);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !tun.call(dropped, ()).await.expect("dropped") {
-        assert!(Instant::now() < deadline, "the iterator was never dropped");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_dropped(&tun).await;
 }
 
 fn count_forever_bytes() -> impl Iterator<Item = String> {
@@ -509,11 +506,7 @@ mod over_ssh {
         let mut stream = tun.call_stream(count_forever, ());
         assert_eq!(stream.next().await.expect("item").expect("ok"), 0);
         drop(stream);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !tun.call(dropped, ()).await.expect("dropped") {
-            assert!(Instant::now() < deadline, "the iterator was never dropped");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until_dropped(&tun).await;
     }
 }
 

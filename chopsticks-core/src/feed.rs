@@ -17,7 +17,7 @@ use crate::connection::{Answer, InputSender};
 use crate::error::{Error, Result, ValueAction, ValuePart};
 use crate::flow::{End, Out, Outflow, WINDOW};
 use crate::input::InputEnd;
-use crate::protocol::{CallMode, FunctionRef, Message, decode_value};
+use crate::protocol::{CallMode, FunctionRef, decode_value};
 use crate::tunnel::Tunnel;
 
 /// Runs the call and feeds `input` to it; returns the call's result.
@@ -47,7 +47,6 @@ where
     let connection = tunnel.connection().await?;
     let reference = connection.callable(&function, mode, &args)?;
     let mut request = connection.request()?;
-    let id = request.id();
     let sender = Arc::new(std::sync::OnceLock::<InputSender>::new());
     let sends = sender.clone();
     let flow = Arc::new(Outflow::new(
@@ -63,18 +62,7 @@ where
         }),
     ));
     let _ = sender.set(request.open_input(flow.clone()));
-    request
-        .send_payload(
-            args,
-            |args| Message::Call {
-                id,
-                function: reference.clone().into_owned(),
-                mode,
-                args,
-            },
-            false,
-        )
-        .await;
+    request.send_call(&reference, mode, args, false).await;
     let feeding = feed::<I, S>(input, flow);
     let mut feeding = std::pin::pin!(feeding);
     let mut fed = false;

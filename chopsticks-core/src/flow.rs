@@ -262,24 +262,24 @@ impl Outflow {
     /// Appends one encoded item, behind its length, waiting on this thread
     /// while the unsent part is full; sends what credit allows.
     pub fn push_item_blocking(&self, item: &[u8]) -> Result<(), Stopped> {
-        let mut state = self.lock();
-        while !state.cancelled && state.buffered() >= BUFFERED_LEN {
-            state = self
-                .room
-                .wait(state)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
+        let state = self.room_blocking();
         self.append(state, item)
     }
 
     /// Appends one encoded item, behind its length, waiting while the
     /// unsent part is full; sends what credit allows.
     pub async fn push_item(&self, item: &[u8]) -> Result<(), Stopped> {
+        let state = self.room().await;
+        self.append(state, item)
+    }
+
+    /// The state once the unsent part has room (or the stream was cancelled).
+    async fn room(&self) -> MutexGuard<'_, OutState> {
         loop {
             {
                 let state = self.lock();
                 if state.cancelled || state.buffered() < BUFFERED_LEN {
-                    return self.append(state, item);
+                    return state;
                 }
             }
             // One producer: a room notice sent in between is kept as a permit.
@@ -287,9 +287,8 @@ impl Outflow {
         }
     }
 
-    /// Appends a piece of a byte stream (sent without a copy), waiting on
-    /// this thread while the unsent part is full.
-    pub fn push_chunk_blocking(&self, chunk: Bytes) -> Result<(), Stopped> {
+    /// The state once the unsent part has room, waiting on this thread.
+    fn room_blocking(&self) -> MutexGuard<'_, OutState> {
         let mut state = self.lock();
         while !state.cancelled && state.buffered() >= BUFFERED_LEN {
             state = self
@@ -297,21 +296,21 @@ impl Outflow {
                 .wait(state)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
+        state
+    }
+
+    /// Appends a piece of a byte stream (sent without a copy), waiting on
+    /// this thread while the unsent part is full.
+    pub fn push_chunk_blocking(&self, chunk: Bytes) -> Result<(), Stopped> {
+        let state = self.room_blocking();
         self.append_chunk(state, chunk)
     }
 
     /// Appends a piece of a byte stream (sent without a copy), waiting
     /// while the unsent part is full.
     pub async fn push_chunk(&self, chunk: Bytes) -> Result<(), Stopped> {
-        loop {
-            {
-                let state = self.lock();
-                if state.cancelled || state.buffered() < BUFFERED_LEN {
-                    return self.append_chunk(state, chunk);
-                }
-            }
-            self.room_async.notified().await;
-        }
+        let state = self.room().await;
+        self.append_chunk(state, chunk)
     }
 
     fn append(&self, mut state: MutexGuard<'_, OutState>, item: &[u8]) -> Result<(), Stopped> {

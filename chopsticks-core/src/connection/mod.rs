@@ -425,21 +425,9 @@ impl Connection {
     ) -> Result<Vec<u8>> {
         let function = self.callable(function, mode, &args)?;
         let (mut request, alone) = self.request_alone()?;
-        let id = request.id();
         // Alone, the call is written at once if the writer is idle; with
         // others in flight it is queued, and queued calls share writes.
-        request
-            .send_payload(
-                args,
-                |args| Message::Call {
-                    id,
-                    function: function.clone().into_owned(),
-                    mode,
-                    args,
-                },
-                alone,
-            )
-            .await;
+        request.send_call(&function, mode, args, alone).await;
         match request.answer().await? {
             Answer::Value(value) => Ok(value),
             Answer::Failed(failure) => {
@@ -462,20 +450,8 @@ impl Connection {
         let function = self.callable(function, mode, &args)?;
         let (mut request, alone) = self.owned_request()?;
         let data = request.flow();
-        let id = request.id();
         // Written at once when alone and the writer is idle, as a call is.
-        request
-            .send_payload(
-                args,
-                |args| Message::Call {
-                    id,
-                    function: function.clone().into_owned(),
-                    mode,
-                    args,
-                },
-                alone,
-            )
-            .await;
+        request.send_call(&function, mode, args, alone).await;
         Ok((request, data))
     }
 

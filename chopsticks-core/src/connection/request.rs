@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Connection, Inflow, Reply, STREAM_QUEUE_LEN, StreamEvent};
 use crate::error::Result;
 use crate::flow::Allowance;
-use crate::protocol::{Failure, Message, Payload};
+use crate::protocol::{CallMode, Failure, FunctionRef, Message, Payload};
 use crate::wire::{OutFrame, Outbox};
 
 pub(crate) use crate::wire::CHUNK_LEN;
@@ -117,6 +117,29 @@ impl<C: Deref<Target = Connection>> Request<C> {
             .outbox
             .send_payload(self.id, data, message, write_now)
             .await;
+    }
+
+    /// Sends the call of `function` with the encoded `args` (see
+    /// [`send_payload`](Self::send_payload) for `write_now`).
+    pub(crate) async fn send_call(
+        &mut self,
+        function: &FunctionRef,
+        mode: CallMode,
+        args: Vec<u8>,
+        write_now: bool,
+    ) {
+        let id = self.id;
+        self.send_payload(
+            args,
+            |args| Message::Call {
+                id,
+                function: function.clone(),
+                mode,
+                args,
+            },
+            write_now,
+        )
+        .await;
     }
 
     /// The events of this request's stream (a fetch's head and chunks),

@@ -187,7 +187,10 @@ async fn a_panic_mid_stream_ends_it_with_an_error_naming_what_came_before() {
 
 #[tokio::test]
 async fn a_slow_consumer_holds_an_infinite_producer_back() {
-    let tun = local();
+    held_back(&local()).await;
+}
+
+async fn held_back(tun: &Tunnel) {
     let mut stream = tun.call_stream(count_forever, ());
     for expected in 0..1000 {
         assert_eq!(stream.next().await.expect("item").expect("ok"), expected);
@@ -291,7 +294,10 @@ async fn cancel_races_leave_the_tunnel_serving() {
 
 #[tokio::test]
 async fn a_killed_agent_ends_the_stream_with_disconnected() {
-    let tun = local();
+    killed_mid_stream(&local()).await;
+}
+
+async fn killed_mid_stream(tun: &Tunnel) {
     let mut stream = tun.call_stream(slowly, (5,));
     assert_eq!(stream.next().await.expect("item").expect("ok"), 0);
     let pid = tun.agent_pid().expect("connected");
@@ -507,6 +513,10 @@ mod over_ssh {
         assert_eq!(stream.next().await.expect("item").expect("ok"), 0);
         drop(stream);
         until_dropped(&tun).await;
+        // A fresh agent for the held producer: its counters start at 0.
+        tun.close().await.expect("close");
+        held_back(&tun).await;
+        killed_mid_stream(&tun).await;
     }
 }
 

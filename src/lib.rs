@@ -77,7 +77,8 @@
 //! 5. Stream: [`Tunnel::call_stream`] gives the items of a function that
 //!    returns an iterator as they come (a [`CallStream`]);
 //!    [`Tunnel::call_byte_stream`] raw bytes; [`Tunnel::call_with_input`]
-//!    feeds a function's [`Receiver`] or [`ByteReceiver`] from any stream.
+//!    feeds a function's [`Receiver`] or [`ByteReceiver`] from any stream,
+//!    and [`Tunnel::call_stream_with_input`] does both.
 //!    `tracing` events of remote functions reach your subscriber.
 //! 6. Reach many hosts with a [`Group`]: every operation gives a
 //!    [`GroupResult`], one outcome per host ([`Group::call_stream`] merges

@@ -37,6 +37,13 @@ fn take_slowly(numbers: Receiver<u64>, n: usize) -> Vec<u64> {
         .collect()
 }
 
+/// A filter: the lines that contain `needle`, upper-cased, as they come.
+fn grep_upper(lines: Receiver<String>, needle: String) -> impl Iterator<Item = String> {
+    lines
+        .filter(move |line| line.contains(&needle))
+        .map(|line| line.to_uppercase())
+}
+
 fn local() -> Tunnel {
     Tunnel::builder(Local::new())
         .stderr(chopsticks::stderr::discard())
@@ -84,6 +91,56 @@ async fn items_in(tun: &Tunnel) {
         .await
         .expect("empty input");
     assert_eq!(none, 0);
+}
+
+async fn filtered(tun: &Tunnel) {
+    let lines = futures_util::stream::iter((0..20_000).map(|i| format!("line {i} {}", i % 7)));
+    let matching: Vec<String> = tun
+        .call_stream_with_input(grep_upper, ("3".to_string(),), lines)
+        .map(|line| line.expect("line"))
+        .collect()
+        .await;
+    let expected: Vec<String> = (0..20_000)
+        .map(|i| format!("line {i} {}", i % 7))
+        .filter(|line| line.contains('3'))
+        .map(|line| line.to_uppercase())
+        .collect();
+    assert_eq!(matching, expected);
+    // An endless input, the output taken slowly: both ends held back, and
+    // dropping the stream stops both.
+    let pulled = Arc::new(AtomicU64::new(0));
+    let counter = pulled.clone();
+    let endless = futures_util::stream::iter(0u64..).map(move |i| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        format!("{i}")
+    });
+    let mut stream = tun.call_stream_with_input(grep_upper, (String::new(),), endless);
+    for expected in 0..100u64 {
+        assert_eq!(
+            stream.next().await.expect("line").expect("ok"),
+            expected.to_string()
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = pulled.load(Ordering::SeqCst);
+    drop(stream);
+    // A window each way, of items of at least 5 bytes, and the unsent parts.
+    assert!(
+        held < 400_000,
+        "the controller pulled {held} items of an endless input"
+    );
+    let lines = futures_util::stream::iter(["x".to_string()]);
+    assert_eq!(
+        tun.call_with_input(count_matching, ("x".to_string(),), lines)
+            .await
+            .expect("the tunnel serves on"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_filter_streams_out_what_is_fed_in_both_held_back() {
+    filtered(&local()).await;
 }
 
 async fn bytes_in(tun: &Tunnel, total: u64) {
@@ -205,5 +262,6 @@ async fn inputs_over_a_real_sshd() {
     };
     let tun = crate::ssh::tunnel(&sshd, sshd.alias(0));
     items_in(&tun).await;
+    filtered(&tun).await;
     bytes_in(&tun, 64 << 20).await;
 }

@@ -538,11 +538,7 @@ mod hostile {
         .expect("write hello");
         let rest = dir.path().join("rest");
         std::fs::write(&rest, frames).expect("write frames");
-        let script = format!(
-            "cat '{}'; dd bs=1 count=1 of=/dev/null 2>/dev/null; cat '{}'; cat > /dev/null",
-            hello.display(),
-            rest.display()
-        );
+        let script = crate::support::speaks_after_the_call(&hello, &rest);
         Tunnel::builder(crate::support::FakeAgent { script })
             .stderr(chopsticks::stderr::discard())
             .build()

@@ -827,3 +827,20 @@ pub fn raw_call(
     })
     .to_bytes()
 }
+
+/// A fake agent's script: it says `hello`, waits for the controller's first
+/// call (past the trace level every controller sends first), then says
+/// `rest` and reads on. Files, so the frames can be of any size.
+pub fn speaks_after_the_call(hello: &Path, rest: &Path) -> String {
+    let trace_level = chopsticks_core::__private::wire::OutFrame::message(
+        &chopsticks_core::__private::protocol::Message::TraceLevel { level: 0 },
+    )
+    .to_bytes()
+    .len();
+    format!(
+        "cat '{}'; dd bs=1 count={} of=/dev/null 2>/dev/null; cat '{}'; cat > /dev/null",
+        hello.display(),
+        trace_level + 1,
+        rest.display()
+    )
+}

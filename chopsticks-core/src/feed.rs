@@ -47,21 +47,7 @@ where
     let connection = tunnel.connection().await?;
     let reference = connection.callable(&function, mode, &args)?;
     let mut request = connection.request()?;
-    let sender = Arc::new(std::sync::OnceLock::<InputSender>::new());
-    let sends = sender.clone();
-    let flow = Arc::new(Outflow::new(
-        WINDOW,
-        Box::new(move |out| {
-            if let Some(sender) = sends.get() {
-                match out {
-                    Out::Data(data) => sender.data(data),
-                    Out::End(..) => sender.end(),
-                    Out::Cancelled(_) => {}
-                }
-            }
-        }),
-    ));
-    let _ = sender.set(request.open_input(flow.clone()));
+    let flow = open_input(&request);
     request.send_call(&reference, mode, args, false).await;
     let feeding = feed::<I, S>(input, flow);
     let mut feeding = std::pin::pin!(feeding);
@@ -85,9 +71,40 @@ where
         .map_err(|message| value_error(ValuePart::Result, ValueAction::Decode, message))
 }
 
+/// Announces `request`'s input and returns the flow that sends it as the
+/// agent's credit allows; call before the request's call is sent.
+pub(crate) fn open_input<C: std::ops::Deref<Target = crate::connection::Connection>>(
+    request: &crate::connection::Request<C>,
+) -> Arc<Outflow> {
+    let sender = Arc::new(std::sync::OnceLock::<InputSender>::new());
+    let sends = sender.clone();
+    let flow = Arc::new(Outflow::new(
+        WINDOW,
+        Box::new(move |out| {
+            if let Some(sender) = sends.get() {
+                match out {
+                    Out::Data(data) => sender.data(data),
+                    Out::End(..) => sender.end(),
+                    Out::Cancelled(_) => {}
+                }
+            }
+        }),
+    ));
+    let _ = sender.set(request.open_input(flow.clone()));
+    flow
+}
+
+/// What feeding an input ends with: an item that could not be encoded, by index.
+pub(crate) type Feeding<'t> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = std::result::Result<(), (u64, String)>> + Send + 't>,
+>;
+
 /// Encodes `input` into `flow`, which sends what the agent's credit
 /// allows; an item that cannot be encoded stops it with the item's index.
-async fn feed<I, S>(input: S, flow: Arc<Outflow>) -> std::result::Result<(), (u64, String)>
+pub(crate) async fn feed<I, S>(
+    input: S,
+    flow: Arc<Outflow>,
+) -> std::result::Result<(), (u64, String)>
 where
     I: InputEnd,
     S: Stream<Item = I::Item>,

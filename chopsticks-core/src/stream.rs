@@ -18,7 +18,9 @@ use tokio::sync::mpsc;
 
 use crate::connection::{Answer, Connection, Request};
 use crate::error::{Error, Result, ValueAction, ValuePart};
-use crate::flow::{Grants, ItemReader};
+use crate::feed::{Feeding, feed, open_input};
+use crate::flow::{Grants, ItemReader, Outflow};
+use crate::input::InputEnd;
 use crate::protocol::{CallMode, FunctionRef, decode_value};
 use crate::tunnel::Tunnel;
 
@@ -74,6 +76,7 @@ impl<'t> CallStream<'t, Bytes> {
             CallMode::BlockingStream,
             args,
             Framing::Bytes(|bytes| bytes),
+            None,
         )
     }
 }
@@ -85,7 +88,37 @@ impl<'t, T: DeserializeOwned + Send + 't> CallStream<'t, T> {
         mode: CallMode,
         args: std::result::Result<Vec<u8>, String>,
     ) -> Self {
-        Self::framed(tunnel, function, mode, args, Framing::Items(decode_value))
+        Self::framed(
+            tunnel,
+            function,
+            mode,
+            args,
+            Framing::Items(decode_value),
+            None,
+        )
+    }
+
+    /// A streaming call fed `input` while it runs.
+    pub(crate) fn with_input<I, S>(
+        tunnel: &'t Tunnel,
+        function: FunctionRef,
+        args: std::result::Result<Vec<u8>, String>,
+        input: S,
+    ) -> Self
+    where
+        I: InputEnd + 't,
+        S: futures_util::Stream<Item = I::Item> + Send + 't,
+        I::Item: Send,
+    {
+        let start: StartInput<'t> = Box::new(move |flow| Box::pin(feed::<I, S>(input, flow)));
+        Self::framed(
+            tunnel,
+            function,
+            CallMode::BlockingStream,
+            args,
+            Framing::Items(decode_value),
+            Some(start),
+        )
     }
 }
 
@@ -96,6 +129,7 @@ impl<'t, T: Send + 't> CallStream<'t, T> {
         mode: CallMode,
         args: std::result::Result<Vec<u8>, String>,
         framing: Framing<T>,
+        input: Option<StartInput<'t>>,
     ) -> Self {
         let name = match &function {
             FunctionRef::Offset {
@@ -110,6 +144,7 @@ impl<'t, T: Send + 't> CallStream<'t, T> {
             mode,
             args,
             framing,
+            input,
         };
         CallStream {
             host: tunnel.host(),
@@ -127,6 +162,9 @@ impl<T> Stream for CallStream<'_, T> {
     }
 }
 
+/// Starts the input of a streaming call, once its request exists.
+type StartInput<'t> = Box<dyn FnOnce(Arc<Outflow>) -> Feeding<'t> + Send + 't>;
+
 enum State<'t, T> {
     Start {
         tunnel: &'t Tunnel,
@@ -134,14 +172,17 @@ enum State<'t, T> {
         mode: CallMode,
         args: std::result::Result<Vec<u8>, String>,
         framing: Framing<T>,
+        input: Option<StartInput<'t>>,
     },
-    Running(Running<T>),
+    Running(Running<'t, T>),
     Done,
 }
 
 /// A streaming call under way.
-struct Running<T> {
+struct Running<'t, T> {
     request: Request<Arc<Connection>>,
+    /// Its input being fed, until it has all gone.
+    feeding: Option<Feeding<'t>>,
     data: mpsc::UnboundedReceiver<Bytes>,
     reader: ItemReader,
     grants: Grants,
@@ -159,7 +200,8 @@ impl<'t, T> State<'t, T> {
                 mode,
                 args,
                 framing,
-            } => match start(tunnel, function, mode, args, framing).await {
+                input,
+            } => match start(tunnel, function, mode, args, framing, input).await {
                 Ok(running) => running,
                 Err(error) => return Some((Err(error), State::Done)),
             },
@@ -174,13 +216,14 @@ impl<'t, T> State<'t, T> {
     }
 }
 
-async fn start<T>(
+async fn start<'t, T>(
     tunnel: &Tunnel,
     function: FunctionRef,
     mode: CallMode,
     args: std::result::Result<Vec<u8>, String>,
     framing: Framing<T>,
-) -> Result<Running<T>> {
+    input: Option<StartInput<'t>>,
+) -> Result<Running<'t, T>> {
     let args = args.map_err(|message| Error::Value {
         host: tunnel.host().to_string(),
         function: function.name().to_string(),
@@ -188,10 +231,17 @@ async fn start<T>(
         action: ValueAction::Encode,
         message,
     })?;
+    let wants_input = input.is_some();
     let connection = tunnel.connection().await?;
-    let (request, data) = connection.call_stream(&function, mode, args).await?;
+    let (request, data, flow) = connection
+        .call_stream(&function, mode, args, |request| {
+            wants_input.then(|| open_input(request))
+        })
+        .await?;
+    let feeding = input.zip(flow).map(|(start, flow)| start(flow));
     Ok(Running {
         request,
+        feeding,
         data,
         reader: ItemReader::default(),
         grants: Grants::default(),
@@ -201,7 +251,7 @@ async fn start<T>(
     })
 }
 
-impl<T> Running<T> {
+impl<T> Running<'_, T> {
     /// The next item, an error that ends the stream, or `None` at its end.
     async fn next_item(&mut self) -> Option<Result<T>> {
         loop {
@@ -217,7 +267,26 @@ impl<T> Running<T> {
                     message,
                 }));
             }
-            match self.data.recv().await {
+            let received = match self.feeding.as_mut() {
+                None => self.data.recv().await,
+                Some(feeding) => tokio::select! {
+                    received = self.data.recv() => received,
+                    fed = feeding => {
+                        self.feeding = None;
+                        if let Err((index, message)) = fed {
+                            return Some(Err(Error::Value {
+                                host: self.request.host().to_string(),
+                                function: self.function.name().to_string(),
+                                what: ValuePart::Item(index),
+                                action: ValueAction::Encode,
+                                message: format!("an input item: {message}"),
+                            }));
+                        }
+                        continue;
+                    }
+                },
+            };
+            match received {
                 Some(data) => {
                     if let Some(credit) = self.grants.taken(data.len()) {
                         self.request.grant(credit);

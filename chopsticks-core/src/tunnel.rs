@@ -404,6 +404,55 @@ impl Tunnel {
         )
     }
 
+    /// Calls `function`, whose first argument is a
+    /// [`Receiver`](crate::Receiver) or [`ByteReceiver`](crate::ByteReceiver)
+    /// and which returns an iterator, feeding it `input` and streaming its
+    /// items back: a filter, both ends flow-controlled. Otherwise as
+    /// [`call_with_input`](Self::call_with_input) and
+    /// [`call_stream`](Self::call_stream).
+    ///
+    /// ```no_run
+    /// # async fn demo(tun: &chopsticks_core::Tunnel) -> chopsticks_core::Result<()> {
+    /// use chopsticks_core::Receiver;
+    /// use futures_util::StreamExt;
+    ///
+    /// fn shout(lines: Receiver<String>) -> impl Iterator<Item = String> {
+    ///     lines.map(|line| line.to_uppercase())
+    /// }
+    ///
+    /// let lines = futures_util::stream::iter(["a", "b"].map(String::from));
+    /// let loud: Vec<String> = tun
+    ///     .call_stream_with_input(shout, (), lines)
+    ///     .map(|line| line.expect("a line"))
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(loud, ["A", "B"]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn call_stream_with_input<'t, F, Args, I, S>(
+        &'t self,
+        function: F,
+        args: Args,
+        input: S,
+    ) -> CallStream<'t, <F::Output as IntoIterator>::Item>
+    where
+        I: crate::InputEnd + 'static,
+        Args: crate::WithInput<I>,
+        Args::Whole: Serialize + DeserializeOwned,
+        F: RemoteFn<Args::Whole>,
+        F::Output: IntoIterator,
+        <F::Output as IntoIterator>::Item: Serialize + DeserializeOwned + Send + 'static,
+        S: futures_util::Stream<Item = I::Item> + Send + 't,
+        I::Item: Send,
+    {
+        let () = crate::remote::CapturesNothing::<F>::CHECK;
+        let _ = function;
+        let function_ref = crate::remote::stream_function_ref_of::<F, Args::Whole>();
+        let args = encode_value(&args.with_input(I::placeholder()));
+        CallStream::with_input::<I, S>(self, function_ref, args, input)
+    }
+
     /// Like [`call_with_input`](Self::call_with_input) for an `async` function.
     pub fn call_async_with_input<'t, F, Args, I, S>(
         &'t self,

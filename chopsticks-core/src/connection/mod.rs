@@ -437,22 +437,26 @@ impl Connection {
     }
 
     /// Starts a streaming call: the request, which ends with the item count
-    /// or the failure, and the receiver of its stream data.
-    pub(crate) async fn call_stream(
+    /// or the failure, the receiver of its stream data, and what
+    /// `before_call` made of the request before its call was sent (an input).
+    pub(crate) async fn call_stream<T>(
         self: &Arc<Self>,
         function: &FunctionRef,
         mode: CallMode,
         args: Vec<u8>,
+        before_call: impl FnOnce(&Request<Arc<Connection>>) -> T,
     ) -> Result<(
         Request<Arc<Connection>>,
         tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>,
+        T,
     )> {
         let function = self.callable(function, mode, &args)?;
         let (mut request, alone) = self.owned_request()?;
         let data = request.flow();
+        let before = before_call(&request);
         // Written at once when alone and the writer is idle, as a call is.
         request.send_call(&function, mode, args, alone).await;
-        Ok((request, data))
+        Ok((request, data, before))
     }
 
     /// The reference to send for `function`: itself, or its registered name

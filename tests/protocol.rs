@@ -172,10 +172,20 @@ async fn a_huge_failure_message_is_elided_in_the_middle() {
     let dir = tempfile::tempdir().expect("tempdir");
     let message = format!("START{}END", "x".repeat(200_000));
     let backtrace = format!("TOP{}BOTTOM", "y".repeat(100_000));
-    let mut bytes = our_hello();
-    bytes.extend(fail_frame(1, message, backtrace));
-    let tun = speaking(&dir, &bytes);
-    let error = tun.call(ping, ()).await.expect_err("must fail");
+    // The failure answers the call, so it comes after the call.
+    let (hello, rest) = (dir.path().join("hello"), dir.path().join("rest"));
+    std::fs::write(&hello, our_hello()).expect("write the hello");
+    std::fs::write(&rest, fail_frame(1, message, backtrace)).expect("write the failure");
+    let tun = Tunnel::builder(FakeAgent {
+        script: crate::support::speaks_after_the_call(&hello, &rest),
+    })
+    .stderr(chopsticks::stderr::discard())
+    .build();
+    let error = tun
+        .call(ping, ())
+        .timeout(Duration::from_secs(10))
+        .await
+        .expect_err("must fail");
     let Error::Remote {
         message, backtrace, ..
     } = &error

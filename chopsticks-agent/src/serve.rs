@@ -75,10 +75,21 @@ struct Dispatch {
     inputs: Inputs,
 }
 
-type Inputs = Arc<Mutex<HashMap<u64, Arc<InputQueue>>>>;
+type Inputs = Arc<InputQueues>;
+
+/// The input queues by call id, and how many there are, so that a call
+/// without input (nearly every call) never takes the lock to look.
+#[derive(Default)]
+struct InputQueues {
+    queues: Mutex<HashMap<u64, Arc<InputQueue>>>,
+    open: AtomicU64,
+}
 
 fn lock_inputs(inputs: &Inputs) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<InputQueue>>> {
-    inputs.lock().unwrap_or_else(|poison| poison.into_inner())
+    inputs
+        .queues
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner())
 }
 
 /// Longest panic message or backtrace sent back, so a failure always fits in one frame.
@@ -657,7 +668,9 @@ impl Dispatch {
         let queue = InputQueue::new(move |bytes| {
             let _ = outbox.send(OutFrame::message(&Message::Credit { id, bytes }));
         });
-        lock_inputs(&self.inputs).insert(id, queue);
+        if lock_inputs(&self.inputs).insert(id, queue).is_none() {
+            self.inputs.open.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Queues input data; dropped when its call has ended already.
@@ -692,13 +705,15 @@ impl Dispatch {
 }
 
 fn inputs_empty(inputs: &Inputs) -> bool {
-    lock_inputs(inputs).is_empty()
+    inputs.open.load(Ordering::Relaxed) == 0
 }
 
 /// Forgets call `id`'s input: the function is done with it, or the call
 /// was cancelled; what is queued is dropped.
 fn close_input(inputs: &Inputs, id: u64) {
-    if let Some(queue) = lock_inputs(inputs).remove(&id) {
+    let removed = lock_inputs(inputs).remove(&id);
+    if let Some(queue) = removed {
+        inputs.open.fetch_sub(1, Ordering::Relaxed);
         queue.close();
     }
 }
@@ -773,7 +788,8 @@ impl Dispatch {
             self.calls.clone(),
             self.pool.clone(),
         );
-        let (input, inputs) = (self.input_of(id), self.inputs.clone());
+        let input = self.input_of(id);
+        let inputs = input.is_some().then(|| self.inputs.clone());
         Some(Box::new(move || {
             // Blocking functions may use tokio (`Handle::current()`, `block_on`).
             let _runtime = calls.enter();
@@ -783,8 +799,8 @@ impl Dispatch {
                 }))
             })
             .unwrap_or_else(|_| Err(panic_failure()));
-            if !inputs_empty(&inputs) {
-                close_input(&inputs, id);
+            if let Some(inputs) = &inputs {
+                close_input(inputs, id);
             }
             // The next large payload reuses these pages instead of fresh ones.
             chopsticks_core::__private::buffer::give(args);

@@ -313,6 +313,21 @@ fn first_item(c: &mut Criterion, target: &Target) {
             })
         })
     });
+    group.bench_function("until_first", |b| {
+        b.iter_custom(|rounds| {
+            rt.block_on(async {
+                let mut spent = Duration::ZERO;
+                for _ in 0..rounds {
+                    let started = Instant::now();
+                    let mut stream = tun.call_stream(numbers, (1,));
+                    stream.next().await.expect("item").expect("ok");
+                    spent += started.elapsed();
+                    assert!(stream.next().await.is_none());
+                }
+                spent
+            })
+        })
+    });
     group.bench_function("trivial_call", |b| {
         b.iter(|| rt.block_on(tun.call(noop, ())).expect("call"))
     });

@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 
 missing=()
 command -v sudo >/dev/null 2>&1 || missing+=(sudo)
+command -v doas >/dev/null 2>&1 || missing+=(doas)
 command -v setsid >/dev/null 2>&1 || missing+=(util-linux)
 command -v useradd >/dev/null 2>&1 || missing+=(passwd)
 command -v sha256sum >/dev/null 2>&1 || missing+=(coreutils)

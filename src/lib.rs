@@ -133,11 +133,12 @@
 //! - `full`: every transport and `progress`.
 
 pub use chopsticks_core::{
-    AgentCommand, AgentLaunch, AgentProcess, AsyncRemoteFn, BoxError, ByteReceiver, Call,
-    CallStream, DEFAULT_CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, Direction, Error, ExitReport,
-    Fetch, Group, GroupFetch, GroupPut, GroupResult, GroupStream, InputEnd, Phase, Pipes, Put,
-    Receiver, RemoteError, RemoteFn, Result, StderrSink, Transfer, Transport, Tunnel,
-    TunnelBuilder, ValueAction, ValuePart, async_trait, register, shell_quote,
+    AgentCommand, AgentLaunch, AgentProcess, AsyncRemoteFn, Become, BecomeError, BecomeTool,
+    BoxError, ByteReceiver, Call, CallStream, DEFAULT_CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,
+    Direction, Error, ExitReport, Fetch, Group, GroupFetch, GroupPut, GroupResult, GroupStream,
+    InputEnd, Password, Phase, Pipes, Put, Receiver, RemoteError, RemoteFn, Result, StderrSink,
+    Transfer, Transport, Tunnel, TunnelBuilder, ValueAction, ValuePart, async_trait, register,
+    shell_quote,
 };
 pub use chopsticks_core::{progress, stderr};
 

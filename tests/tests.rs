@@ -14,6 +14,9 @@
 //! - `protocol`: fake agents that send garbage, oversized frames, a wrong version or binary
 //! - `bootstrap`: the shell bootstrap and its cache: upload, reuse, corruption, unsafe dirs
 //! - `sudo`: the `Sudo` transport with a throwaway user
+//! - `becoming`: `Become` through real sudo and doas with the test kit's accounts and sudoers
+//!   file: locally, nested, in a chroot without sudo, over sshd; passwords right, wrong, asked
+//!   for, hostile, and never in any process's argv or environment
 //! - `exec`: the `Exec` transport into a network namespace, a chroot and a container (docker
 //!   CLI); failing and hostile prefixes; the bundled agent in a root without any C library
 //! - `custom_transport`: a transport written outside core (`examples/custom_transport.rs`)
@@ -43,6 +46,7 @@ mod support;
 static ALLOCATOR: support::Tracking = support::Tracking;
 
 mod api;
+mod becoming;
 mod bootstrap;
 mod calls;
 mod controller_killed;

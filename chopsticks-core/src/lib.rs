@@ -30,6 +30,7 @@
 
 mod accounts;
 mod agent_env;
+mod becoming;
 mod bootstrap;
 mod buffer;
 mod cbor;
@@ -58,6 +59,7 @@ mod transport;
 mod tunnel;
 mod wire;
 
+pub use becoming::{Become, BecomeError, BecomeTool, Password};
 pub use error::{BoxError, Direction, Error, Phase, Result, ValueAction, ValuePart};
 pub use group::{Group, GroupFetch, GroupPut, GroupResult, GroupStream};
 pub use input::{ByteReceiver, InputEnd, Receiver, WithInput};

@@ -415,6 +415,17 @@ impl Transport for Docker {
 
     async fn spawn(&self, command: &AgentCommand) -> Result<Pipes, BoxError> {
         let engine = self.client().await?;
+        if !is_the_agent(command) {
+            // A wrapper's command (`Become`'s sudo before the shell
+            // bootstrap): run as given, in the running container.
+            return match &self.target {
+                Target::Exec => self.spawn_command(&engine, command).await,
+                Target::Create { .. } => Err(Box::new(DockerError::OnlyTheAgent {
+                    container: self.name.clone(),
+                    program: command.program().to_string(),
+                })),
+            };
+        }
         let payload = tokio::task::spawn_blocking(Payload::for_this_program)
             .await
             .map_err(|error| io::Error::other(error.to_string()))?
@@ -555,8 +566,47 @@ impl Docker {
             }
             PLACED.insert(&id, &payload.dir);
         }
+        self.start_exec(engine, exec.id).await
+    }
+
+    /// Any other command, as an exec in the running container: its argv
+    /// and environment as given, no payload.
+    async fn spawn_command(
+        &self,
+        engine: &bollard::Docker,
+        command: &AgentCommand,
+    ) -> Result<Pipes, BoxError> {
+        let cmd: Vec<String> = std::iter::once(command.program().to_string())
+            .chain(command.args().iter().cloned())
+            .collect();
+        let env: Vec<String> = self
+            .env
+            .iter()
+            .chain(command.env_vars().iter())
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect();
+        let config = ExecConfig {
+            attach_stdin: Some(true),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            tty: Some(false),
+            cmd: Some(cmd),
+            env: Some(env),
+            user: self.user.clone(),
+            working_dir: self.working_dir.clone(),
+            ..ExecConfig::default()
+        };
+        let exec = engine
+            .create_exec(&self.name, config)
+            .await
+            .map_err(|error| self.explain("creating the exec", error))?;
+        self.start_exec(engine, exec.id).await
+    }
+
+    /// Starts a created exec, attached.
+    async fn start_exec(&self, engine: &bollard::Docker, exec: String) -> Result<Pipes, BoxError> {
         let started = engine
-            .start_exec(&exec.id, None)
+            .start_exec(&exec, None)
             .await
             .map_err(|error| self.explain("starting the exec", error))?;
         let bollard::exec::StartExecResults::Attached { output, input } = started else {
@@ -568,11 +618,20 @@ impl Docker {
         let process = ContainerProcess {
             engine: engine.clone(),
             id: self.name.clone(),
-            exec: Some(exec.id),
+            exec: Some(exec),
             remove: false,
         };
         Ok(pipes(output, input, Box::new(process)))
     }
+}
+
+/// Whether `command` starts the agent itself (core's direct launch marks
+/// it), rather than a wrapper's command around the shell bootstrap.
+fn is_the_agent(command: &AgentCommand) -> bool {
+    command
+        .env_vars()
+        .iter()
+        .any(|(key, _)| key == chopsticks_core::__private::agent_env::AGENT_MARKER)
 }
 
 /// The error for an agent that the container could not run, from what it printed.

@@ -88,6 +88,18 @@ pub enum DockerError {
         /// The container.
         container: String,
     },
+    /// A new container was asked to run another command than the agent (a
+    /// `Become` around `Docker::new`); only an exec runs one.
+    #[error(
+        "a new container ({container}) runs only the agent, not `{program}`: wrap \
+         Docker::exec of a running container instead"
+    )]
+    OnlyTheAgent {
+        /// The container.
+        container: String,
+        /// The program that was to run.
+        program: String,
+    },
     /// The Engine refused a step.
     #[error(
         "the Docker Engine refused {phase} for container {container}{}: {message}",

@@ -1,6 +1,6 @@
 //! Transports that start the agent from this machine: [`Local`] (a
 //! subprocess), [`Sudo`] (a subprocess running as another user through
-//! `sudo -n`) and [`Exec`] (through any command that runs a program on a
+//! `sudo -n`, a `Become` over `Local`) and [`Exec`] (through any command that runs a program on a
 //! target: `kubectl exec -i`, `ip netns exec`, `chroot`, ...).
 //!
 //! ```
@@ -51,14 +51,6 @@ pub enum LocalError {
         command: String,
         /// Its last stderr lines, joined by " / ".
         stderr: String,
-    },
-    /// The user name given to [`Sudo`] cannot be passed safely.
-    #[error("{user:?} is not a usable user name: {reason}")]
-    InvalidUser {
-        /// The rejected name.
-        user: String,
-        /// Why it was rejected.
-        reason: &'static str,
     },
 }
 

@@ -32,6 +32,8 @@ mod pipes;
 pub use native::NativeSsh;
 pub use openssh::Ssh;
 
+use chopsticks_core::Become;
+
 /// Why an SSH connection could not carry an agent. Every variant names the host.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -232,6 +234,23 @@ pub trait SshGroup: Sized {
     where
         I: IntoIterator,
         I::Item: Into<String>;
+
+    /// One tunnel per host that becomes another user as `settings` says
+    /// (its transport's own host is not used; see [`Become::over`]): a
+    /// password callback is asked once per host.
+    ///
+    /// ```
+    /// use chopsticks_core::Group;
+    /// use chopsticks_ssh::{Ssh, SshGroup};
+    ///
+    /// let settings = Ssh::new("any").user("deploy").sudo().user("postgres");
+    /// let db = Group::ssh_become(["db1", "db2"], &settings).unwrap();
+    /// assert_eq!(db.hosts().collect::<Vec<_>>(), ["db1", "db2"]);
+    /// ```
+    fn ssh_become<I>(hosts: I, settings: &Become<Ssh>) -> chopsticks_core::Result<Self>
+    where
+        I: IntoIterator,
+        I::Item: Into<String>;
 }
 
 impl SshGroup for chopsticks_core::Group {
@@ -253,5 +272,15 @@ impl SshGroup for chopsticks_core::Group {
                 .into_iter()
                 .map(|host| chopsticks_core::Tunnel::new(settings.for_host(host))),
         )
+    }
+
+    fn ssh_become<I>(hosts: I, settings: &Become<Ssh>) -> chopsticks_core::Result<Self>
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        chopsticks_core::Group::new(hosts.into_iter().map(|host| {
+            chopsticks_core::Tunnel::new(settings.over(settings.inner().for_host(host)))
+        }))
     }
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use chopsticks_core::{AgentCommand, BoxError, Pipes, Transport, async_trait};
+use chopsticks_core::{AgentCommand, Become, BoxError, Pipes, Transport, async_trait};
 
 use crate::SshError;
 use crate::diagnose::diagnose;
@@ -79,6 +79,20 @@ impl Ssh {
             control_persist: None,
             options: Vec::new(),
         }
+    }
+
+    /// Runs the agent as root through `sudo` on the host, once logged in:
+    /// `Become::sudo(self)`, whose [`user`](Become::user) and
+    /// [`password`](Become::password) name another user and answer `sudo`.
+    ///
+    /// ```
+    /// use chopsticks_ssh::Ssh;
+    ///
+    /// let postgres = Ssh::new("db1").user("deploy").sudo().user("postgres");
+    /// assert_eq!(postgres.target_user(), "postgres");
+    /// ```
+    pub fn sudo(self) -> Become<Ssh> {
+        Become::sudo(self)
     }
 
     /// Logs in as `user` (`-l`).

@@ -11,6 +11,9 @@ pub const TOOLS_IMAGE: &str = "chopsticks-test/tools:1";
 /// An image with the shell bootstrap's tools and the libraries of the
 /// running test program, so the bootstrap can start an agent in it.
 pub const BOOTSTRAP_IMAGE: &str = "chopsticks-test/bootstrap:2";
+/// The bootstrap image with `sudo` added: a sudoers file that lets root
+/// become anyone, and a PAM stack of `pam_rootok` (built by [`sudo_image`]).
+pub const SUDO_IMAGE: &str = "chopsticks-test/sudo:1";
 /// The label on every container the tests start themselves.
 pub const TEST_LABEL: &str = "chopsticks-test";
 
@@ -50,6 +53,18 @@ pub fn prepare() -> Result<(), String> {
     }
     remove_stale_payload_volumes();
     Ok(())
+}
+
+/// Builds [`SUDO_IMAGE`] if it is missing (after [`prepare`]).
+pub fn sudo_image() -> Result<&'static str, String> {
+    let _lock = crate::exclusive("chopsticks-testkit-docker")?;
+    if docker(&["image", "inspect", SUDO_IMAGE]).is_err() {
+        import_root(SUDO_IMAGE, |root| {
+            crate::rootfs::bootstrap_root(root)?;
+            crate::rootfs::sudo_root(root)
+        })?;
+    }
+    Ok(SUDO_IMAGE)
 }
 
 /// The payload volumes on this Engine (`chopsticks-agent-<id>` and its

@@ -27,6 +27,7 @@
 pub mod docker;
 pub mod netns;
 pub mod rootfs;
+pub mod sudoers;
 
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

@@ -76,3 +76,53 @@ pub fn bootstrap_root(root: &Path) -> Result<(), String> {
     let this_program = std::env::current_exe().map_err(|e| e.to_string())?;
     populate(root, &programs, &[this_program])
 }
+
+/// Adds `sudo` to a root: the program and its plugin, a sudoers file that
+/// lets root become anyone, a PAM stack of `pam_rootok` and `pam_unix`, and
+/// this machine's users and groups.
+pub fn sudo_root(root: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let security = Path::new("/lib/x86_64-linux-gnu/security");
+    let mut files: Vec<PathBuf> = vec![which("sudo")?];
+    for entry in
+        std::fs::read_dir("/usr/libexec/sudo").map_err(|e| format!("sudo's plugins: {e}"))?
+    {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        if path.extension().is_some_and(|ext| ext == "so") {
+            files.push(path);
+        }
+    }
+    for module in ["pam_rootok.so", "pam_unix.so", "pam_permit.so"] {
+        files.push(security.join(module));
+    }
+    populate(root, &files, &[])?;
+    let sudo = root.join(
+        which("sudo")?
+            .strip_prefix("/")
+            .map_err(|e| e.to_string())?,
+    );
+    std::fs::set_permissions(&sudo, std::fs::Permissions::from_mode(0o4755))
+        .map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(root.join("etc/pam.d")).map_err(|e| e.to_string())?;
+    std::fs::write(root.join("etc/sudoers"), "root ALL=(ALL:ALL) ALL\n")
+        .map_err(|e| e.to_string())?;
+    std::fs::set_permissions(
+        root.join("etc/sudoers"),
+        std::fs::Permissions::from_mode(0o440),
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::write(
+        root.join("etc/pam.d/sudo"),
+        "auth sufficient pam_rootok.so\nauth required pam_unix.so\n\
+         account required pam_permit.so\nsession required pam_permit.so\n",
+    )
+    .map_err(|e| e.to_string())?;
+    // Other users keep their agent cache under /tmp.
+    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))
+        .map_err(|e| e.to_string())?;
+    for file in ["etc/passwd", "etc/group"] {
+        std::fs::copy(Path::new("/").join(file), root.join(file))
+            .map_err(|e| format!("copying /{file}: {e}"))?;
+    }
+    Ok(())
+}

@@ -123,6 +123,23 @@
 //! # }).unwrap();
 //! ```
 //!
+//! # Another user
+//!
+//! [`Become`] runs the agent as another user (root by default) through
+//! `sudo` or `doas`, over any transport; a password goes to `sudo -S` on its
+//! standard input and nowhere else ([`Password`] is zeroed and never
+//! printed):
+//!
+//! ```no_run
+//! use chopsticks::{Become, Local, Tunnel};
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let root = Tunnel::new(Become::sudo(Local::new()));
+//! let postgres = Tunnel::new(Become::sudo(Local::new()).user("postgres").password("s3cret"));
+//! # let _ = (root, postgres);
+//! # });
+//! ```
+//!
 //! # Features
 //!
 //! - `local` (default): [`Local`], [`Sudo`] and [`Exec`] (any command: `kubectl exec -i`, `ip netns exec`, `chroot`).

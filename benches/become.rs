@@ -18,6 +18,9 @@ use criterion::Criterion;
 
 fn noop() {}
 
+/// A target, a label, and how to make a fresh tunnel for it.
+type Case = (&'static str, &'static str, Box<dyn Fn() -> Tunnel>);
+
 fn tunnel(transport: impl Transport) -> Tunnel {
     Tunnel::builder(transport)
         .stderr(chopsticks::stderr::discard())
@@ -32,7 +35,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let mut cases: Vec<(&str, &str, Box<dyn Fn() -> Tunnel>)> = vec![
+    let mut cases: Vec<Case> = vec![
         (
             "local",
             "alone",

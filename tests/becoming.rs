@@ -306,6 +306,21 @@ mod local {
     }
 
     #[tokio::test]
+    async fn through_a_command_prefix() {
+        let Some(()) = accounts("becoming::exec") else {
+            return;
+        };
+        // `setpriv` runs the words after it as they are, as `Exec` needs.
+        let prefix =
+            Exec::new(["setpriv", "--reuid", OPERATOR, "--init-groups"]).named("via-setpriv");
+        let (name, ..) = quiet(Become::sudo(prefix).user(APP))
+            .call(who, ())
+            .await
+            .expect("sudo through a prefix");
+        assert_eq!(name, APP);
+    }
+
+    #[tokio::test]
     async fn doas_with_a_nopass_rule() {
         let Some(()) = accounts("becoming::doas") else {
             return;
@@ -468,6 +483,29 @@ mod over_ssh {
             matches!(become_error(&error), BecomeError::PasswordRequired { .. }),
             "{error:?}"
         );
+    }
+}
+
+#[cfg(feature = "libssh2")]
+mod over_libssh2 {
+    use super::*;
+    use chopsticks::NativeSsh;
+
+    #[tokio::test]
+    async fn sudo_over_native_ssh_with_a_password() {
+        let Some(()) = accounts("becoming::over_libssh2") else {
+            return;
+        };
+        let Some(sshd) = chopsticks_testkit::sshd_or_skip("become-native", 1) else {
+            return;
+        };
+        let native = NativeSsh::new("127.0.0.1")
+            .port(sshd.port())
+            .user(PASSWORD_USER)
+            .identity_file(sshd.client_key())
+            .known_hosts(sshd.known_hosts());
+        let root = quiet(Become::sudo(native).password(PASSWORD));
+        assert_eq!(root.call(who, ()).await.expect("as root").1, "0");
     }
 }
 

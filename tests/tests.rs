@@ -15,8 +15,9 @@
 //! - `bootstrap`: the shell bootstrap and its cache: upload, reuse, corruption, unsafe dirs
 //! - `sudo`: the `Sudo` transport with a throwaway user
 //! - `becoming`: `Become` through real sudo and doas with the test kit's accounts and sudoers
-//!   file: locally, nested, in a chroot without sudo, over sshd; passwords right, wrong, asked
-//!   for, hostile, and never in any process's argv or environment
+//!   file: locally, nested, through a command prefix, in a chroot without sudo, over sshd (both
+//!   backends), in containers; passwords right, wrong, asked for, hostile, and never in any
+//!   process's argv or environment
 //! - `exec`: the `Exec` transport into a network namespace, a chroot and a container (docker
 //!   CLI); failing and hostile prefixes; the bundled agent in a root without any C library
 //! - `custom_transport`: a transport written outside core (`examples/custom_transport.rs`)

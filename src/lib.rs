@@ -147,15 +147,17 @@
 //! - `libssh2`: `NativeSsh`, libssh2 in-process (needs a C compiler and OpenSSL headers).
 //! - `docker`: `Docker`, containers through the Engine API, even `FROM scratch` images.
 //! - `progress`: terminal progress bars, `progress::Bars`.
+//! - `ops`: the operator kit, `ops::{Cmd, TunnelOps, GroupOps}`: commands with live output and
+//!   facts.
 //! - `full`: every transport and `progress`.
 
 pub use chopsticks_core::{
     AgentCommand, AgentLaunch, AgentProcess, AsyncRemoteFn, Become, BecomeError, BecomeTool,
     BoxError, ByteReceiver, Call, CallStream, DEFAULT_CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,
     Direction, Error, ExitReport, Fetch, Group, GroupFetch, GroupPut, GroupResult, GroupStream,
-    InputEnd, Password, Phase, Pipes, Put, Receiver, RemoteError, RemoteFn, Result, StderrSink,
-    Transfer, Transport, Tunnel, TunnelBuilder, ValueAction, ValuePart, async_trait, register,
-    shell_quote,
+    HostFailures, InputEnd, Password, Phase, Pipes, Put, Receiver, RemoteError, RemoteFn, Result,
+    StderrSink, Transfer, Transport, Tunnel, TunnelBuilder, ValueAction, ValuePart, async_trait,
+    register, shell_quote,
 };
 pub use chopsticks_core::{progress, stderr};
 
@@ -163,6 +165,10 @@ pub use chopsticks_core::{progress, stderr};
 pub use chopsticks_docker::{Docker, DockerError};
 #[cfg(feature = "local")]
 pub use chopsticks_local::{Exec, Local, LocalError, Sudo};
+/// The operator kit: commands with live output and facts (`use
+/// chopsticks::ops::{Cmd, TunnelOps}`).
+#[cfg(feature = "ops")]
+pub use chopsticks_ops as ops;
 #[cfg(feature = "libssh2")]
 pub use chopsticks_ssh::{NativePhase, NativeSsh};
 #[cfg(feature = "ssh")]

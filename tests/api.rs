@@ -14,13 +14,14 @@
 use std::path::{Path, PathBuf};
 
 /// The published crates, by manifest directory (relative to the workspace).
-const CRATES: [(&str, &str); 6] = [
+const CRATES: [(&str, &str); 7] = [
     ("chopsticks", "."),
     ("chopsticks-core", "chopsticks-core"),
     ("chopsticks-agent", "chopsticks-agent"),
     ("chopsticks-local", "chopsticks-local"),
     ("chopsticks-ssh", "chopsticks-ssh"),
     ("chopsticks-docker", "chopsticks-docker"),
+    ("chopsticks-ops", "chopsticks-ops"),
 ];
 
 fn workspace() -> PathBuf {

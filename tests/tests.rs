@@ -21,6 +21,9 @@
 //! - `exec`: the `Exec` transport into a network namespace, a chroot and a container (docker
 //!   CLI); failing and hostile prefixes; the bundled agent in a root without any C library
 //! - `custom_transport`: a transport written outside core (`examples/custom_transport.rs`)
+//! - `ops`: the operator kit: commands (statuses, refusals, live lines in order, timeouts that
+//!   kill the tree, drops, stdin, 100 MB in bounded memory, hostile words, another user, groups)
+//!   and facts, locally, over sshd and in a scratch container
 //! - `memory`: resident memory of idle agents; a given-up call's partial result is freed
 //! - `descriptors`: hundreds of local tunnels from a low soft limit; running out names the limit
 //! - `forged_calls`: random and near-miss function references against a live agent: refused,
@@ -66,6 +69,8 @@ mod hygiene;
 mod inputs;
 mod lifecycle;
 mod memory;
+#[cfg(feature = "ops")]
+mod ops;
 mod other_build;
 #[cfg(feature = "ssh")]
 mod partition;

@@ -61,7 +61,7 @@ mod wire;
 
 pub use becoming::{Become, BecomeError, BecomeTool, Password};
 pub use error::{BoxError, Direction, Error, Phase, Result, ValueAction, ValuePart};
-pub use group::{Group, GroupFetch, GroupPut, GroupResult, GroupStream};
+pub use group::{Group, GroupFetch, GroupPut, GroupResult, GroupStream, HostFailures};
 pub use input::{ByteReceiver, InputEnd, Receiver, WithInput};
 pub use remote::{AsyncRemoteFn, RemoteFn};
 pub use remote_error::RemoteError;

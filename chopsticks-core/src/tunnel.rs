@@ -187,6 +187,12 @@ impl Tunnel {
         &self.inner.host
     }
 
+    /// Where this tunnel's agent stderr lines go ([`TunnelBuilder::stderr`]),
+    /// for helpers that print on the host's behalf the same way.
+    pub fn stderr_sink(&self) -> &StderrSink {
+        &self.inner.options.stderr_sink
+    }
+
     /// Whether an agent is running for this tunnel now.
     pub fn is_connected(&self) -> bool {
         self.current_connection().is_some()

@@ -76,10 +76,40 @@ impl<'g, T> futures_util::Stream for GroupStream<'g, T> {
 /// An item of a [`GroupStream`], tagged with its host.
 type HostItem<'g, T> = (&'g str, Result<T>);
 
-/// What every host of a [`Group`] returned, keyed by host.
+/// What every host of a [`Group`] returned, keyed by host. Its errors are
+/// chopsticks' own, or a helper's (`E`) for helpers built on groups.
 #[derive(Debug)]
-pub struct GroupResult<R> {
-    results: BTreeMap<String, Result<R>>,
+pub struct GroupResult<R, E = Error> {
+    results: BTreeMap<String, std::result::Result<R, E>>,
+}
+
+/// An error that can stand for several hosts' failures at once, so that
+/// [`GroupResult::into_result`] can give one.
+pub trait HostFailures: Sized {
+    /// One error listing `failures`, one per failed host.
+    fn from_failures(failures: Vec<Self>) -> Self;
+}
+
+impl HostFailures for Error {
+    fn from_failures(failures: Vec<Error>) -> Error {
+        Error::Hosts { failures }
+    }
+}
+
+/// Collects `(host, result)` pairs; a later pair for the same host wins.
+///
+/// ```
+/// use chopsticks_core::GroupResult;
+///
+/// let results: GroupResult<u32> = [("a".to_string(), Ok(1))].into_iter().collect();
+/// assert_eq!(results.successful().collect::<Vec<_>>(), [("a", &1)]);
+/// ```
+impl<R, E> FromIterator<(String, std::result::Result<R, E>)> for GroupResult<R, E> {
+    fn from_iter<I: IntoIterator<Item = (String, std::result::Result<R, E>)>>(pairs: I) -> Self {
+        GroupResult {
+            results: pairs.into_iter().collect(),
+        }
+    }
 }
 
 impl Group {
@@ -426,7 +456,7 @@ set_operator!(BitAnd, bitand, intersection);
 set_operator!(Sub, sub, difference);
 set_operator!(BitXor, bitxor, symmetric_difference);
 
-impl<R> GroupResult<R> {
+impl<R, E> GroupResult<R, E> {
     /// How many hosts answered, successfully or not.
     pub fn len(&self) -> usize {
         self.results.len()
@@ -438,7 +468,7 @@ impl<R> GroupResult<R> {
     }
 
     /// What `host` returned.
-    pub fn get(&self, host: &str) -> Option<&Result<R>> {
+    pub fn get(&self, host: &str) -> Option<&std::result::Result<R, E>> {
         self.results.get(host)
     }
 
@@ -450,19 +480,23 @@ impl<R> GroupResult<R> {
     }
 
     /// `(host, error)` for every host whose call failed, in host order.
-    pub fn failures(&self) -> impl Iterator<Item = (&str, &Error)> {
+    pub fn failures(&self) -> impl Iterator<Item = (&str, &E)> {
         self.results
             .iter()
             .filter_map(|(host, result)| result.as_ref().err().map(|error| (host.as_str(), error)))
     }
 
     /// Every host's result.
-    pub fn into_inner(self) -> BTreeMap<String, Result<R>> {
+    pub fn into_inner(self) -> BTreeMap<String, std::result::Result<R, E>> {
         self.results
     }
 
-    /// Every host's value, or one [`Error::Hosts`] listing every failed host.
-    pub fn into_result(self) -> Result<BTreeMap<String, R>> {
+    /// Every host's value, or one error listing every failed host
+    /// ([`Error::Hosts`] for chopsticks' own errors).
+    pub fn into_result(self) -> std::result::Result<BTreeMap<String, R>, E>
+    where
+        E: HostFailures,
+    {
         let mut values = BTreeMap::new();
         let mut failures = Vec::new();
         for (host, result) in self.results {
@@ -476,7 +510,7 @@ impl<R> GroupResult<R> {
         if failures.is_empty() {
             Ok(values)
         } else {
-            Err(Error::Hosts { failures })
+            Err(E::from_failures(failures))
         }
     }
 }

@@ -1,0 +1,92 @@
+//! The operator kit for chopsticks: commands with live output, and facts,
+//! on one host or a whole [`Group`], built on chopsticks' public API alone
+//! (streaming calls carry a command's output as it comes).
+//!
+//! Bring [`TunnelOps`] and [`GroupOps`] into scope, and tunnels and groups
+//! gain [`run`](TunnelOps::run) and [`facts`](TunnelOps::facts):
+//!
+//! ```
+//! use chopsticks_core::Tunnel;
+//! use chopsticks_local::Local;
+//! use chopsticks_ops::{Cmd, TunnelOps};
+//! use chopsticks_agent as _; // lets this program become an agent
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let tun = Tunnel::new(Local::new());
+//! let output = tun.run(Cmd::new("echo").args(["hello", "$(world)"])).await?;
+//! assert!(output.status.success());
+//! assert_eq!(output.stdout, b"hello $(world)\n");
+//!
+//! let failed = tun.run(Cmd::shell("echo oops >&2; exit 3")).await?;
+//! assert_eq!(failed.status.code(), Some(3));
+//! assert!(tun.run(Cmd::shell("exit 3").check()).await.is_err());
+//!
+//! let facts = tun.facts().await?;
+//! assert!(facts.kernel_release.is_some());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+//!
+//! A command runs in a process group of its own on the host, with no shell
+//! unless [`Cmd::shell`] asks for one. Its outputs are captured within a
+//! bound (a head and a tail), and can be watched line by line as they come
+//! ([`Cmd::echo`], [`Cmd::on_line`]). A [`timeout`](Cmd::timeout) kills the
+//! whole group; dropping the run kills it too.
+
+mod account;
+mod cmd;
+mod error;
+mod facts;
+mod output;
+mod remote;
+mod run;
+
+use std::future::Future;
+
+use chopsticks_core::{Group, GroupResult, Tunnel};
+
+pub use cmd::{Cmd, DEFAULT_CAPTURE_LIMIT, DEFAULT_MAX_LINE};
+pub use error::CmdError;
+pub use facts::{Facts, Interface, Route};
+pub use output::{ExitStatus, Line, Output, OutputKind};
+
+/// Commands and facts on one tunnel.
+pub trait TunnelOps {
+    /// Runs `cmd` on the host and returns its [`Output`], whatever its
+    /// status, unless it was [`check`](Cmd::check)ed.
+    fn run(&self, cmd: Cmd) -> impl Future<Output = Result<Output, CmdError>> + Send;
+
+    /// What the host is, in one call.
+    fn facts(&self) -> impl Future<Output = chopsticks_core::Result<Facts>> + Send;
+}
+
+impl TunnelOps for Tunnel {
+    fn run(&self, cmd: Cmd) -> impl Future<Output = Result<Output, CmdError>> + Send {
+        run::run_on(self, cmd)
+    }
+
+    async fn facts(&self) -> chopsticks_core::Result<Facts> {
+        self.call(facts::gather, ()).await
+    }
+}
+
+/// Commands and facts on every host of a group at once, under its
+/// `max_parallel`; one slow or dead host never holds the others back.
+pub trait GroupOps {
+    /// Runs `cmd` on every host; live lines (`Cmd::echo`, `Cmd::on_line`)
+    /// come tagged with their host as they come.
+    fn run(&self, cmd: Cmd) -> impl Future<Output = GroupResult<Output, CmdError>> + Send;
+
+    /// Every host's facts.
+    fn facts(&self) -> impl Future<Output = GroupResult<Facts>> + Send;
+}
+
+impl GroupOps for Group {
+    fn run(&self, cmd: Cmd) -> impl Future<Output = GroupResult<Output, CmdError>> + Send {
+        run::run_on_group(self, cmd)
+    }
+
+    async fn facts(&self) -> GroupResult<Facts> {
+        self.call(facts::gather, ()).await
+    }
+}

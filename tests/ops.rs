@@ -1,0 +1,439 @@
+//! The operator kit (`chopsticks::ops`): commands and facts against real
+//! agents, locally, over the test kit's sshd and in a `FROM scratch`
+//! container.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chopsticks::ops::{Cmd, CmdError, GroupOps, OutputKind, TunnelOps};
+use chopsticks::{Group, Local, Tunnel};
+
+use crate::support::capture_stderr;
+
+fn local(name: &str) -> Tunnel {
+    Tunnel::builder(Local::named(name))
+        .stderr(chopsticks::stderr::discard())
+        .build()
+}
+
+/// Processes whose argv holds `word`.
+fn processes_with(word: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let argv = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let text = String::from_utf8_lossy(&argv).replace('\0', " ");
+            text.contains(word).then_some(pid)
+        })
+        .filter(|pid| *pid != std::process::id())
+        .collect()
+}
+
+async fn until_none_with(word: &str, bound: Duration) -> Vec<u32> {
+    let started = Instant::now();
+    loop {
+        let left = processes_with(word);
+        if left.is_empty() || started.elapsed() > bound {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Exit codes, signals, `check`, and the bad-input errors, on `tun`.
+async fn statuses_and_refusals(tun: &Tunnel) {
+    let host = tun.host().to_string();
+    let ok = tun.run(Cmd::new("true")).await.expect("true");
+    assert!(ok.status.success());
+    let seven = tun
+        .run(Cmd::shell("echo out; echo err >&2; exit 7"))
+        .await
+        .expect("exit 7");
+    assert_eq!(
+        (seven.status.code(), seven.status.signal()),
+        (Some(7), None)
+    );
+    assert_eq!(
+        (seven.stdout_text(), seven.stderr_text()),
+        ("out\n".into(), "err\n".into())
+    );
+    let killed = tun.run(Cmd::shell("kill -TERM $$")).await.expect("killed");
+    assert_eq!(
+        (killed.status.code(), killed.status.signal()),
+        (None, Some(15))
+    );
+    assert!(!killed.status.success());
+
+    let error = tun
+        .run(Cmd::shell("echo 'disk full' >&2; exit 4").check())
+        .await
+        .expect_err("checked");
+    let text = error.to_string();
+    assert!(matches!(error, CmdError::Failed { .. }), "{error:?}");
+    for part in [host.as_str(), "exit 4", "exit status 4", "disk full"] {
+        assert!(text.contains(part), "{part:?} missing from {text}");
+    }
+
+    let error = tun
+        .run(Cmd::new("chopsticks-no-such-program"))
+        .await
+        .expect_err("missing");
+    assert!(
+        matches!(&error, CmdError::NotFound { program, .. } if program == "chopsticks-no-such-program"),
+        "{error:?}"
+    );
+    assert_eq!(error.host(), host);
+    let error = tun
+        .run(Cmd::new("true").current_dir("/chopsticks/no/such/dir"))
+        .await
+        .expect_err("bad dir");
+    assert!(
+        matches!(&error, CmdError::BadDirectory { dir, .. } if dir == "/chopsticks/no/such/dir"),
+        "{error:?}"
+    );
+    let error = tun
+        .run(Cmd::new("true").stdin(vec![b'x'; 1 << 20]))
+        .await
+        .expect_err("stdin never read");
+    assert!(
+        matches!(&error, CmdError::StdinNotRead { unread, .. } if *unread > 0),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("stdin"), "{error}");
+}
+
+/// Lines as they come, in order across both outputs, and the echo.
+async fn live_lines(tun: &Tunnel, lines: &Arc<Mutex<Vec<String>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let into = seen.clone();
+    let output = tun
+        .run(
+            Cmd::shell(
+                "for i in 1 2 3; do echo out$i; echo err$i >&2; sleep 0.05; done; printf tail",
+            )
+            .echo(true)
+            .on_line(move |line| {
+                into.lock().expect("lock").push((
+                    line.host.clone(),
+                    line.kind,
+                    line.text_lossy().into_owned(),
+                    line.complete,
+                ));
+            }),
+        )
+        .await
+        .expect("run");
+    let host = tun.host().to_string();
+    let expected: Vec<(String, OutputKind, String, bool)> = [
+        (OutputKind::Stdout, "out1", true),
+        (OutputKind::Stderr, "err1", true),
+        (OutputKind::Stdout, "out2", true),
+        (OutputKind::Stderr, "err2", true),
+        (OutputKind::Stdout, "out3", true),
+        (OutputKind::Stderr, "err3", true),
+        (OutputKind::Stdout, "tail", false),
+    ]
+    .into_iter()
+    .map(|(kind, text, complete)| (host.clone(), kind, text.to_string(), complete))
+    .collect();
+    assert_eq!(*seen.lock().expect("lock"), expected);
+    assert_eq!(output.stdout_text(), "out1\nout2\nout3\ntail");
+    let echoed = lines.lock().expect("lock").clone();
+    assert!(
+        echoed.contains(&format!("[{host}] out: out2")),
+        "{echoed:?}"
+    );
+    assert!(
+        echoed.contains(&format!("[{host}] err: err3")),
+        "{echoed:?}"
+    );
+}
+
+/// A timeout kills the whole tree, and a dropped run kills its command.
+async fn timeouts_and_drops(tun: &Tunnel, marker: &str) {
+    let started = Instant::now();
+    let error = tun
+        .run(
+            Cmd::shell(format!("echo started; sleep {marker} & sleep {marker}"))
+                .timeout(Duration::from_millis(800)),
+        )
+        .await
+        .expect_err("timed out");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    match &error {
+        CmdError::TimedOut { output, after, .. } => {
+            assert_eq!(*after, Duration::from_millis(800));
+            assert_eq!(output.stdout_text(), "started\n");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        error.to_string().contains("process group was killed"),
+        "{error}"
+    );
+    assert_eq!(
+        until_none_with(marker, Duration::from_secs(3)).await,
+        Vec::<u32>::new()
+    );
+
+    let run = tun.run(Cmd::new("sleep").arg(marker));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), run)
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        until_none_with(marker, Duration::from_secs(3)).await,
+        Vec::<u32>::new()
+    );
+}
+
+#[tokio::test]
+async fn commands_locally() {
+    let (sink, lines) = capture_stderr();
+    let tun = Tunnel::builder(Local::named("ops-local"))
+        .stderr(sink)
+        .build();
+    statuses_and_refusals(&tun).await;
+    live_lines(&tun, &lines).await;
+    timeouts_and_drops(&tun, "100.4711").await;
+}
+
+#[tokio::test]
+async fn hostile_words_stay_words() {
+    let tun = local("ops-words");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let touched = dir.path().join("touched");
+    let words = [
+        format!("$(touch {})", touched.display()),
+        ";".to_string(),
+        "'\"".to_string(),
+        format!("`touch {}`", touched.display()),
+        "a b".to_string(),
+    ];
+    let output = tun
+        .run(Cmd::new("printf").arg("%s|").args(words.clone()))
+        .await
+        .expect("printf");
+    assert_eq!(output.stdout_text(), format!("{}|", words.join("|")));
+    assert!(!touched.exists());
+}
+
+#[tokio::test]
+async fn stdin_from_bytes_and_from_a_stream() {
+    let tun = local("ops-stdin");
+    let output = tun.run(Cmd::new("cat").stdin("hello")).await.expect("cat");
+    assert_eq!(output.stdout, b"hello");
+    let pieces =
+        futures_util::stream::iter((0..1000).map(|_| bytes::Bytes::from(vec![b'z'; 1024])));
+    let output = tun
+        .run(Cmd::new("wc").arg("-c").stdin_stream(pieces))
+        .await
+        .expect("wc");
+    assert_eq!(output.stdout_text().trim(), "1024000");
+}
+
+#[tokio::test]
+async fn a_hundred_megabytes_of_output_keeps_head_and_tail_in_bounded_memory() {
+    let tun = local("ops-flood");
+    tun.connect().await.expect("connect");
+    let agent = tun.agent_pid().expect("pid");
+    let script = "printf HEAD; head -c 100000000 /dev/zero | tr '\\0' x; printf TAIL";
+    let (output, largest) = crate::support::largest_allocation(async {
+        tun.run(Cmd::shell(script).capture_limit(1 << 20)).await
+    })
+    .await;
+    let output = output.expect("quiet");
+    assert!(output.stdout.starts_with(b"HEADxxx"));
+    assert!(output.stdout.ends_with(b"xxxTAIL"));
+    assert_eq!(output.dropped(OutputKind::Stdout), 100_000_008 - (1 << 20));
+    assert!(
+        output.stdout.len() < (1 << 20) + 200,
+        "{}",
+        output.stdout.len()
+    );
+    assert!(
+        largest < 8 << 20,
+        "the controller allocated {largest} bytes at once"
+    );
+
+    // Live: every piece crosses, in lines of at most 64 KiB, and the
+    // capture stays bounded on the controller.
+    let pieces = Arc::new(Mutex::new((0u64, 0usize)));
+    let count = pieces.clone();
+    let (output, largest) = crate::support::largest_allocation(async {
+        tun.run(
+            Cmd::shell(script)
+                .capture_limit(1 << 20)
+                .on_line(move |line| {
+                    let mut count = count.lock().expect("lock");
+                    count.0 += line.text.len() as u64;
+                    count.1 = count.1.max(line.text.len());
+                }),
+        )
+        .await
+    })
+    .await;
+    let output = output.expect("live");
+    assert!(output.stdout.ends_with(b"xxxTAIL"));
+    let (total, longest) = *pieces.lock().expect("lock");
+    assert_eq!(total, 100_000_008);
+    assert_eq!(longest, chopsticks::ops::DEFAULT_MAX_LINE);
+    assert!(
+        largest < 8 << 20,
+        "the controller allocated {largest} bytes at once"
+    );
+    let peak = std::fs::read_to_string(format!("/proc/{agent}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| {
+            value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .expect("VmHWM");
+    assert!(peak < 64 * 1024, "the agent's peak RSS was {peak} KiB");
+}
+
+#[tokio::test]
+async fn a_command_as_another_user() {
+    if !crate::support::is_root() {
+        assert!(!chopsticks_testkit::in_ci(), "the user switch needs root");
+        eprintln!("SKIPPED ops::a_command_as_another_user: not root");
+        return;
+    }
+    let tun = local("ops-user");
+    let output = tun
+        .run(Cmd::shell("id -un; echo $HOME").user("nobody"))
+        .await
+        .expect("as nobody");
+    assert_eq!(output.stdout_text(), "nobody\n/nonexistent\n");
+    let error = tun
+        .run(Cmd::new("true").user("chopsticks-no-such-user"))
+        .await
+        .expect_err("no such user");
+    assert!(matches!(error, CmdError::NoSuchUser { .. }), "{error:?}");
+}
+
+#[tokio::test]
+async fn a_group_runs_everywhere_with_lines_tagged_by_host() {
+    let tunnels = (0..3).map(|i| local(&format!("ops-group-{i}")));
+    let group = Group::new(tunnels).expect("group");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let into = seen.clone();
+    let results = group
+        .run(Cmd::shell("echo one; echo two").on_line(move |line| {
+            into.lock()
+                .expect("lock")
+                .push(format!("{} {}", line.host, line.text_lossy()));
+        }))
+        .await
+        .into_result()
+        .expect("every host");
+    assert_eq!(results.len(), 3);
+    for output in results.values() {
+        assert_eq!(output.stdout_text(), "one\ntwo\n");
+    }
+    let mut seen = seen.lock().expect("lock").clone();
+    seen.sort();
+    assert_eq!(seen.len(), 6);
+    assert_eq!(seen[0], "ops-group-0 one");
+    let failures = group.run(Cmd::new("false").check()).await;
+    assert_eq!(failures.failures().count(), 3);
+    let streamed = group
+        .run(Cmd::new("cat").stdin_stream(futures_util::stream::empty()))
+        .await;
+    assert!(failures_are_all(&streamed, |error| matches!(
+        error,
+        CmdError::StreamForGroup
+    )));
+}
+
+fn failures_are_all(
+    results: &chopsticks::GroupResult<chopsticks::ops::Output, CmdError>,
+    check: impl Fn(&CmdError) -> bool,
+) -> bool {
+    results.failures().count() == results.len() && results.failures().all(|(_, error)| check(error))
+}
+
+#[tokio::test]
+async fn facts_of_this_machine() {
+    let tun = local("ops-facts");
+    let facts = tun.facts().await.expect("facts");
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+    assert_eq!(facts.hostname.as_deref(), Some(hostname.trim()));
+    assert_eq!(facts.architecture.as_deref(), Some(std::env::consts::ARCH));
+    assert!(facts.kernel_release.is_some() && facts.boot_id.is_some());
+    assert!(facts.cpu_count.is_some_and(|count| count >= 1));
+    assert!(facts.memory_total.is_some_and(|total| total > 0));
+    assert!(facts.uptime.is_some());
+    assert_eq!(facts.libc_family.as_deref(), Some("glibc"));
+    assert!(facts.libc_version.is_some(), "{facts:?}");
+    assert!(
+        facts.os_id.is_some() && facts.init_system.is_some(),
+        "{facts:?}"
+    );
+    let lo = facts
+        .interfaces
+        .iter()
+        .find(|i| i.name == "lo")
+        .expect("lo");
+    assert!(
+        lo.addresses
+            .contains(&("127.0.0.1".parse().expect("ip"), 8)),
+        "{lo:?}"
+    );
+    let group = Group::new([local("facts-a"), local("facts-b")]).expect("group");
+    let all = group.facts().await.into_result().expect("group facts");
+    assert_eq!(all.len(), 2);
+}
+
+#[cfg(feature = "ssh")]
+#[tokio::test]
+async fn commands_and_facts_over_ssh() {
+    let Some(sshd) = chopsticks_testkit::sshd_or_skip("ops", 1) else {
+        return;
+    };
+    let (sink, lines) = capture_stderr();
+    let tun =
+        Tunnel::builder(chopsticks::Ssh::new(sshd.alias(0)).config_file(sshd.client_config()))
+            .stderr(sink)
+            .build();
+    statuses_and_refusals(&tun).await;
+    live_lines(&tun, &lines).await;
+    timeouts_and_drops(&tun, "100.4712").await;
+    let facts = tun.facts().await.expect("facts");
+    assert!(facts.hostname.is_some() && facts.kernel_release.is_some());
+}
+
+#[cfg(feature = "docker")]
+#[tokio::test]
+async fn facts_in_a_scratch_container() {
+    use chopsticks_testkit::docker;
+    let Some(()) = docker::docker_or_skip() else {
+        return;
+    };
+    let tun = Tunnel::builder(
+        chopsticks::Docker::new("chopsticks-ops-facts").image(docker::SCRATCH_IMAGE),
+    )
+    .stderr(chopsticks::stderr::discard())
+    .build();
+    let facts = tun.facts().await.expect("facts in scratch");
+    assert_eq!(facts.os_id, None);
+    assert_eq!(facts.libc_family, None);
+    assert_eq!(facts.machine_id, None);
+    assert_eq!(facts.container.as_deref(), Some("docker"));
+    assert!(facts.kernel_release.is_some());
+    tun.close().await.expect("close");
+}

@@ -625,13 +625,11 @@ impl Docker {
     }
 }
 
-/// Whether `command` starts the agent itself (core's direct launch marks
-/// it), rather than a wrapper's command around the shell bootstrap.
+/// Whether `command` starts the agent itself (core's direct launch runs
+/// this very program), rather than a wrapper's command around the shell
+/// bootstrap.
 fn is_the_agent(command: &AgentCommand) -> bool {
-    command
-        .env_vars()
-        .iter()
-        .any(|(key, _)| key == chopsticks_core::__private::agent_env::AGENT_MARKER)
+    command.program() == format!("/proc/{}/exe", std::process::id())
 }
 
 /// The error for an agent that the container could not run, from what it printed.

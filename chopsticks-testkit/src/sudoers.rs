@@ -116,20 +116,25 @@ fn write_sudoers() -> Result<(), String> {
          {PASSWORD_USER} ALL=(root) ALL\n\
          Defaults:{PASSWORD_USER} timestamp_timeout=0\n"
     );
-    install(SUDOERS_FILE, &rules, 0o440)?;
+    // Checked before it is in place: a broken sudoers file breaks sudo.
+    let staged = std::env::temp_dir().join(format!("chopsticks-sudoers-{}", std::process::id()));
+    std::fs::write(&staged, &rules).map_err(|e| format!("writing {}: {e}", staged.display()))?;
     let check = Command::new("visudo")
-        .args(["-c", "-q", "-f", SUDOERS_FILE])
+        .arg("-c")
+        .arg("-q")
+        .arg("-f")
+        .arg(&staged)
         .output()
-        .map_err(|e| format!("visudo: {e}"))?;
-    if check.status.success() {
-        Ok(())
-    } else {
-        let _ = std::fs::remove_file(SUDOERS_FILE);
-        Err(format!(
+        .map_err(|e| format!("visudo: {e}"));
+    let _ = std::fs::remove_file(&staged);
+    let check = check?;
+    if !check.status.success() {
+        return Err(format!(
             "visudo rejected the test rules: {}",
             String::from_utf8_lossy(&check.stderr).trim()
-        ))
+        ));
     }
+    install(SUDOERS_FILE, &rules, 0o440)
 }
 
 fn write_doas_conf() -> Result<(), String> {

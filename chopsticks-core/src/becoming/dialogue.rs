@@ -8,6 +8,8 @@
 //! and is never answered. The marker says the target user's shell runs:
 //! whatever follows it on stderr belongs to the agent.
 
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::password::PasswordSource;
@@ -45,13 +47,51 @@ pub(super) enum Stop {
     NoPassword,
     /// The password has a line break or NUL, and was not sent.
     Unusable,
+    /// Something asked a question that is not the password prompt (a
+    /// one-time code, an expired password) and waited.
+    ForeignPrompt { question: String },
+    /// Stdout carried more than a tool's start ever does.
+    StdoutFlood,
     /// The process's stderr ended first; what it said there, and whether a
     /// password had been given.
     Ended { said: String, answered: bool },
 }
 
-/// What stderr may hold of `sudo`'s words for an error message.
-const SAID_LIMIT: usize = 8 * 1024;
+/// What stderr may hold of the tool's words for an error message: this
+/// much of the start, and as much of the end.
+const SAID_HEAD: usize = 2 * 1024;
+const SAID_TAIL: usize = 6 * 1024;
+/// How long an unfinished line may wait before it counts as a question.
+const QUESTION_WAIT: Duration = Duration::from_secs(5);
+
+/// The tool's words so far: the start and the end, for error messages.
+#[derive(Default)]
+struct Said {
+    head: Vec<u8>,
+    tail: Vec<u8>,
+    skipped: bool,
+}
+
+impl Said {
+    fn keep(&mut self, more: &[u8]) {
+        let into_head = (SAID_HEAD - self.head.len()).min(more.len());
+        self.head.extend_from_slice(&more[..into_head]);
+        self.tail.extend_from_slice(&more[into_head..]);
+        if self.tail.len() > SAID_TAIL {
+            self.tail.drain(..self.tail.len() - SAID_TAIL);
+            self.skipped = true;
+        }
+    }
+
+    fn text(&self) -> String {
+        let mut text = String::from_utf8_lossy(&self.head).into_owned();
+        if self.skipped {
+            text.push_str("\n...\n");
+        }
+        text.push_str(&String::from_utf8_lossy(&self.tail));
+        text.trim().to_string()
+    }
+}
 
 /// The process's pipes, as the conversation uses them.
 pub(super) struct Talk<'p> {
@@ -74,6 +114,10 @@ pub(super) struct Became {
 const EARLY_STDOUT_LIMIT: usize = 64 * 1024;
 
 /// Reads stderr until the marker, answering one prompt on stdin.
+///
+/// A token counts only at the start of a line (or right after the prompt
+/// that was answered): a command line echoed by a login script carries
+/// both tokens in its middle.
 pub(super) async fn converse(
     pipes: Talk<'_>,
     tokens: &Tokens,
@@ -90,15 +134,17 @@ pub(super) async fn converse(
     let mut stdout_buffer = vec![0u8; 4096];
     let marker_line = format!("{}\n", tokens.marker).into_bytes();
     let prompt = tokens.prompt.as_bytes();
+    // Bytes not yet judged; `line_start` says whether seen[0] starts a line.
     let mut seen: Vec<u8> = Vec::new();
-    let mut said: Vec<u8> = Vec::new();
+    let mut line_start = true;
+    let mut said = Said::default();
     let mut answered = false;
     let mut buffer = vec![0u8; 4096];
     loop {
         // What came so far, token by token, in order.
         loop {
-            let at_marker = find(&seen, &marker_line);
-            let at_prompt = find(&seen, prompt);
+            let at_marker = find_at_line_start(&seen, &marker_line, line_start);
+            let at_prompt = find_at_line_start(&seen, prompt, line_start);
             let prompt_at = match (at_marker, at_prompt) {
                 (Some(marker), Some(prompt)) if prompt < marker => prompt,
                 (Some(marker), _) => {
@@ -110,21 +156,24 @@ pub(super) async fn converse(
                 (None, Some(prompt)) => prompt,
                 (None, None) => break,
             };
-            keep_said(&mut said, &seen[..prompt_at]);
+            said.keep(&seen[..prompt_at]);
             seen.drain(..prompt_at + prompt.len());
+            line_start = true;
             if answered {
                 return Err(Stop::Rejected);
             }
             answer(stdin, password, host, user).await?;
             answered = true;
         }
-        // Keep only what may be the start of a token.
-        let keep = marker_line.len().max(prompt.len()) - 1;
+        // Keep only what may be the start of a token (and the byte before it).
+        let keep = marker_line.len().max(prompt.len());
         if seen.len() > keep {
             let done = seen.len() - keep;
-            keep_said(&mut said, &seen[..done]);
+            said.keep(&seen[..done]);
+            line_start = seen[done - 1] == b'\n';
             seen.drain(..done);
         }
+        let quiet = tokio::time::sleep(QUESTION_WAIT);
         let read = tokio::select! {
             read = stderr.read(&mut buffer) => read.unwrap_or(0),
             read = stdout.read(&mut stdout_buffer), if stdout_open => {
@@ -133,21 +182,48 @@ pub(super) async fn converse(
                     count if early_stdout.len() + count <= EARLY_STDOUT_LIMIT => {
                         early_stdout.extend_from_slice(&stdout_buffer[..count]);
                     }
-                    // Not sudo's: whatever runs there is not what was asked for.
-                    _ => stdout_open = false,
+                    _ => return Err(Stop::StdoutFlood),
+                }
+                continue;
+            }
+            () = quiet => {
+                if let Some(question) = open_question(&seen, &said, prompt, &marker_line) {
+                    return Err(Stop::ForeignPrompt { question });
                 }
                 continue;
             }
         };
         if read == 0 {
-            keep_said(&mut said, &seen);
+            said.keep(&seen);
             return Err(Stop::Ended {
-                said: String::from_utf8_lossy(&said).trim().to_string(),
+                said: said.text(),
                 answered,
             });
         }
         seen.extend_from_slice(&buffer[..read]);
     }
+}
+
+/// An unfinished last line that is not the start of a token: a question
+/// someone waits to have answered.
+fn open_question(seen: &[u8], said: &Said, prompt: &[u8], marker: &[u8]) -> Option<String> {
+    let last_line = seen
+        .rsplit(|&byte| byte == b'\n')
+        .next()
+        .unwrap_or_default();
+    let mut line = last_line.to_vec();
+    if !seen.contains(&b'\n') {
+        // The line may have begun before what is kept unjudged.
+        let kept = [said.head.as_slice(), said.tail.as_slice()].concat();
+        let before = kept
+            .rsplit(|&byte| byte == b'\n')
+            .next()
+            .unwrap_or_default();
+        line = [before, last_line].concat();
+    }
+    let text = String::from_utf8_lossy(&line).trim().to_string();
+    let token_start = prompt.starts_with(&line) || marker.starts_with(&line);
+    (!text.is_empty() && !token_start).then_some(text)
 }
 
 /// Writes the password, and the newline that ends it, to `sudo -S`.
@@ -167,17 +243,21 @@ async fn answer(
     Ok(())
 }
 
-fn keep_said(said: &mut Vec<u8>, more: &[u8]) {
-    said.extend_from_slice(more);
-    if said.len() > SAID_LIMIT {
-        said.drain(..said.len() - SAID_LIMIT);
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+/// The first place `needle` starts a line in `haystack`; `line_start` says
+/// whether `haystack[0]` starts one.
+fn find_at_line_start(haystack: &[u8], needle: &[u8], line_start: bool) -> Option<usize> {
     haystack
         .windows(needle.len())
-        .position(|window| window == needle)
+        .enumerate()
+        .find(|&(at, window)| {
+            window == needle
+                && if at == 0 {
+                    line_start
+                } else {
+                    haystack[at - 1] == b'\n'
+                }
+        })
+        .map(|(at, _)| at)
 }
 
 #[cfg(test)]
@@ -239,6 +319,87 @@ mod tests {
         let (outcome, stdin) = run(b"P:", Some("pw\nid")).await;
         assert!(matches!(outcome, Err(Stop::Unusable)));
         assert!(stdin.is_empty());
+    }
+
+    #[tokio::test]
+    async fn tokens_count_only_at_the_start_of_a_line() {
+        // A login script echoing the command line carries both tokens.
+        let (outcome, stdin) = run(b"+ sudo -p P: sh -c M\nP:M\nrest", Some("pw")).await;
+        assert_eq!(outcome.expect("became"), b"rest");
+        assert_eq!(stdin, b"pw\n");
+    }
+
+    #[tokio::test]
+    async fn tokens_split_across_reads_are_found() {
+        for split in 0..=7 {
+            let whole = b"x\nP:M\nafter";
+            let (first, second) = whole.split_at(split);
+            let mut stderr = reader_of(vec![first.to_vec(), second.to_vec()]);
+            let mut stdout: &[u8] = b"";
+            let mut stdin = Vec::new();
+            let source = PasswordSource::Given(Password::new("pw"));
+            let talk = Talk {
+                stdin: &mut stdin,
+                stdout: &mut stdout,
+                stderr: &mut stderr,
+            };
+            let became = converse(talk, &tokens(), Some(&source), ("h", "u"))
+                .await
+                .expect("became");
+            let mut after = became.stderr;
+            stderr.read_to_end(&mut after).await.expect("rest");
+            assert_eq!(after, b"after", "split at {split}");
+            assert_eq!(stdin, b"pw\n", "split at {split}");
+        }
+    }
+
+    /// A reader that returns `pieces` one read at a time.
+    fn reader_of(pieces: Vec<Vec<u8>>) -> impl AsyncRead + Send + Unpin {
+        let (mut writer, reader) = tokio::io::duplex(64);
+        tokio::spawn(async move {
+            for piece in pieces {
+                let _ = writer.write_all(&piece).await;
+                tokio::task::yield_now().await;
+            }
+        });
+        reader
+    }
+
+    #[tokio::test]
+    async fn a_long_refusal_keeps_its_start_and_its_end() {
+        let mut stderr = b"Sorry, user a is not allowed to execute '".to_vec();
+        stderr.extend(std::iter::repeat_n(b'x', 20_000));
+        stderr.extend_from_slice(b"' as b on h.\n");
+        let (outcome, _) = run(&stderr, None).await;
+        match outcome {
+            Err(Stop::Ended { said, .. }) => {
+                assert!(said.starts_with("Sorry, user a"), "{said}");
+                assert!(said.ends_with("as b on h."), "{said}");
+                assert!(said.len() < 9000);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_question_that_is_not_the_prompt_is_not_waited_on() {
+        let (mut writer, mut stderr) = tokio::io::duplex(64);
+        writer
+            .write_all(b"Verification code: ")
+            .await
+            .expect("write");
+        let mut stdout = tokio::io::empty();
+        let mut stdin = Vec::new();
+        let talk = Talk {
+            stdin: &mut stdin,
+            stdout: &mut stdout,
+            stderr: &mut stderr,
+        };
+        match converse(talk, &tokens(), None, ("h", "u")).await {
+            Err(Stop::ForeignPrompt { question }) => assert_eq!(question, "Verification code:"),
+            other => panic!("{other:?}"),
+        }
+        drop(writer);
     }
 
     #[tokio::test]

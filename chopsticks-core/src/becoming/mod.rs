@@ -21,6 +21,7 @@ use self::dialogue::{Stop, Tokens};
 use self::password::PasswordSource;
 use crate::error::BoxError;
 use crate::transport::{AgentCommand, AgentLaunch, ExitReport, Pipes, Transport};
+use std::time::Duration;
 
 /// Runs the agent as another user through `sudo` or `doas`, over any
 /// transport: locally, over ssh, in a container, through any command.
@@ -204,7 +205,11 @@ impl<T> Become<T> {
 
     /// `command` behind the tool and the marker shell.
     fn wrap(&self, command: &AgentCommand, tokens: &Tokens, user: &str) -> AgentCommand {
-        let mut wrapped = AgentCommand::new(self.tool.to_string());
+        // `env` first: the tool's messages in one language, and a missing
+        // tool named by `env` on stderr, whatever runs the command.
+        let mut wrapped = AgentCommand::new("env")
+            .arg("LC_ALL=C")
+            .arg(self.tool.to_string());
         match (self.tool, &self.password) {
             (BecomeTool::Sudo, Some(_)) => {
                 wrapped = wrapped.arg("-S").arg("-p").arg(&tokens.prompt)
@@ -222,7 +227,7 @@ impl<T> Become<T> {
             .arg("--")
             .arg("sh")
             .arg("-c")
-            .arg("printf '%s\\n' \"$0\" >&2; exec \"$@\"")
+            .arg(MARKER_SHELL)
             .arg(&tokens.marker);
         // sudo and doas reset the environment: `env` sets it on the far side.
         if !command.env_vars().is_empty() {
@@ -235,10 +240,13 @@ impl<T> Become<T> {
         for arg in command.args() {
             wrapped = wrapped.arg(arg);
         }
-        // Messages to tell failures apart, in one language.
-        wrapped.env("LC_ALL", "C")
+        wrapped
     }
 }
+
+/// Runs as the target user: says so with the marker (`$0`), drops the
+/// `LC_ALL` given to the tool, and becomes the command.
+const MARKER_SHELL: &str = "printf '%s\\n' \"$0\" >&2; unset LC_ALL; exec \"$@\"";
 
 #[async_trait]
 impl<T: Transport> Transport for Become<T> {
@@ -261,17 +269,9 @@ impl<T: Transport> Transport for Become<T> {
         }
         let tokens = Tokens::new()?;
         let wrapped = self.wrap(command, &tokens, user);
-        let mut pipes = match self.inner.spawn(&wrapped).await {
-            Ok(pipes) => pipes,
-            Err(error) if names_missing_program(error.as_ref()) => {
-                return Err(Box::new(BecomeError::NotInstalled {
-                    host: host.to_string(),
-                    tool: self.tool,
-                }));
-            }
-            Err(error) => return Err(error),
-        };
+        let mut pipes = self.inner.spawn(&wrapped).await?;
         let Some(mut stderr) = pipes.stderr.take() else {
+            let _ = pipes.process.start_kill();
             return Err(Box::new(BecomeError::Failed {
                 host: host.to_string(),
                 user: user.to_string(),
@@ -295,16 +295,22 @@ impl<T: Transport> Transport for Become<T> {
                 Ok(pipes)
             }
             Err(stop) => {
-                let _ = pipes.process.start_kill();
-                let status =
-                    tokio::time::timeout(std::time::Duration::from_secs(2), pipes.process.wait())
-                        .await
-                        .ok()
-                        .and_then(Result::ok);
-                if let (Stop::Rejected, Some(source)) = (&stop, &self.password) {
+                // No second answer: the tool sees its input end.
+                pipes.stdin = Box::new(tokio::io::sink());
+                if !matches!(stop, Stop::Ended { .. }) {
+                    let _ = pipes.process.start_kill();
+                }
+                // An ending process's status tells a missing program.
+                let status = stop_process(&mut pipes, Duration::from_secs(2)).await;
+                let error = self.failure(stop, status, user);
+                if matches!(
+                    error,
+                    BecomeError::WrongPassword { .. } | BecomeError::UnusablePassword { .. }
+                ) && let Some(source) = &self.password
+                {
                     source.rejected();
                 }
-                Err(self.failure(stop, status, user))
+                Err(Box::new(error))
             }
         }
     }
@@ -314,48 +320,74 @@ impl<T: Transport> Transport for Become<T> {
     }
 }
 
+/// Waits up to `bound` for the process to end, then kills it; its status,
+/// when it came.
+async fn stop_process(pipes: &mut Pipes, bound: Duration) -> Option<ExitReport> {
+    if let Ok(Ok(status)) = tokio::time::timeout(bound, pipes.process.wait()).await {
+        return Some(status);
+    }
+    let _ = pipes.process.start_kill();
+    tokio::time::timeout(bound, pipes.process.wait())
+        .await
+        .ok()
+        .and_then(Result::ok)
+}
+
 impl<T: Transport> Become<T> {
     /// The error for a conversation that did not reach the agent's command.
-    fn failure(&self, stop: Stop, status: Option<ExitReport>, user: &str) -> BoxError {
+    fn failure(&self, stop: Stop, status: Option<ExitReport>, user: &str) -> BecomeError {
         let (host, tool, user) = (self.inner.host().to_string(), self.tool, user.to_string());
-        let error = match stop {
+        match stop {
             Stop::Rejected => BecomeError::WrongPassword { host, user, tool },
             Stop::NoSource => BecomeError::PasswordRequired { host, user, tool },
             Stop::NoPassword => BecomeError::NoPassword { host, user },
             Stop::Unusable => BecomeError::UnusablePassword { host, user, tool },
-            Stop::Ended { said, answered } => {
-                match classify(&said, status, answered, tool) {
-                    Some(Kind::WrongPassword) => BecomeError::WrongPassword { host, user, tool },
-                    Some(Kind::PasswordRequired) => {
-                        BecomeError::PasswordRequired { host, user, tool }
+            Stop::ForeignPrompt { question } => BecomeError::Question {
+                host,
+                user,
+                tool,
+                question,
+            },
+            Stop::StdoutFlood => BecomeError::Failed {
+                host,
+                user,
+                tool,
+                status: None,
+                stderr: "its standard output carried more than a start of sudo or doas ever \
+                         does, before the user's shell ran"
+                    .into(),
+            },
+            Stop::Ended { said, answered } => match classify(&said, status, answered, tool) {
+                Some(Kind::WrongPassword) => BecomeError::WrongPassword { host, user, tool },
+                Some(Kind::PasswordRequired) => BecomeError::PasswordRequired { host, user, tool },
+                Some(Kind::NotAllowed) => BecomeError::NotAllowed {
+                    host,
+                    user,
+                    tool,
+                    message: refusal_words(&said, tool),
+                },
+                Some(Kind::UnknownUser) => BecomeError::UnknownUser { host, user, tool },
+                Some(Kind::NotInstalled) => BecomeError::NotInstalled { host, tool },
+                None => {
+                    // The transport may know better (ssh: authentication,
+                    // host key, refusal).
+                    let lines: Vec<String> = said.lines().map(str::to_string).collect();
+                    if let Some(explained) = self.inner.diagnose(&lines) {
+                        return BecomeError::Transport {
+                            host,
+                            source: explained,
+                        };
                     }
-                    Some(Kind::NotAllowed) => BecomeError::NotAllowed {
+                    BecomeError::Failed {
                         host,
                         user,
                         tool,
-                        message: without_command(&said),
-                    },
-                    Some(Kind::UnknownUser) => BecomeError::UnknownUser { host, user, tool },
-                    Some(Kind::NotInstalled) => BecomeError::NotInstalled { host, tool },
-                    None => {
-                        // The transport may know better (ssh: authentication,
-                        // host key, refusal).
-                        let lines: Vec<String> = said.lines().map(str::to_string).collect();
-                        if let Some(explained) = self.inner.diagnose(&lines) {
-                            return explained;
-                        }
-                        BecomeError::Failed {
-                            host,
-                            user,
-                            tool,
-                            status: status.map(|status| status.to_string()),
-                            stderr: said,
-                        }
+                        status: status.map(|status| status.to_string()),
+                        stderr: said,
                     }
                 }
-            }
-        };
-        Box::new(error)
+            },
+        }
     }
 }
 
@@ -376,68 +408,68 @@ fn classify(
     tool: BecomeTool,
 ) -> Option<Kind> {
     let has = |text: &str| said.contains(text);
+    let name = tool.to_string();
+    let own = format!("{name}:");
     if answered && (has("incorrect password attempt") || has("Sorry, try again")) {
         return Some(Kind::WrongPassword);
     }
     if has("a password is required")
+        || has("interactive authentication is required")
         || has("Authentication required")
         || has("Authorization required")
     {
         return Some(Kind::PasswordRequired);
     }
-    if has("is not in the sudoers file")
-        || has("is not allowed to execute")
-        || has("may not run sudo")
-        || has("Operation not permitted")
-    {
-        return Some(Kind::NotAllowed);
-    }
     if has("unknown user") {
         return Some(Kind::UnknownUser);
     }
-    let tool = tool.to_string();
+    let doas_refused = tool == BecomeTool::Doas
+        && said
+            .lines()
+            .any(|line| line.starts_with("doas:") && line.contains("Operation not permitted"));
+    if has("is not in the sudoers file")
+        || has("is not allowed to execute")
+        || has("may not run sudo")
+        || doas_refused
+    {
+        return Some(Kind::NotAllowed);
+    }
+    // Another program saying the tool is missing (`env: 'sudo': No such
+    // file or directory`, Docker's "executable file not found"), never the
+    // tool itself complaining about something it runs.
     let missing = said.lines().any(|line| {
-        line.contains(&tool) && (line.contains("not found") || line.contains("No such file"))
+        !line.starts_with(&own)
+            && line.contains(&name)
+            && (line.contains("not found") || line.contains("No such file"))
     });
-    // 127: no such program; 126: not executable (Docker's exec says only that).
     let code = status.and_then(|status| status.code);
-    if missing || (said.is_empty() && matches!(code, Some(126 | 127))) || code == Some(127) {
+    if missing || (said.is_empty() && matches!(code, Some(126 | 127))) {
         return Some(Kind::NotInstalled);
     }
     None
 }
 
-/// What the tool said, with the agent's long command line (which sudo
-/// quotes when it refuses to run it) left out.
-fn without_command(said: &str) -> String {
-    said.lines()
-        .map(
-            |line| match (line.find(" to execute '"), line.rfind("' as ")) {
-                (Some(start), Some(end)) if start < end => format!(
-                    "{} to execute the agent's command{}",
-                    &line[..start],
-                    &line[end + 1..]
-                ),
-                _ => line.to_string(),
-            },
-        )
-        .collect::<Vec<_>>()
-        .join(" / ")
-}
-
-/// Whether a transport's start failed because the program is missing
-/// (`sudo` not installed, for a transport that executes it directly).
-fn names_missing_program(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(error);
-    while let Some(error) = cause {
-        if let Some(io) = error.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::NotFound
-        {
-            return true;
-        }
-        cause = error.source();
+/// The tool's refusal: its own lines, with the agent's long command line
+/// (which sudo quotes, newlines and all) left out.
+fn refusal_words(said: &str, tool: BecomeTool) -> String {
+    let text = match (said.find(" to execute '"), said.rfind("' as ")) {
+        (Some(start), Some(end)) if start < end => format!(
+            "{} to execute the agent's command{}",
+            &said[..start],
+            &said[end + 1..]
+        ),
+        _ => said.to_string(),
+    };
+    let own = format!("{tool}:");
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|line| line.starts_with(&own) || line.starts_with("Sorry"))
+        .collect();
+    if lines.is_empty() {
+        text.lines().collect::<Vec<_>>().join(" / ")
+    } else {
+        lines.join(" / ")
     }
-    false
 }
 
 /// Why a [`Become`] could not run the agent as its user. Each names the
@@ -540,6 +572,30 @@ pub enum BecomeError {
         /// Why it was rejected.
         reason: &'static str,
     },
+    /// Something asked a question other than the password prompt (a
+    /// one-time code, a new password for an expired one) and waited.
+    #[error(
+        "{tool} on {host} asked {question:?} while becoming {user}, which is not its password \
+         prompt; chopsticks answers only that one"
+    )]
+    Question {
+        /// The host.
+        host: String,
+        /// The user to become.
+        user: String,
+        /// sudo or doas.
+        tool: BecomeTool,
+        /// The question, as it was printed.
+        question: String,
+    },
+    /// The transport explained the failure (ssh: authentication, host key, ...).
+    #[error("{source}")]
+    Transport {
+        /// The host.
+        host: String,
+        /// The transport's own error.
+        source: BoxError,
+    },
     /// The tool ended before the user's shell ran, for another reason.
     #[error(
         "{tool} on {host} ended before becoming {user}{}: {}",
@@ -584,6 +640,8 @@ mod tests {
         assert_eq!(
             words(&wrapped),
             [
+                "env",
+                "LC_ALL=C",
                 "sudo",
                 "-n",
                 "-H",
@@ -592,14 +650,14 @@ mod tests {
                 "--",
                 "sh",
                 "-c",
-                "printf '%s\\n' \"$0\" >&2; exec \"$@\"",
+                MARKER_SHELL,
                 "M",
                 "sh",
                 "-c",
                 "x; y"
             ]
         );
-        assert_eq!(wrapped.env_vars(), [("LC_ALL".into(), "C".into())]);
+        assert!(wrapped.env_vars().is_empty());
     }
 
     #[test]
@@ -612,8 +670,10 @@ mod tests {
         );
         let words = words(&wrapped);
         assert_eq!(
-            words[..7],
-            ["sudo", "-S", "-p", "P:", "-H", "-u", "postgres"]
+            words[..9],
+            [
+                "env", "LC_ALL=C", "sudo", "-S", "-p", "P:", "-H", "-u", "postgres"
+            ]
         );
         assert_eq!(words[words.len() - 3..], ["env", "A=b c", "agent"]);
         assert!(!format!("{wrapped:?}").contains("secret"));
@@ -626,7 +686,7 @@ mod tests {
     #[test]
     fn doas_has_no_home_flag() {
         let wrapped = Become::doas(()).wrap(&AgentCommand::new("a"), &tokens(), "root");
-        assert_eq!(words(&wrapped)[..5], ["doas", "-n", "-u", "root", "--"]);
+        assert_eq!(words(&wrapped)[2..7], ["doas", "-n", "-u", "root", "--"]);
     }
 
     #[test]
@@ -642,8 +702,10 @@ mod tests {
 
     #[test]
     fn a_refusal_leaves_the_command_out() {
+        let said = "We trust you have received the usual lecture.\n\
+                    Sorry, user a is not allowed to execute '/bin/sh -c x\ny\nz' as b on h.";
         assert_eq!(
-            without_command("Sorry, user a is not allowed to execute '/bin/sh -c x' as b on h."),
+            refusal_words(said, BecomeTool::Sudo),
             "Sorry, user a is not allowed to execute the agent's command as b on h."
         );
     }
@@ -699,5 +761,41 @@ mod tests {
             Some(Kind::NotAllowed)
         );
         assert_eq!(sudo("something else", false), None);
+        // sudo itself missing a program is not sudo missing.
+        assert_eq!(sudo("sudo: sh: command not found", false), None);
+        assert_eq!(
+            sudo("env: 'sudo': No such file or directory", false),
+            Some(Kind::NotInstalled)
+        );
+        assert_eq!(
+            sudo(
+                "sudo: setrlimit(RLIMIT_CORE): Operation not permitted\nsudo: unknown user x",
+                false
+            ),
+            Some(Kind::UnknownUser)
+        );
+        assert_eq!(
+            sudo(
+                "sudo: setrlimit(RLIMIT_CORE): Operation not permitted",
+                false
+            ),
+            None
+        );
+        assert_eq!(
+            sudo("sudo: interactive authentication is required", false),
+            Some(Kind::PasswordRequired)
+        );
+        assert_eq!(
+            classify(
+                "bash: line 1: x",
+                Some(ExitReport {
+                    code: Some(127),
+                    signal: None
+                }),
+                false,
+                BecomeTool::Sudo
+            ),
+            None
+        );
     }
 }

@@ -67,6 +67,9 @@ pub(super) enum PasswordSource {
     Asked {
         ask: Arc<Ask>,
         answered: Arc<Mutex<Option<Password>>>,
+        /// One question at a time: a second connect waits for the first
+        /// answer instead of asking again.
+        asking: Arc<tokio::sync::Mutex<()>>,
     },
 }
 
@@ -75,6 +78,7 @@ impl PasswordSource {
         PasswordSource::Asked {
             ask,
             answered: Arc::default(),
+            asking: Arc::default(),
         }
     }
 
@@ -87,22 +91,31 @@ impl PasswordSource {
     }
 
     /// The password, asking the callback (on a blocking thread: it may
-    /// read a terminal) the first time.
+    /// read a terminal) the first time. The answer is kept as soon as it is
+    /// given, even when the connect that asked has given up meanwhile.
     pub(super) async fn get(&self, host: &str, user: &str) -> Option<Password> {
-        let (ask, answered) = match self {
+        let (ask, answered, asking) = match self {
             PasswordSource::Given(password) => return Some(password.clone()),
-            PasswordSource::Asked { ask, answered } => (ask.clone(), answered.clone()),
+            PasswordSource::Asked {
+                ask,
+                answered,
+                asking,
+            } => (ask.clone(), answered.clone(), asking.clone()),
         };
+        let _one_at_a_time = asking.lock_owned().await;
         if let Some(password) = lock(&answered).clone() {
             return Some(password);
         }
         let (host, user) = (host.to_string(), user.to_string());
-        let password = tokio::task::spawn_blocking(move || ask(&host, &user))
-            .await
-            .ok()
-            .flatten()?;
-        *lock(&answered) = Some(password.clone());
-        Some(password)
+        let keep = answered.clone();
+        tokio::task::spawn_blocking(move || {
+            let password = ask(&host, &user)?;
+            *lock(&keep) = Some(password.clone());
+            Some(password)
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// Forgets an asked password that was rejected, so the next connect

@@ -117,7 +117,7 @@ async fn live_lines(tun: &Tunnel, lines: &Arc<Mutex<Vec<String>>>) {
             .echo(true)
             .on_line(move |line| {
                 into.lock().expect("lock").push((
-                    line.host.clone(),
+                    line.host.to_string(),
                     line.kind,
                     line.text_lossy().into_owned(),
                     line.complete,
@@ -436,4 +436,342 @@ async fn facts_in_a_scratch_container() {
     assert_eq!(facts.container.as_deref(), Some("docker"));
     assert!(facts.kernel_release.is_some());
     tun.close().await.expect("close");
+}
+
+/// `put_dir` and `fetch_dir`.
+mod dirs {
+    use super::*;
+    use chopsticks::ops::{DirError, SyncSummary};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::path::Path;
+
+    /// A tree: `files` small files over nested directories, modes, and
+    /// symlinks (relative, inside the tree).
+    fn make_tree(root: &Path, files: usize) {
+        for index in 0..files {
+            let dir = root.join(format!("d{}/e{}", index % 10, index % 7));
+            std::fs::create_dir_all(&dir).expect("dir");
+            let path = dir.join(format!("f{index}"));
+            std::fs::write(&path, format!("file {index}\n").repeat(index % 5 + 1)).expect("write");
+            let mode = if index % 3 == 0 { 0o600 } else { 0o644 };
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("mode");
+        }
+        std::fs::set_permissions(root.join("d1"), std::fs::Permissions::from_mode(0o750))
+            .expect("dir mode");
+        std::os::unix::fs::symlink("d1/e1/f1", root.join("to-f1")).expect("link");
+        std::os::unix::fs::symlink("../d2", root.join("d1/to-d2")).expect("link");
+    }
+
+    /// Every entry under `root`: path, kind, mode, mtime (s), content or target.
+    fn describe(root: &Path) -> Vec<(String, String)> {
+        let mut found = Vec::new();
+        let mut pending = vec![root.to_path_buf()];
+        while let Some(dir) = pending.pop() {
+            for entry in std::fs::read_dir(&dir).expect("read_dir").flatten() {
+                let path = entry.path();
+                let meta = std::fs::symlink_metadata(&path).expect("meta");
+                let name = path
+                    .strip_prefix(root)
+                    .expect("inside")
+                    .display()
+                    .to_string();
+                let what = if meta.file_type().is_symlink() {
+                    format!(
+                        "link {}",
+                        std::fs::read_link(&path).expect("link").display()
+                    )
+                } else if meta.is_dir() {
+                    pending.push(path.clone());
+                    format!("dir {:o}", meta.mode() & 0o7777)
+                } else {
+                    format!(
+                        "file {:o} {} {}",
+                        meta.mode() & 0o7777,
+                        meta.mtime(),
+                        blake3::hash(&std::fs::read(&path).expect("read")).to_hex()
+                    )
+                };
+                found.push((name, what));
+            }
+        }
+        found.sort();
+        found
+    }
+
+    fn remote_root(dir: &Path) -> String {
+        dir.join("remote").display().to_string()
+    }
+
+    #[tokio::test]
+    async fn ten_thousand_files_sync_then_nothing_then_one_byte_then_deletes() {
+        let tun = local("dirs-local");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source = dir.path().join("source");
+        make_tree(&source, 10_000);
+        let remote = remote_root(dir.path());
+        let progress = Arc::new(Mutex::new(Vec::new()));
+        let seen = progress.clone();
+        let first = tun
+            .put_dir(&source, &remote)
+            .progress(move |step| seen.lock().expect("lock").push(step.files_done))
+            .await
+            .expect("first sync");
+        assert_eq!(first.files_sent, 10_000);
+        assert_eq!(first.links, 2);
+        assert!(first.bytes_sent > 0);
+        assert_eq!(describe(&source), describe(Path::new(&remote)));
+        assert_eq!(progress.lock().expect("lock").last(), Some(&10_000));
+
+        let again = tun.put_dir(&source, &remote).await.expect("second sync");
+        assert_eq!(
+            (again.files_sent, again.bytes_sent, again.files_unchanged),
+            (0, 0, 10_000)
+        );
+
+        // One byte changed, same size; its mtime moves.
+        let edited = source.join("d3/e3/f3");
+        let mut bytes = std::fs::read(&edited).expect("read");
+        bytes[0] = b'F';
+        std::fs::write(&edited, &bytes).expect("write");
+        let bump = std::fs::File::options()
+            .write(true)
+            .open(&edited)
+            .expect("open");
+        bump.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+            .expect("mtime");
+        let one = tun.put_dir(&source, &remote).await.expect("one byte");
+        assert_eq!((one.files_sent, one.bytes_sent), (1, bytes.len() as u64));
+        assert_eq!(describe(&source), describe(Path::new(&remote)));
+
+        // The same size and mtime: only checksum mode sees it.
+        let before = std::fs::metadata(&edited)
+            .expect("meta")
+            .modified()
+            .expect("mtime");
+        bytes[1] = b'X';
+        std::fs::write(&edited, &bytes).expect("write");
+        std::fs::File::options()
+            .write(true)
+            .open(&edited)
+            .expect("open")
+            .set_modified(before)
+            .expect("mtime");
+        let quick = tun.put_dir(&source, &remote).await.expect("quick");
+        assert_eq!(quick.files_sent, 0);
+        let checked = tun
+            .put_dir(&source, &remote)
+            .checksum(true)
+            .await
+            .expect("checksum");
+        assert_eq!(checked.files_sent, 1);
+        assert_eq!(describe(&source), describe(Path::new(&remote)));
+
+        // Delete mode, and excluded names left alone.
+        std::fs::remove_dir_all(source.join("d9")).expect("rm");
+        std::fs::write(Path::new(&remote).join("keep.log"), "remote only").expect("log");
+        let kept = tun.put_dir(&source, &remote).await.expect("no delete");
+        assert_eq!(kept.deleted, 0);
+        let deleted = tun
+            .put_dir(&source, &remote)
+            .delete(true)
+            .exclude("*.log")
+            .await
+            .expect("delete");
+        assert_eq!(deleted.deleted, 1, "d9 goes whole");
+        assert!(Path::new(&remote).join("keep.log").exists());
+        std::fs::remove_file(Path::new(&remote).join("keep.log")).expect("rm log");
+        assert_eq!(describe(&source), describe(Path::new(&remote)));
+
+        // And back the other way.
+        let back = dir.path().join("back");
+        let fetched = tun.fetch_dir(&remote, &back).await.expect("fetch");
+        assert_eq!(fetched.files_sent, 9_000);
+        assert_eq!(describe(&source), describe(&back));
+        let refetched = tun.fetch_dir(&remote, &back).await.expect("refetch");
+        assert_eq!(refetched.files_sent, 0);
+    }
+
+    #[tokio::test]
+    async fn large_files_go_through_put_and_fetch() {
+        let tun = local("dirs-large");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source = dir.path().join("source");
+        std::fs::create_dir_all(&source).expect("dir");
+        crate::support::patterned(&source.join("big"), 5 << 20);
+        std::fs::set_permissions(source.join("big"), std::fs::Permissions::from_mode(0o640))
+            .expect("mode");
+        let remote = remote_root(dir.path());
+        let summary = tun.put_dir(&source, &remote).await.expect("put");
+        assert_eq!((summary.files_sent, summary.bytes_sent), (1, 5 << 20));
+        assert_eq!(describe(&source), describe(Path::new(&remote)));
+        let back = dir.path().join("back");
+        tun.fetch_dir(&remote, &back).await.expect("fetch");
+        assert_eq!(describe(&source), describe(&back));
+    }
+
+    #[tokio::test]
+    async fn unsafe_entries_are_refused_by_name_and_specials_skipped() {
+        let tun = local("dirs-hostile");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source = dir.path().join("source");
+        std::fs::create_dir_all(source.join("a")).expect("dir");
+        std::fs::write(source.join("a/f"), "x").expect("write");
+        std::os::unix::fs::symlink("../../outside", source.join("a/escape")).expect("link");
+        let remote = remote_root(dir.path());
+        let error = tun
+            .put_dir(&source, &remote)
+            .await
+            .expect_err("escaping link");
+        assert!(
+            matches!(&error, DirError::Refused { entry, .. } if entry == "a/escape"),
+            "{error:?}"
+        );
+        assert!(!Path::new(&remote).join("a").exists(), "nothing was sent");
+        // fetch_dir refuses it too, from the far side.
+        std::fs::create_dir_all(&remote).expect("remote");
+        std::os::unix::fs::symlink("/etc", Path::new(&remote).join("abs")).expect("link");
+        let error = tun
+            .fetch_dir(&remote, dir.path().join("back"))
+            .await
+            .expect_err("abs link");
+        assert!(
+            matches!(&error, DirError::Refused { entry, .. } if entry == "abs"),
+            "{error:?}"
+        );
+
+        std::fs::remove_file(source.join("a/escape")).expect("rm");
+        let fifo = std::ffi::CString::new(source.join("a/pipe").display().to_string()).expect("c");
+        // SAFETY: mkfifo takes a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let other = dir.path().join("other");
+        let summary: SyncSummary = tun
+            .put_dir(&source, other.display().to_string())
+            .await
+            .expect("skips");
+        assert_eq!(summary.skipped, ["a/pipe"]);
+        let error = tun
+            .put_dir(&source, other.display().to_string())
+            .refuse_special(true)
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(&error, DirError::Refused { entry, .. } if entry == "a/pipe"),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_killed_agent_leaves_every_file_old_or_new() {
+        let tun = local("dirs-killed");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source = dir.path().join("source");
+        let remote = remote_root(dir.path());
+        std::fs::create_dir_all(&source).expect("dir");
+        std::fs::create_dir_all(&remote).expect("dir");
+        for index in 0..400 {
+            std::fs::write(source.join(format!("f{index}")), vec![b'n'; 200 << 10]).expect("new");
+            std::fs::write(Path::new(&remote).join(format!("f{index}")), b"old").expect("old");
+        }
+        tun.connect().await.expect("connect");
+        let agent = tun.agent_pid().expect("pid");
+        let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let kill = killed.clone();
+        let error = tun
+            .put_dir(&source, &remote)
+            .sync(false)
+            .progress(move |step| {
+                if step.files_done > 0 && !kill.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    // SAFETY: kill has no memory-safety preconditions.
+                    unsafe { libc::kill(agent as i32, libc::SIGKILL) };
+                }
+            })
+            .await
+            .expect_err("the agent was killed");
+        assert!(killed.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(
+            matches!(error, DirError::Tunnel(_) | DirError::Stopped { .. }),
+            "{error:?}"
+        );
+        let (mut old, mut new) = (0, 0);
+        for entry in std::fs::read_dir(&remote).expect("remote").flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            assert!(!name.starts_with('.'), "a staged file was left: {name}");
+            let content = std::fs::read(entry.path()).expect("read");
+            if content == b"old" {
+                old += 1;
+            } else {
+                assert_eq!(
+                    content,
+                    vec![b'n'; 200 << 10],
+                    "{name} is neither old nor new"
+                );
+                new += 1;
+            }
+        }
+        assert_eq!(old + new, 400);
+        assert!(new > 0 && old > 0, "new {new}, old {old}");
+    }
+
+    #[cfg(feature = "ssh")]
+    #[tokio::test]
+    async fn over_ssh_both_ways() {
+        let Some(sshd) = chopsticks_testkit::sshd_or_skip("dirs", 1) else {
+            return;
+        };
+        let tun =
+            Tunnel::builder(chopsticks::Ssh::new(sshd.alias(0)).config_file(sshd.client_config()))
+                .stderr(chopsticks::stderr::discard())
+                .build();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source = dir.path().join("source");
+        make_tree(&source, 500);
+        let remote = format!("/home/{}/dirs-{}", sshd.user(), std::process::id());
+        let _ = std::fs::remove_dir_all(&remote);
+        let first = tun.put_dir(&source, &remote).await.expect("put over ssh");
+        assert_eq!(first.files_sent, 500);
+        assert_eq!(
+            tun.put_dir(&source, &remote)
+                .await
+                .expect("again")
+                .files_sent,
+            0
+        );
+        let back = dir.path().join("back");
+        tun.fetch_dir(&remote, &back).await.expect("fetch over ssh");
+        assert_eq!(describe(&source), describe(&back));
+        let _ = std::fs::remove_dir_all(&remote);
+    }
+
+    #[tokio::test]
+    async fn a_group_gets_one_tree_on_every_host() {
+        let Some(roots) = chopsticks_testkit::require(
+            (0..2)
+                .map(|index| crate::support::ChrootRoot::with_tools(&format!("dirs-group-{index}")))
+                .collect::<Result<Vec<_>, _>>(),
+            "ops::dirs::a_group_gets_one_tree_on_every_host",
+        ) else {
+            return;
+        };
+        let tunnels = roots.iter().enumerate().map(|(index, root)| {
+            Tunnel::builder(
+                chopsticks::Exec::new(["chroot".to_string(), root.path().display().to_string()])
+                    .named(format!("jail-{index}")),
+            )
+            .stderr(chopsticks::stderr::discard())
+            .build()
+        });
+        let group = Group::new(tunnels).expect("group");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source = dir.path().join("source");
+        make_tree(&source, 50);
+        let results = group
+            .put_dir(&source, "/tmp/tree")
+            .await
+            .into_result()
+            .expect("every host");
+        assert_eq!(results.len(), 2);
+        for root in &roots {
+            assert_eq!(describe(&source), describe(&root.path().join("tmp/tree")));
+        }
+    }
 }

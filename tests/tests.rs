@@ -23,7 +23,9 @@
 //! - `custom_transport`: a transport written outside core (`examples/custom_transport.rs`)
 //! - `ops`: the operator kit: commands (statuses, refusals, live lines in order, timeouts that
 //!   kill the tree, drops, stdin, 100 MB in bounded memory, hostile words, another user, groups)
-//!   and facts, locally, over sshd and in a scratch container
+//!   and facts, locally, over sshd and in a scratch container; put_dir and fetch_dir (10,000 files,
+//!   re-syncs, one-byte edits, checksum and delete modes, large files, unsafe entries, a killed
+//!   agent, over sshd, a group of chroots)
 //! - `memory`: resident memory of idle agents; a given-up call's partial result is freed
 //! - `descriptors`: hundreds of local tunnels from a low soft limit; running out names the limit
 //! - `forged_calls`: random and near-miss function references against a live agent: refused,

@@ -46,7 +46,7 @@ pub struct Cmd {
 }
 
 /// Called with each line of live output.
-pub(crate) type LineCallback = dyn Fn(&Line) + Send + Sync;
+pub(crate) type LineCallback = dyn Fn(&Line<'_>) + Send + Sync;
 
 /// A stream that feeds a command's stdin while it runs.
 pub(crate) type StdinStream = Pin<Box<dyn Stream<Item = Bytes> + Send>>;
@@ -193,7 +193,7 @@ impl Cmd {
     /// Calls `each` with every line as it comes, tagged with its host and
     /// output. A line longer than [`max_line`](Self::max_line) comes in
     /// pieces, and a last line without a newline comes at the end.
-    pub fn on_line(mut self, each: impl Fn(&Line) + Send + Sync + 'static) -> Cmd {
+    pub fn on_line(mut self, each: impl Fn(&Line<'_>) + Send + Sync + 'static) -> Cmd {
         self.on_line = Some(Arc::new(each));
         self.spec.live = true;
         self

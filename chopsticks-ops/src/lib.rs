@@ -35,6 +35,7 @@
 
 mod account;
 mod cmd;
+mod dirs;
 mod error;
 mod facts;
 mod output;
@@ -42,10 +43,12 @@ mod remote;
 mod run;
 
 use std::future::Future;
+use std::path::Path;
 
 use chopsticks_core::{Group, GroupResult, Tunnel};
 
 pub use cmd::{Cmd, DEFAULT_CAPTURE_LIMIT, DEFAULT_MAX_LINE};
+pub use dirs::{DirError, DirSync, GroupDirSync, SyncProgress, SyncSummary};
 pub use error::CmdError;
 pub use facts::{Facts, Interface, Route};
 pub use output::{ExitStatus, Line, Output, OutputKind};
@@ -58,6 +61,14 @@ pub trait TunnelOps {
 
     /// What the host is, in one call.
     fn facts(&self) -> impl Future<Output = chopsticks_core::Result<Facts>> + Send;
+
+    /// Makes the tree at `remote` on the host the same as `local` here:
+    /// modes and mtimes kept, symlinks kept as links, only what changed
+    /// sent, each file landing whole. See [`DirSync`] for options.
+    fn put_dir(&self, local: impl AsRef<Path>, remote: impl AsRef<str>) -> DirSync<'_>;
+
+    /// Makes the tree at `local` here the same as `remote` on the host.
+    fn fetch_dir(&self, remote: impl AsRef<str>, local: impl AsRef<Path>) -> DirSync<'_>;
 }
 
 impl TunnelOps for Tunnel {
@@ -67,6 +78,14 @@ impl TunnelOps for Tunnel {
 
     async fn facts(&self) -> chopsticks_core::Result<Facts> {
         self.call(facts::gather, ()).await
+    }
+
+    fn put_dir(&self, local: impl AsRef<Path>, remote: impl AsRef<str>) -> DirSync<'_> {
+        DirSync::put(self, local.as_ref(), remote.as_ref())
+    }
+
+    fn fetch_dir(&self, remote: impl AsRef<str>, local: impl AsRef<Path>) -> DirSync<'_> {
+        DirSync::fetch(self, remote.as_ref(), local.as_ref())
     }
 }
 
@@ -79,6 +98,9 @@ pub trait GroupOps {
 
     /// Every host's facts.
     fn facts(&self) -> impl Future<Output = GroupResult<Facts>> + Send;
+
+    /// Pushes one tree to every host, as [`TunnelOps::put_dir`] does.
+    fn put_dir(&self, local: impl AsRef<Path>, remote: impl AsRef<str>) -> GroupDirSync<'_>;
 }
 
 impl GroupOps for Group {
@@ -88,5 +110,9 @@ impl GroupOps for Group {
 
     async fn facts(&self) -> GroupResult<Facts> {
         self.call(facts::gather, ()).await
+    }
+
+    fn put_dir(&self, local: impl AsRef<Path>, remote: impl AsRef<str>) -> GroupDirSync<'_> {
+        GroupDirSync::new(self, local.as_ref(), remote.as_ref())
     }
 }

@@ -105,25 +105,26 @@ impl Output {
     }
 }
 
-/// One line of a command's live output.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Line {
+/// One line of a command's live output, lent to the callback (copy what
+/// you keep: a command may print millions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Line<'a> {
     /// The host it ran on.
-    pub host: String,
+    pub host: &'a str,
     /// Which output it came from.
     pub kind: OutputKind,
     /// The line, without its newline.
-    pub text: Vec<u8>,
+    pub text: &'a [u8],
     /// Whether a newline ended it. A line longer than the bound
     /// ([`Cmd::max_line`](crate::Cmd::max_line)) comes in pieces, each but
     /// the last incomplete, and so does a last line without a newline.
     pub complete: bool,
 }
 
-impl Line {
+impl Line<'_> {
     /// The line as text (invalid UTF-8 replaced).
     pub fn text_lossy(&self) -> std::borrow::Cow<'_, str> {
-        String::from_utf8_lossy(&self.text)
+        String::from_utf8_lossy(self.text)
     }
 }
 
@@ -225,12 +226,21 @@ impl LineCutter {
             let room = self.max - self.partial.len();
             // A newline just past a full line still ends it.
             let window = (room + 1).min(bytes.len());
-            match bytes[..window].iter().position(|&byte| byte == b'\n') {
+            match memchr::memchr(b'\n', &bytes[..window]) {
+                // Whole in this piece: handed on without a copy.
+                Some(at) if self.partial.is_empty() => {
+                    line(&bytes[..at], true);
+                    bytes = &bytes[at + 1..];
+                }
                 Some(at) => {
                     self.partial.extend_from_slice(&bytes[..at]);
                     line(&self.partial, true);
                     self.partial.clear();
                     bytes = &bytes[at + 1..];
+                }
+                None if bytes.len() > room && self.partial.is_empty() => {
+                    line(&bytes[..room], false);
+                    bytes = &bytes[room..];
                 }
                 None if bytes.len() > room => {
                     self.partial.extend_from_slice(&bytes[..room]);

@@ -107,6 +107,21 @@ struct Started {
     killed_at: Option<Instant>,
     stdin: Option<mpsc::Receiver<u64>>,
     reaped: bool,
+    /// Readable once the command has exited, where the kernel has pidfds.
+    pidfd: Option<std::os::fd::OwnedFd>,
+    /// Where pipes are read into, reused.
+    buffer: Vec<u8>,
+}
+
+/// A descriptor that becomes readable when process `pid` exits.
+fn pidfd_open(pid: u32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
+    // or -1; it touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_long, 0) };
+    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 enum Pipe {
@@ -209,6 +224,8 @@ impl Running {
                 killed_at: None,
                 stdin: stdin_done,
                 reaped: false,
+                pidfd: None,
+                buffer: vec![0u8; READ_SIZE],
             })),
         }
     }
@@ -282,15 +299,12 @@ impl Started {
                 Some(self.finish(status))
             }
             Ok(None) => {
-                // Its outputs are closed and it runs on: look every 10 ms,
-                // tick at most every TICK.
-                let until = Instant::now() + self.until_deadline();
-                while Instant::now() < until {
-                    std::thread::sleep(Duration::from_millis(10));
-                    if let Ok(Some(status)) = self.child.try_wait() {
-                        self.reaped = true;
-                        return Some(self.finish(status));
-                    }
+                // Its outputs are closed and it runs on (or is just ending):
+                // wait for its exit, a tick at most.
+                self.wait_for_exit(self.until_deadline());
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    self.reaped = true;
+                    return Some(self.finish(status));
                 }
                 queue.push_back(Event::Tick);
                 None
@@ -302,6 +316,34 @@ impl Started {
                     message: format!("waiting for the command failed: {error}"),
                 }])
             }
+        }
+    }
+
+    /// Returns once the command has exited, or after `bound`: in `poll` on
+    /// its pidfd, or (on a kernel without pidfds) looking again and again.
+    fn wait_for_exit(&mut self, bound: Duration) {
+        if self.pidfd.is_none() {
+            self.pidfd = pidfd_open(self.child.id());
+        }
+        if let Some(pidfd) = &self.pidfd {
+            let mut polled = libc::pollfd {
+                fd: pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let wait = i32::try_from(bound.as_millis()).unwrap_or(i32::MAX);
+            // SAFETY: `polled` is one valid pollfd.
+            unsafe { libc::poll(&mut polled, 1, wait) };
+            return;
+        }
+        let until = Instant::now() + bound;
+        let mut pause = Duration::from_micros(100);
+        while Instant::now() < until {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(pause.min(until.saturating_duration_since(Instant::now())));
+            pause = (pause * 2).min(Duration::from_millis(10));
         }
     }
 
@@ -346,7 +388,7 @@ impl Started {
             queue.push_back(Event::Tick);
             return;
         }
-        let mut buffer = vec![0u8; READ_SIZE];
+        let buffer = &mut self.buffer;
         for polled in fds.iter().filter(|polled| polled.revents != 0) {
             let Some(index) = self
                 .outputs
@@ -363,7 +405,7 @@ impl Started {
             } else {
                 OutputKind::Stderr
             };
-            match output.read(&mut buffer) {
+            match output.read(buffer) {
                 Ok(0) => self.outputs[index] = None,
                 Ok(count) if self.live => queue.push_back(Event::Data {
                     kind,

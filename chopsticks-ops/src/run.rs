@@ -237,9 +237,9 @@ fn deliver(
     }
     if let Some(each) = on_line {
         each(&Line {
-            host: host.to_string(),
+            host,
             kind,
-            text: text.to_vec(),
+            text,
             complete,
         });
     }

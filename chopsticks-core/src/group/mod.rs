@@ -136,6 +136,12 @@ impl Group {
         self
     }
 
+    /// How many hosts are worked on at once: the
+    /// [`max_parallel`](Self::max_parallel) limit, or every host.
+    pub fn parallelism(&self) -> usize {
+        self.max_parallel.unwrap_or(self.len()).max(1)
+    }
+
     /// Bounds every call on every host, overriding the tunnels' own default.
     pub fn timeout(mut self, timeout: Duration) -> Group {
         self.timeout = Some(timeout);

@@ -1,0 +1,880 @@
+//! Whole directories: [`put_dir`](crate::TunnelOps::put_dir) and
+//! [`fetch_dir`](crate::TunnelOps::fetch_dir).
+//!
+//! Both ends walk their tree (one call for the far one), the controller
+//! compares them (size and mtime, or BLAKE3 in checksum mode) and sends only
+//! what changed: small files in batches of many per call, several batches
+//! in flight while the next are read, large ones through chopsticks' own
+//! verified `put` and `fetch`. Every file lands whole (see [`apply`]).
+
+mod apply;
+mod tree;
+
+use std::future::{Future, IntoFuture};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use chopsticks_core::{Group, GroupResult, Tunnel};
+use futures_util::{StreamExt, TryStreamExt};
+
+use self::apply::{Op, Stopped};
+use self::tree::{Entry, Kind};
+
+/// Files larger than this go through `put`/`fetch`, one each.
+const LARGE: u64 = 1 << 20;
+/// A batch of small files holds at most this many bytes…
+const BATCH_BYTES: u64 = 4 << 20;
+/// …and this many files.
+const BATCH_FILES: usize = 512;
+/// Batches in flight at once.
+const IN_FLIGHT: usize = 3;
+
+/// What a sync did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SyncSummary {
+    /// Files sent (new or changed).
+    pub files_sent: u64,
+    /// Files already the same at the destination.
+    pub files_unchanged: u64,
+    /// Directories created.
+    pub dirs_created: u64,
+    /// Symlinks made or changed.
+    pub links: u64,
+    /// Entries removed from the destination (`delete(true)`).
+    pub deleted: u64,
+    /// Bytes of file content sent.
+    pub bytes_sent: u64,
+    /// Sockets, FIFOs and devices left out, by name.
+    pub skipped: Vec<String>,
+}
+
+/// How far a sync is, for [`DirSync::progress`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SyncProgress {
+    /// Files sent so far.
+    pub files_done: u64,
+    /// Files to send.
+    pub files_total: u64,
+    /// Bytes sent so far.
+    pub bytes_done: u64,
+    /// Bytes to send.
+    pub bytes_total: u64,
+}
+
+/// Why a sync stopped. Each names the host; one that stopped midway says
+/// which entry failed and carries the summary of what was done (every file
+/// is either old or new).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DirError {
+    /// The tunnel failed.
+    #[error(transparent)]
+    Tunnel(#[from] chopsticks_core::Error),
+    /// An entry that cannot be sent safely: a name with `..` or an absolute
+    /// one, a symlink that points out of the tree, a socket or device (when
+    /// [`refuse_special`](DirSync::refuse_special) is set), a bad pattern.
+    #[error("{host}: the entry {entry:?} is refused: {reason}")]
+    Refused {
+        /// The host.
+        host: String,
+        /// The entry, relative to its tree.
+        entry: String,
+        /// Why.
+        reason: String,
+    },
+    /// A tree could not be walked (on this machine or the host).
+    #[error("{host}: walking {side} tree failed: {message}")]
+    Walk {
+        /// The host.
+        host: String,
+        /// "the local" or "the remote".
+        side: &'static str,
+        /// What failed.
+        message: String,
+    },
+    /// A change failed midway; what was done before it is in place.
+    #[error(
+        "{host}: the sync stopped at {entry:?}: {message} ({} files sent before it)",
+        summary.files_sent
+    )]
+    Stopped {
+        /// The host.
+        host: String,
+        /// The entry that failed.
+        entry: String,
+        /// What failed.
+        message: String,
+        /// What was done.
+        summary: Box<SyncSummary>,
+    },
+    /// Several hosts failed.
+    #[error("{} hosts failed: {}", failures.len(), failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Hosts {
+        /// One error per failed host.
+        failures: Vec<DirError>,
+    },
+}
+
+impl chopsticks_core::HostFailures for DirError {
+    fn from_failures(failures: Vec<DirError>) -> DirError {
+        DirError::Hosts { failures }
+    }
+}
+
+type ProgressFn = dyn Fn(&SyncProgress) + Send + Sync;
+
+#[derive(Clone, Default)]
+struct Options {
+    delete: bool,
+    excludes: Vec<String>,
+    checksum: bool,
+    refuse_special: bool,
+    no_sync: bool,
+    progress: Option<Arc<ProgressFn>>,
+}
+
+/// Which way a sync goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    Put,
+    Fetch,
+}
+
+/// A directory sync being set up; `.await` it. Made by
+/// [`TunnelOps::put_dir`](crate::TunnelOps::put_dir) and
+/// [`fetch_dir`](crate::TunnelOps::fetch_dir).
+#[must_use = "a sync does nothing until awaited"]
+pub struct DirSync<'t> {
+    tunnel: &'t Tunnel,
+    way: Way,
+    local: PathBuf,
+    remote: String,
+    options: Options,
+}
+
+/// [`GroupOps::put_dir`](crate::GroupOps::put_dir): one tree to every host.
+#[must_use = "a sync does nothing until awaited"]
+pub struct GroupDirSync<'g> {
+    group: &'g Group,
+    local: PathBuf,
+    remote: String,
+    options: Options,
+}
+
+macro_rules! sync_options {
+    () => {
+        /// Removes from the destination what the source lacks (excluded
+        /// names are left alone).
+        pub fn delete(mut self, delete: bool) -> Self {
+            self.options.delete = delete;
+            self
+        }
+
+        /// Leaves out names matching `pattern` (a glob: `*.log`,
+        /// `target/**`); a pattern without `/` matches a name at any depth.
+        pub fn exclude(mut self, pattern: impl Into<String>) -> Self {
+            self.options.excludes.push(pattern.into());
+            self
+        }
+
+        /// Compares files by BLAKE3 as well as size, catching same-size
+        /// edits whose mtime did not move (both ends read every file).
+        pub fn checksum(mut self, checksum: bool) -> Self {
+            self.options.checksum = checksum;
+            self
+        }
+
+        /// Fails on a socket, FIFO or device instead of skipping it (skipped
+        /// ones are listed in the summary).
+        pub fn refuse_special(mut self, refuse: bool) -> Self {
+            self.options.refuse_special = refuse;
+            self
+        }
+
+        /// Whether files are flushed to disk before they replace the old
+        /// ones (default true: one `syncfs` per batch).
+        pub fn sync(mut self, sync: bool) -> Self {
+            self.options.no_sync = !sync;
+            self
+        }
+
+        /// Calls `report` as files and bytes go.
+        pub fn progress(mut self, report: impl Fn(&SyncProgress) + Send + Sync + 'static) -> Self {
+            self.options.progress = Some(Arc::new(report));
+            self
+        }
+    };
+}
+
+impl<'t> DirSync<'t> {
+    pub(crate) fn put(tunnel: &'t Tunnel, local: &Path, remote: &str) -> DirSync<'t> {
+        DirSync::new(tunnel, Way::Put, local, remote)
+    }
+
+    pub(crate) fn fetch(tunnel: &'t Tunnel, remote: &str, local: &Path) -> DirSync<'t> {
+        DirSync::new(tunnel, Way::Fetch, local, remote)
+    }
+
+    fn new(tunnel: &'t Tunnel, way: Way, local: &Path, remote: &str) -> DirSync<'t> {
+        DirSync {
+            tunnel,
+            way,
+            local: local.to_path_buf(),
+            remote: remote.to_string(),
+            options: Options::default(),
+        }
+    }
+
+    sync_options!();
+}
+
+impl<'g> GroupDirSync<'g> {
+    pub(crate) fn new(group: &'g Group, local: &Path, remote: &str) -> GroupDirSync<'g> {
+        GroupDirSync {
+            group,
+            local: local.to_path_buf(),
+            remote: remote.to_string(),
+            options: Options::default(),
+        }
+    }
+
+    sync_options!();
+}
+
+impl<'t> IntoFuture for DirSync<'t> {
+    type Output = Result<SyncSummary, DirError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send + 't>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let sync = HostSync {
+                tunnel: self.tunnel,
+                host: self.tunnel.host().to_string(),
+                local: self.local,
+                remote: self.remote,
+                options: self.options,
+            };
+            match self.way {
+                Way::Put => sync.put().await,
+                Way::Fetch => sync.fetch().await,
+            }
+        })
+    }
+}
+
+impl<'g> IntoFuture for GroupDirSync<'g> {
+    type Output = GroupResult<SyncSummary, DirError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send + 'g>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let parallel = self.group.parallelism();
+            let runs: Vec<_> = self
+                .group
+                .tunnels()
+                .map(|tunnel| {
+                    put_to_host(
+                        tunnel,
+                        self.local.clone(),
+                        self.remote.clone(),
+                        self.options.clone(),
+                    )
+                })
+                .collect();
+            futures_util::stream::iter(runs)
+                .buffer_unordered(parallel)
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect()
+        })
+    }
+}
+
+/// One host's sync in a group, with the host's name.
+type HostRun<'t> =
+    Pin<Box<dyn Future<Output = (String, Result<SyncSummary, DirError>)> + Send + 't>>;
+
+/// One host of a group's `put_dir`.
+fn put_to_host(tunnel: &Tunnel, local: PathBuf, remote: String, options: Options) -> HostRun<'_> {
+    Box::pin(async move {
+        let sync = HostSync {
+            tunnel,
+            host: tunnel.host().to_string(),
+            local,
+            remote,
+            options,
+        };
+        (tunnel.host().to_string(), sync.put().await)
+    })
+}
+
+/// What changes, from a source tree to a target tree.
+#[derive(Default)]
+struct Plan {
+    dirs: Vec<Entry>,
+    files: Vec<Entry>,
+    links: Vec<Entry>,
+    deletes: Vec<String>,
+    metas: Vec<Entry>,
+    unchanged: u64,
+    skipped: Vec<String>,
+}
+
+impl Plan {
+    /// Whether anything changes at the destination.
+    fn changes(&self) -> bool {
+        !(self.dirs.is_empty()
+            && self.files.is_empty()
+            && self.links.is_empty()
+            && self.deletes.is_empty()
+            && self.metas.is_empty())
+    }
+}
+
+/// Compares `source` with `target`; refuses an unsafe source entry.
+fn plan(source: &[Entry], target: &[Entry], options: &Options) -> Result<Plan, (String, String)> {
+    let mut plan = Plan::default();
+    let by_path: std::collections::HashMap<&str, &Entry> = target
+        .iter()
+        .map(|entry| (entry.path.as_str(), entry))
+        .collect();
+    let mut wanted = std::collections::HashSet::new();
+    for entry in source {
+        tree::checked_relative(&entry.path).map_err(|why| (entry.path.clone(), why))?;
+        let there = by_path.get(entry.path.as_str()).copied();
+        match entry.kind {
+            Kind::Special => {
+                if options.refuse_special {
+                    return Err((
+                        entry.path.clone(),
+                        "a socket, FIFO or device cannot be sent".into(),
+                    ));
+                }
+                plan.skipped.push(entry.path.clone());
+                continue;
+            }
+            Kind::Dir => {
+                if there.is_none_or(|there| there.kind != Kind::Dir) {
+                    plan.dirs.push(entry.clone());
+                }
+            }
+            Kind::File => {
+                if there.is_some_and(|there| apply::same_file(entry, there)) {
+                    plan.unchanged += 1;
+                } else {
+                    plan.files.push(entry.clone());
+                }
+            }
+            Kind::Symlink => {
+                let target_text = entry.target.as_deref().unwrap_or_default();
+                if !tree::link_stays_inside(&entry.path, target_text) {
+                    return Err((
+                        entry.path.clone(),
+                        format!("the symlink points out of the tree (to {target_text:?})"),
+                    ));
+                }
+                if there
+                    .is_none_or(|there| there.kind != Kind::Symlink || there.target != entry.target)
+                {
+                    plan.links.push(entry.clone());
+                }
+            }
+        }
+        wanted.insert(entry.path.as_str());
+    }
+    if options.delete {
+        let mut deleted: Vec<&str> = Vec::new();
+        for entry in target {
+            let under_deleted = deleted.iter().any(|dir| {
+                entry
+                    .path
+                    .strip_prefix(dir)
+                    .is_some_and(|rest| rest.starts_with('/'))
+            });
+            if !wanted.contains(entry.path.as_str()) && !under_deleted {
+                plan.deletes.push(entry.path.clone());
+                deleted.push(&entry.path);
+            }
+        }
+    }
+    let changed = !(plan.dirs.is_empty()
+        && plan.files.is_empty()
+        && plan.links.is_empty()
+        && plan.deletes.is_empty());
+    for entry in source.iter().filter(|entry| entry.kind == Kind::Dir) {
+        let there = by_path.get(entry.path.as_str());
+        let differs =
+            there.is_none_or(|there| there.mode != entry.mode || there.mtime.0 != entry.mtime.0);
+        if changed || differs {
+            plan.metas.push(entry.clone());
+        }
+    }
+    // Deepest first, so a directory's mtime is set after its children's.
+    plan.metas.reverse();
+    Ok(plan)
+}
+
+/// One host's sync, either way.
+struct HostSync<'t> {
+    tunnel: &'t Tunnel,
+    host: String,
+    local: PathBuf,
+    remote: String,
+    options: Options,
+}
+
+impl HostSync<'_> {
+    fn refused(&self, (entry, reason): (String, String)) -> DirError {
+        DirError::Refused {
+            host: self.host.clone(),
+            entry,
+            reason,
+        }
+    }
+
+    fn walk_error(&self, side: &'static str, message: String) -> DirError {
+        DirError::Walk {
+            host: self.host.clone(),
+            side,
+            message,
+        }
+    }
+
+    fn stopped(&self, summary: &SyncSummary, stopped: Stopped) -> DirError {
+        let message = if stopped.done > 0 {
+            format!(
+                "{} (the {} changes before it in its batch are in place)",
+                stopped.message, stopped.done
+            )
+        } else {
+            stopped.message
+        };
+        DirError::Stopped {
+            host: self.host.clone(),
+            entry: stopped.path,
+            message,
+            summary: Box::new(summary.clone()),
+        }
+    }
+
+    async fn walk_local(&self) -> Result<Vec<Entry>, DirError> {
+        let (root, excludes, hashes) = (
+            self.local.clone(),
+            self.options.excludes.clone(),
+            self.options.checksum,
+        );
+        tokio::task::spawn_blocking(move || {
+            let excludes = tree::Excludes::new(&excludes)?;
+            tree::walk(&root, &excludes, hashes)
+        })
+        .await
+        .map_err(|error| self.walk_error("the local", error.to_string()))?
+        .map_err(|message| self.walk_error("the local", message))
+    }
+
+    async fn walk_remote(&self) -> Result<Vec<Entry>, DirError> {
+        self.tunnel
+            .call(
+                apply::scan,
+                (
+                    self.remote.clone(),
+                    self.options.checksum,
+                    self.options.excludes.clone(),
+                ),
+            )
+            .await?
+            .map_err(|message| self.walk_error("the remote", message))
+    }
+
+    fn report(&self, progress: &SyncProgress) {
+        if let Some(report) = &self.options.progress {
+            report(progress);
+        }
+    }
+
+    async fn put(self) -> Result<SyncSummary, DirError> {
+        let (source, target) =
+            futures_util::future::try_join(self.walk_local(), self.walk_remote()).await?;
+        let plan =
+            plan(&source, &target, &self.options).map_err(|refusal| self.refused(refusal))?;
+        let mut summary = SyncSummary {
+            files_unchanged: plan.unchanged,
+            skipped: plan.skipped.clone(),
+            ..SyncSummary::default()
+        };
+        let mut progress = SyncProgress {
+            files_total: plan.files.len() as u64,
+            bytes_total: plan.files.iter().map(|entry| entry.size).sum(),
+            ..SyncProgress::default()
+        };
+        let sync = !self.options.no_sync;
+        // Directories first, parents before children.
+        let dirs: Vec<Op> = plan
+            .dirs
+            .iter()
+            .map(|entry| Op::Dir {
+                path: entry.path.clone(),
+                mode: entry.mode | 0o700,
+            })
+            .collect();
+        let count = dirs.len() as u64;
+        if plan.changes() {
+            // Also makes the root, which a tree of large files alone needs.
+            self.tunnel
+                .call(
+                    apply::apply,
+                    (self.remote.clone(), dirs, !self.options.no_sync),
+                )
+                .await?
+                .map_err(|stopped| self.stopped(&summary, stopped))?;
+        }
+        summary.dirs_created = count;
+        // Files: small ones batched, several batches in flight.
+        let (large, small): (Vec<&Entry>, Vec<&Entry>) =
+            plan.files.iter().partition(|entry| entry.size > LARGE);
+        let mut batches = futures_util::stream::iter(batches(&small))
+            .map(|batch| self.send_batch(batch))
+            .buffer_unordered(IN_FLIGHT);
+        while let Some(sent) = batches.next().await {
+            let (files, bytes) = sent.map_err(|stopped| self.stopped(&summary, stopped))??;
+            summary.files_sent += files;
+            summary.bytes_sent += bytes;
+            progress.files_done += files;
+            progress.bytes_done += bytes;
+            self.report(&progress);
+        }
+        drop(batches);
+        for entry in large {
+            self.tunnel
+                .put(
+                    self.local.join(&entry.path),
+                    remote_path(&self.remote, &entry.path),
+                )
+                .mode(entry.mode)
+                .preserve_mtime(true)
+                .sync(sync)
+                .await?;
+            summary.files_sent += 1;
+            summary.bytes_sent += entry.size;
+            progress.files_done += 1;
+            progress.bytes_done += entry.size;
+            self.report(&progress);
+        }
+        let mut rest: Vec<Op> = plan.links.iter().map(link_op).collect();
+        rest.extend(
+            plan.deletes
+                .iter()
+                .map(|path| Op::Delete { path: path.clone() }),
+        );
+        rest.extend(plan.metas.iter().map(meta_op));
+        self.apply_remote(rest, &summary).await?;
+        summary.links = plan.links.len() as u64;
+        summary.deleted = plan.deletes.len() as u64;
+        Ok(summary)
+    }
+
+    async fn apply_remote(&self, ops: Vec<Op>, summary: &SyncSummary) -> Result<(), DirError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.tunnel
+            .call(
+                apply::apply,
+                (self.remote.clone(), ops, !self.options.no_sync),
+            )
+            .await?
+            .map(drop)
+            .map_err(|stopped| self.stopped(summary, stopped))
+    }
+
+    /// Reads a batch here and applies it there: (files, bytes).
+    async fn send_batch(&self, batch: Vec<Entry>) -> Result<Result<(u64, u64), DirError>, Stopped> {
+        let root = self.local.clone();
+        let read = tokio::task::spawn_blocking(move || -> Result<Vec<Op>, Stopped> {
+            batch
+                .into_iter()
+                .enumerate()
+                .map(|(done, entry)| {
+                    let data = std::fs::read(root.join(&entry.path)).map_err(|error| Stopped {
+                        done: done as u64,
+                        path: entry.path.clone(),
+                        message: format!("reading it here: {error}"),
+                    })?;
+                    Ok(Op::File {
+                        hash: *blake3::hash(&data).as_bytes(),
+                        path: entry.path,
+                        mode: entry.mode,
+                        mtime: entry.mtime,
+                        data,
+                    })
+                })
+                .collect()
+        })
+        .await
+        .map_err(|error| Stopped {
+            done: 0,
+            path: String::new(),
+            message: error.to_string(),
+        })??;
+        let (files, bytes) = (read.len() as u64, read.iter().map(op_len).sum());
+        match self
+            .tunnel
+            .call(
+                apply::apply,
+                (self.remote.clone(), read, !self.options.no_sync),
+            )
+            .await
+        {
+            Ok(Ok(_)) => Ok(Ok((files, bytes))),
+            Ok(Err(stopped)) => Err(stopped),
+            Err(error) => Ok(Err(error.into())),
+        }
+    }
+
+    async fn fetch(self) -> Result<SyncSummary, DirError> {
+        let (source, target) =
+            futures_util::future::try_join(self.walk_remote(), self.walk_local()).await?;
+        let plan =
+            plan(&source, &target, &self.options).map_err(|refusal| self.refused(refusal))?;
+        let mut summary = SyncSummary {
+            files_unchanged: plan.unchanged,
+            skipped: plan.skipped.clone(),
+            ..SyncSummary::default()
+        };
+        let mut progress = SyncProgress {
+            files_total: plan.files.len() as u64,
+            bytes_total: plan.files.iter().map(|entry| entry.size).sum(),
+            ..SyncProgress::default()
+        };
+        let dirs: Vec<Op> = plan
+            .dirs
+            .iter()
+            .map(|entry| Op::Dir {
+                path: entry.path.clone(),
+                mode: entry.mode | 0o700,
+            })
+            .collect();
+        summary.dirs_created = dirs.len() as u64;
+        if plan.changes() {
+            self.apply_local_always(dirs, &summary).await?;
+        }
+        let (large, small): (Vec<&Entry>, Vec<&Entry>) =
+            plan.files.iter().partition(|entry| entry.size > LARGE);
+        let this = &self;
+        let mut batches = futures_util::stream::iter(batches(&small))
+            .map(|batch| async move {
+                let paths: Vec<String> = batch.iter().map(|entry| entry.path.clone()).collect();
+                let files = self
+                    .tunnel
+                    .call(apply::read, (this.remote.clone(), paths.clone()))
+                    .await
+                    .map_err(DirError::from)?
+                    .map_err(|stopped| this.stopped(&SyncSummary::default(), stopped))?;
+                // Only what was asked for, under the names asked for.
+                let asked: std::collections::HashSet<&String> = paths.iter().collect();
+                if let Some(stray) = files.iter().find(|op| {
+                    !matches!(op, Op::File { .. }) || !asked.contains(&op.path().to_string())
+                }) {
+                    return Err(this.refused((
+                        stray.path().to_string(),
+                        "the agent sent an entry that was not asked for".into(),
+                    )));
+                }
+                Ok::<_, DirError>(files)
+            })
+            .buffered(IN_FLIGHT)
+            .map_ok(|files| async {
+                let (count, bytes) = (files.len() as u64, files.iter().map(op_len).sum::<u64>());
+                self.apply_local(files, &summary)
+                    .await
+                    .map(|()| (count, bytes))
+            })
+            .try_buffered(1);
+        let mut done = (0u64, 0u64);
+        while let Some(applied) = batches.next().await {
+            let (files, bytes) = applied.map_err(|error| with_summary(error, done))?;
+            done.0 += files;
+            done.1 += bytes;
+            progress.files_done += files;
+            progress.bytes_done += bytes;
+            self.report(&progress);
+        }
+        drop(batches);
+        summary.files_sent = done.0;
+        summary.bytes_sent = done.1;
+        for entry in large {
+            self.tunnel
+                .fetch(
+                    remote_path(&self.remote, &entry.path),
+                    self.local.join(&entry.path),
+                )
+                .mode(entry.mode)
+                .preserve_mtime(true)
+                .await?;
+            summary.files_sent += 1;
+            summary.bytes_sent += entry.size;
+            progress.files_done += 1;
+            progress.bytes_done += entry.size;
+            self.report(&progress);
+        }
+        let mut rest: Vec<Op> = plan.links.iter().map(link_op).collect();
+        rest.extend(
+            plan.deletes
+                .iter()
+                .map(|path| Op::Delete { path: path.clone() }),
+        );
+        rest.extend(plan.metas.iter().map(meta_op));
+        self.apply_local(rest, &summary).await?;
+        summary.links = plan.links.len() as u64;
+        summary.deleted = plan.deletes.len() as u64;
+        Ok(summary)
+    }
+
+    async fn apply_local(&self, ops: Vec<Op>, summary: &SyncSummary) -> Result<(), DirError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.apply_local_always(ops, summary).await
+    }
+
+    /// Applies `ops` here, making the root even when there are none.
+    async fn apply_local_always(
+        &self,
+        ops: Vec<Op>,
+        summary: &SyncSummary,
+    ) -> Result<(), DirError> {
+        let root = self.local.display().to_string();
+        let sync = !self.options.no_sync;
+        tokio::task::spawn_blocking(move || apply::apply(root, ops, sync))
+            .await
+            .map_err(|error| self.walk_error("the local", error.to_string()))?
+            .map(drop)
+            .map_err(|stopped| self.stopped(summary, stopped))
+    }
+}
+
+/// Fills in how much had been done when a fetch stopped.
+fn with_summary(error: DirError, (files, bytes): (u64, u64)) -> DirError {
+    match error {
+        DirError::Stopped {
+            host,
+            entry,
+            message,
+            mut summary,
+        } => {
+            summary.files_sent += files;
+            summary.bytes_sent += bytes;
+            DirError::Stopped {
+                host,
+                entry,
+                message,
+                summary,
+            }
+        }
+        other => other,
+    }
+}
+
+fn batches(files: &[&Entry]) -> Vec<Vec<Entry>> {
+    let mut batches = Vec::new();
+    let mut batch: Vec<Entry> = Vec::new();
+    let mut bytes = 0;
+    for entry in files {
+        if !batch.is_empty() && (bytes + entry.size > BATCH_BYTES || batch.len() >= BATCH_FILES) {
+            batches.push(std::mem::take(&mut batch));
+            bytes = 0;
+        }
+        bytes += entry.size;
+        batch.push((*entry).clone());
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    batches
+}
+
+fn op_len(op: &Op) -> u64 {
+    match op {
+        Op::File { data, .. } => data.len() as u64,
+        _ => 0,
+    }
+}
+
+fn link_op(entry: &Entry) -> Op {
+    Op::Link {
+        path: entry.path.clone(),
+        target: entry.target.clone().unwrap_or_default(),
+    }
+}
+
+fn meta_op(entry: &Entry) -> Op {
+    Op::Meta {
+        path: entry.path.clone(),
+        mode: entry.mode,
+        mtime: entry.mtime,
+    }
+}
+
+fn remote_path(root: &str, relative: &str) -> String {
+    format!("{}/{relative}", root.trim_end_matches('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, kind: Kind) -> Entry {
+        Entry {
+            path: path.into(),
+            kind,
+            mode: 0o644,
+            mtime: (1, 0),
+            size: 1,
+            target: None,
+            hash: None,
+        }
+    }
+
+    #[test]
+    fn a_hostile_source_is_refused_by_name() {
+        let options = Options::default();
+        for bad in ["../x", "/etc/passwd", "a/../../x", ""] {
+            let refused = plan(&[entry(bad, Kind::File)], &[], &options)
+                .err()
+                .expect("refused");
+            assert_eq!(refused.0, bad);
+        }
+        let mut link = entry("a/l", Kind::Symlink);
+        link.target = Some("../../x".into());
+        assert_eq!(
+            plan(&[link], &[], &options).err().expect("refused").0,
+            "a/l"
+        );
+    }
+
+    #[test]
+    fn only_what_changed_moves_and_deletes_take_whole_subtrees() {
+        let source = [entry("a", Kind::Dir), entry("a/f", Kind::File)];
+        let mut changed = entry("a/g", Kind::File);
+        changed.size = 2;
+        let target = [
+            entry("a", Kind::Dir),
+            entry("a/f", Kind::File),
+            changed,
+            entry("old", Kind::Dir),
+            entry("old/x", Kind::File),
+        ];
+        let options = Options {
+            delete: true,
+            ..Options::default()
+        };
+        let plan = plan(&source, &target, &options).expect("plan");
+        assert_eq!(plan.unchanged, 1);
+        assert!(plan.files.is_empty());
+        assert_eq!(plan.deletes, ["a/g", "old"]);
+    }
+}

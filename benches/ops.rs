@@ -7,7 +7,10 @@
 //! - `output/cat_1g_lines`: `cat` of a 1 GiB text file (80-byte lines)
 //!   through `run` with a line callback, beside reading the same `cat`
 //!   through a pipe here;
-//! - `facts`: `tun.facts()` beside a trivial call.
+//! - `facts`: `tun.facts()` beside a trivial call;
+//! - `dirs`: a first `put_dir` of 10,000 files of 4 KiB into an empty
+//!   directory (without flushing, as `tar x` does not), beside `tar c | tar
+//!   x` (over ssh: `tar c | ssh HOST tar x`), and the unchanged re-sync.
 //!
 //! ```text
 //! taskset -c 0 cargo bench --features ops --bench ops -- --warm-up-time 1 --measurement-time 5
@@ -19,9 +22,11 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::future::IntoFuture;
+
 use chopsticks::ops::{Cmd, TunnelOps};
 use chopsticks::{Local, Tunnel};
-use criterion::{Criterion, Throughput};
+use criterion::{BatchSize, Criterion, Throughput};
 
 const TEXT_LEN: u64 = 1 << 30;
 
@@ -156,13 +161,116 @@ fn over_ssh(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         b.iter(|| rt.block_on(tun.call(noop, ())).expect("call"))
     });
     group.finish();
+    let config = sshd.client_config().display().to_string();
+    let alias = sshd.alias(0).to_string();
+    let untar = |target: &str| {
+        format!(
+            "ssh -F {} -S {} {} {}",
+            chopsticks::shell_quote(&config),
+            chopsticks::shell_quote(&socket.display().to_string()),
+            chopsticks::shell_quote(&alias),
+            chopsticks::shell_quote(&format!("mkdir -p {0} && tar x -C {0}", target))
+        )
+    };
+    let remove = |target: &str| {
+        let _ = std::fs::remove_dir_all(target);
+    };
+    dirs(c, rt, "ssh", &tun, &untar, &remove);
     let _ = ssh(&["-O", "exit"]).stderr(Stdio::null()).status();
+}
+
+/// 10,000 files of 4 KiB in 100 directories.
+fn small_tree(root: &std::path::Path) {
+    for index in 0..10_000 {
+        let dir = root.join(format!("d{}", index % 100));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(
+            dir.join(format!("f{index}")),
+            vec![(index % 251) as u8; 4096],
+        )
+        .expect("write");
+    }
+}
+
+fn tar_pipe(source: &std::path::Path, into: &str) -> Command {
+    let mut command = Command::new("sh");
+    command.arg("-c").arg(format!(
+        "tar c -C {} . | {into}",
+        chopsticks::shell_quote(&source.display().to_string())
+    ));
+    command
+}
+
+fn dirs(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    tun: &Tunnel,
+    remote_tar: &dyn Fn(&str) -> String,
+    remote_rm: &dyn Fn(&str),
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = dir.path().join("source");
+    small_tree(&source);
+    let target = format!("/tmp/chopsticks-bench-dirs-{}", std::process::id());
+    let mut group = c.benchmark_group(format!("{name}/dirs"));
+    group.sample_size(10);
+    group.bench_function("put_dir_10k_first", |b| {
+        b.iter_batched(
+            || remote_rm(&target),
+            |()| {
+                let summary = rt
+                    .block_on(tun.put_dir(&source, &target).sync(false).into_future())
+                    .expect("put_dir");
+                assert_eq!(summary.files_sent, 10_000);
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.bench_function("tar_pipe_10k", |b| {
+        b.iter_batched(
+            || remote_rm(&target),
+            |()| {
+                let status = tar_pipe(&source, &remote_tar(&target))
+                    .status()
+                    .expect("tar");
+                assert!(status.success());
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    remote_rm(&target);
+    rt.block_on(tun.put_dir(&source, &target).sync(false).into_future())
+        .expect("fill");
+    group.bench_function("put_dir_10k_unchanged", |b| {
+        b.iter(|| {
+            let summary = rt
+                .block_on(tun.put_dir(&source, &target).into_future())
+                .expect("resync");
+            assert_eq!(summary.files_sent, 0);
+        })
+    });
+    group.finish();
+    remote_rm(&target);
 }
 
 fn main() {
     let mut criterion = Criterion::default().configure_from_args();
     let rt = runtime();
     local(&mut criterion, &rt);
+    {
+        let tun = quiet(Local::named("ops-dirs"));
+        let untar = |target: &str| {
+            format!(
+                "{{ mkdir -p {0} && tar x -C {0}; }}",
+                chopsticks::shell_quote(target)
+            )
+        };
+        let remove = |target: &str| {
+            let _ = std::fs::remove_dir_all(target);
+        };
+        dirs(&mut criterion, &rt, "local", &tun, &untar, &remove);
+    }
     #[cfg(feature = "ssh")]
     over_ssh(&mut criterion, &rt);
     criterion.final_summary();

@@ -1,9 +1,11 @@
-//! The operator kit for chopsticks: commands with live output, and facts,
-//! on one host or a whole [`Group`], built on chopsticks' public API alone
-//! (streaming calls carry a command's output as it comes).
+//! The operator kit for chopsticks: commands with live output, facts, and
+//! whole directories, on one host or a whole [`Group`], built on
+//! chopsticks' public API alone (streaming calls carry a command's output
+//! as it comes).
 //!
 //! Bring [`TunnelOps`] and [`GroupOps`] into scope, and tunnels and groups
-//! gain [`run`](TunnelOps::run) and [`facts`](TunnelOps::facts):
+//! gain [`run`](TunnelOps::run), [`facts`](TunnelOps::facts),
+//! [`put_dir`](TunnelOps::put_dir) and [`fetch_dir`](TunnelOps::fetch_dir):
 //!
 //! ```
 //! use chopsticks_core::Tunnel;
@@ -23,6 +25,15 @@
 //!
 //! let facts = tun.facts().await?;
 //! assert!(facts.kernel_release.is_some());
+//!
+//! let here = std::env::temp_dir().join(format!("ops-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(here.join("src"))?;
+//! std::fs::write(here.join("src/a.txt"), "a")?;
+//! let there = here.join("copy").display().to_string();
+//! let summary = tun.put_dir(here.join("src"), &there).await?;
+//! assert_eq!(summary.files_sent, 1);
+//! assert_eq!(tun.put_dir(here.join("src"), &there).await?.files_sent, 0);
+//! # std::fs::remove_dir_all(&here)?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! # }).unwrap();
 //! ```

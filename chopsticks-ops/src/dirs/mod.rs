@@ -109,6 +109,9 @@ pub enum DirError {
         message: String,
         /// What was done.
         summary: Box<SyncSummary>,
+        /// The tunnel's error, when the connection failed midway.
+        #[source]
+        cause: Option<chopsticks_core::Error>,
     },
     /// Several hosts failed.
     #[error("{} hosts failed: {}", failures.len(), failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
@@ -458,6 +461,23 @@ impl HostSync<'_> {
             entry: stopped.path,
             message,
             summary: Box::new(summary.clone()),
+            cause: None,
+        }
+    }
+
+    /// The connection failed at `entry`, with `summary` done.
+    fn cut_off(
+        &self,
+        summary: &SyncSummary,
+        entry: &str,
+        error: chopsticks_core::Error,
+    ) -> DirError {
+        DirError::Stopped {
+            host: self.host.clone(),
+            entry: entry.to_string(),
+            message: "the connection to the host failed".into(),
+            summary: Box::new(summary.clone()),
+            cause: Some(error),
         }
     }
 
@@ -540,7 +560,13 @@ impl HostSync<'_> {
             .map(|batch| self.send_batch(batch))
             .buffer_unordered(IN_FLIGHT);
         while let Some(sent) = batches.next().await {
-            let (files, bytes) = sent.map_err(|stopped| self.stopped(&summary, stopped))??;
+            let (files, bytes) = match sent {
+                Ok(sent) => sent,
+                Err(BatchFailure::Stopped(stopped)) => return Err(self.stopped(&summary, stopped)),
+                Err(BatchFailure::Tunnel { first, error }) => {
+                    return Err(self.cut_off(&summary, &first, error));
+                }
+            };
             summary.files_sent += files;
             summary.bytes_sent += bytes;
             progress.files_done += files;
@@ -557,7 +583,8 @@ impl HostSync<'_> {
                 .mode(entry.mode)
                 .preserve_mtime(true)
                 .sync(sync)
-                .await?;
+                .await
+                .map_err(|error| self.cut_off(&summary, &entry.path, error))?;
             summary.files_sent += 1;
             summary.bytes_sent += entry.size;
             progress.files_done += 1;
@@ -581,19 +608,28 @@ impl HostSync<'_> {
         if ops.is_empty() {
             return Ok(());
         }
+        let first = ops
+            .first()
+            .map(|op| op.path().to_string())
+            .unwrap_or_default();
         self.tunnel
             .call(
                 apply::apply,
                 (self.remote.clone(), ops, !self.options.no_sync),
             )
-            .await?
+            .await
+            .map_err(|error| self.cut_off(summary, &first, error))?
             .map(drop)
             .map_err(|stopped| self.stopped(summary, stopped))
     }
 
     /// Reads a batch here and applies it there: (files, bytes).
-    async fn send_batch(&self, batch: Vec<Entry>) -> Result<Result<(u64, u64), DirError>, Stopped> {
+    async fn send_batch(&self, batch: Vec<Entry>) -> Result<(u64, u64), BatchFailure> {
         let root = self.local.clone();
+        let first = batch
+            .first()
+            .map(|entry| entry.path.clone())
+            .unwrap_or_default();
         let read = tokio::task::spawn_blocking(move || -> Result<Vec<Op>, Stopped> {
             batch
                 .into_iter()
@@ -619,7 +655,9 @@ impl HostSync<'_> {
             done: 0,
             path: String::new(),
             message: error.to_string(),
-        })??;
+        })
+        .and_then(|read| read)
+        .map_err(BatchFailure::Stopped)?;
         let (files, bytes) = (read.len() as u64, read.iter().map(op_len).sum());
         match self
             .tunnel
@@ -629,9 +667,9 @@ impl HostSync<'_> {
             )
             .await
         {
-            Ok(Ok(_)) => Ok(Ok((files, bytes))),
-            Ok(Err(stopped)) => Err(stopped),
-            Err(error) => Ok(Err(error.into())),
+            Ok(Ok(_)) => Ok((files, bytes)),
+            Ok(Err(stopped)) => Err(BatchFailure::Stopped(stopped)),
+            Err(error) => Err(BatchFailure::Tunnel { first, error }),
         }
     }
 
@@ -672,7 +710,7 @@ impl HostSync<'_> {
                     .tunnel
                     .call(apply::read, (this.remote.clone(), paths.clone()))
                     .await
-                    .map_err(DirError::from)?
+                    .map_err(|error| this.cut_off(&SyncSummary::default(), &paths[0], error))?
                     .map_err(|stopped| this.stopped(&SyncSummary::default(), stopped))?;
                 // Only what was asked for, under the names asked for.
                 let asked: std::collections::HashSet<&String> = paths.iter().collect();
@@ -714,7 +752,8 @@ impl HostSync<'_> {
                 )
                 .mode(entry.mode)
                 .preserve_mtime(true)
-                .await?;
+                .await
+                .map_err(|error| self.cut_off(&summary, &entry.path, error))?;
             summary.files_sent += 1;
             summary.bytes_sent += entry.size;
             progress.files_done += 1;
@@ -765,6 +804,7 @@ fn with_summary(error: DirError, (files, bytes): (u64, u64)) -> DirError {
             entry,
             message,
             mut summary,
+            cause,
         } => {
             summary.files_sent += files;
             summary.bytes_sent += bytes;
@@ -773,10 +813,22 @@ fn with_summary(error: DirError, (files, bytes): (u64, u64)) -> DirError {
                 entry,
                 message,
                 summary,
+                cause,
             }
         }
         other => other,
     }
+}
+
+/// Why a batch of files was not all sent.
+enum BatchFailure {
+    /// The far end stopped at an entry.
+    Stopped(Stopped),
+    /// The connection failed while the batch starting at `first` was under way.
+    Tunnel {
+        first: String,
+        error: chopsticks_core::Error,
+    },
 }
 
 fn batches(files: &[&Entry]) -> Vec<Vec<Entry>> {

@@ -89,6 +89,24 @@ fn scan_proc(
     })
 }
 
+/// Connects `tun` as root with the test password while every process's
+/// argv and environment are scanned for it; checks it was never there, that
+/// sudo was seen running, and that the agent is root.
+async fn connect_as_root_unseen(tun: &Tunnel) {
+    let done = Arc::new(AtomicBool::new(false));
+    let scan = scan_proc(PASSWORD.as_bytes(), done.clone());
+    let connected = tun.connect().await;
+    done.store(true, Ordering::Relaxed);
+    let (seen, prompted) = scan.join().expect("scan");
+    connected.expect("the right password");
+    assert_eq!(tun.call(who, ()).await.expect("call").1, "0");
+    assert_eq!(
+        seen, 0,
+        "the password was in some process's argv or environment"
+    );
+    assert!(prompted > 0, "the scan never saw sudo running");
+}
+
 mod local {
     use super::*;
 
@@ -136,20 +154,9 @@ mod local {
         };
         let pwned = std::path::Path::new("/tmp/chopsticks-pwned");
         let _ = std::fs::remove_file(pwned);
-        let done = Arc::new(AtomicBool::new(false));
-        let scan = scan_proc(PASSWORD.as_bytes(), done.clone());
         let tun =
             quiet(Become::sudo(as_login(PASSWORD_USER, "become-password")).password(PASSWORD));
-        let connected = tun.connect().await;
-        done.store(true, Ordering::Relaxed);
-        let (seen, prompted) = scan.join().expect("scan");
-        connected.expect("the right password");
-        assert_eq!(tun.call(who, ()).await.expect("call").1, "0");
-        assert_eq!(
-            seen, 0,
-            "the password was in some process's argv or environment"
-        );
-        assert!(prompted > 0, "the scan never saw sudo running");
+        connect_as_root_unseen(&tun).await;
         assert!(!pwned.exists(), "the password's words ran as a command");
     }
 
@@ -454,19 +461,8 @@ mod over_ssh {
         let Some(sshd) = chopsticks_testkit::sshd_or_skip("become-pw", 1) else {
             return;
         };
-        let done = Arc::new(AtomicBool::new(false));
-        let scan = scan_proc(PASSWORD.as_bytes(), done.clone());
         let root = quiet(login(&sshd, 0, PASSWORD_USER).sudo().password(PASSWORD));
-        let connected = root.connect().await;
-        done.store(true, Ordering::Relaxed);
-        let (seen, prompted) = scan.join().expect("scan");
-        connected.expect("the right password");
-        assert_eq!(root.call(who, ()).await.expect("call").1, "0");
-        assert_eq!(
-            seen, 0,
-            "the password was in some process's argv or environment"
-        );
-        assert!(prompted > 0, "the scan never saw sudo running");
+        connect_as_root_unseen(&root).await;
 
         let wrong = quiet(login(&sshd, 0, PASSWORD_USER).sudo().password("wrong"));
         let error = wrong.connect().await.expect_err("wrong password");

@@ -328,6 +328,51 @@ struct Plan {
 }
 
 impl Plan {
+    /// The summary and the progress before anything is sent.
+    fn start(&self) -> (SyncSummary, SyncProgress) {
+        let summary = SyncSummary {
+            files_unchanged: self.unchanged,
+            skipped: self.skipped.clone(),
+            ..SyncSummary::default()
+        };
+        let progress = SyncProgress {
+            files_total: self.files.len() as u64,
+            bytes_total: self.files.iter().map(|entry| entry.size).sum(),
+            ..SyncProgress::default()
+        };
+        (summary, progress)
+    }
+
+    /// The directories to make, parents first (writable by their owner
+    /// until their own mode comes last).
+    fn dir_ops(&self) -> Vec<Op> {
+        self.dirs
+            .iter()
+            .map(|entry| Op::Dir {
+                path: entry.path.clone(),
+                mode: entry.mode | 0o700,
+            })
+            .collect()
+    }
+
+    /// What follows the files: links, deletions, then directory modes and
+    /// mtimes, deepest first.
+    fn closing_ops(&self) -> Vec<Op> {
+        let mut ops: Vec<Op> = self.links.iter().map(link_op).collect();
+        ops.extend(
+            self.deletes
+                .iter()
+                .map(|path| Op::Delete { path: path.clone() }),
+        );
+        ops.extend(self.metas.iter().map(meta_op));
+        ops
+    }
+
+    fn finish(&self, summary: &mut SyncSummary) {
+        summary.links = self.links.len() as u64;
+        summary.deleted = self.deletes.len() as u64;
+    }
+
     /// Whether anything changes at the destination.
     fn changes(&self) -> bool {
         !(self.dirs.is_empty()
@@ -510,7 +555,12 @@ impl HostSync<'_> {
             .map_err(|message| self.walk_error("the remote", message))
     }
 
-    fn report(&self, progress: &SyncProgress) {
+    /// Counts `files` and `bytes` as sent, and reports the progress.
+    fn sent(&self, summary: &mut SyncSummary, progress: &mut SyncProgress, files: u64, bytes: u64) {
+        summary.files_sent += files;
+        summary.bytes_sent += bytes;
+        progress.files_done += files;
+        progress.bytes_done += bytes;
         if let Some(report) = &self.options.progress {
             report(progress);
         }
@@ -521,26 +571,10 @@ impl HostSync<'_> {
             futures_util::future::try_join(self.walk_local(), self.walk_remote()).await?;
         let plan =
             plan(&source, &target, &self.options).map_err(|refusal| self.refused(refusal))?;
-        let mut summary = SyncSummary {
-            files_unchanged: plan.unchanged,
-            skipped: plan.skipped.clone(),
-            ..SyncSummary::default()
-        };
-        let mut progress = SyncProgress {
-            files_total: plan.files.len() as u64,
-            bytes_total: plan.files.iter().map(|entry| entry.size).sum(),
-            ..SyncProgress::default()
-        };
+        let (mut summary, mut progress) = plan.start();
         let sync = !self.options.no_sync;
         // Directories first, parents before children.
-        let dirs: Vec<Op> = plan
-            .dirs
-            .iter()
-            .map(|entry| Op::Dir {
-                path: entry.path.clone(),
-                mode: entry.mode | 0o700,
-            })
-            .collect();
+        let dirs = plan.dir_ops();
         let count = dirs.len() as u64;
         if plan.changes() {
             // Also makes the root, which a tree of large files alone needs.
@@ -567,11 +601,7 @@ impl HostSync<'_> {
                     return Err(self.cut_off(&summary, &first, error));
                 }
             };
-            summary.files_sent += files;
-            summary.bytes_sent += bytes;
-            progress.files_done += files;
-            progress.bytes_done += bytes;
-            self.report(&progress);
+            self.sent(&mut summary, &mut progress, files, bytes);
         }
         drop(batches);
         for entry in large {
@@ -585,22 +615,11 @@ impl HostSync<'_> {
                 .sync(sync)
                 .await
                 .map_err(|error| self.cut_off(&summary, &entry.path, error))?;
-            summary.files_sent += 1;
-            summary.bytes_sent += entry.size;
-            progress.files_done += 1;
-            progress.bytes_done += entry.size;
-            self.report(&progress);
+            self.sent(&mut summary, &mut progress, 1, entry.size);
         }
-        let mut rest: Vec<Op> = plan.links.iter().map(link_op).collect();
-        rest.extend(
-            plan.deletes
-                .iter()
-                .map(|path| Op::Delete { path: path.clone() }),
-        );
-        rest.extend(plan.metas.iter().map(meta_op));
+        let rest = plan.closing_ops();
         self.apply_remote(rest, &summary).await?;
-        summary.links = plan.links.len() as u64;
-        summary.deleted = plan.deletes.len() as u64;
+        plan.finish(&mut summary);
         Ok(summary)
     }
 
@@ -678,24 +697,8 @@ impl HostSync<'_> {
             futures_util::future::try_join(self.walk_remote(), self.walk_local()).await?;
         let plan =
             plan(&source, &target, &self.options).map_err(|refusal| self.refused(refusal))?;
-        let mut summary = SyncSummary {
-            files_unchanged: plan.unchanged,
-            skipped: plan.skipped.clone(),
-            ..SyncSummary::default()
-        };
-        let mut progress = SyncProgress {
-            files_total: plan.files.len() as u64,
-            bytes_total: plan.files.iter().map(|entry| entry.size).sum(),
-            ..SyncProgress::default()
-        };
-        let dirs: Vec<Op> = plan
-            .dirs
-            .iter()
-            .map(|entry| Op::Dir {
-                path: entry.path.clone(),
-                mode: entry.mode | 0o700,
-            })
-            .collect();
+        let (mut summary, mut progress) = plan.start();
+        let dirs = plan.dir_ops();
         summary.dirs_created = dirs.len() as u64;
         if plan.changes() {
             self.apply_local_always(dirs, &summary).await?;
@@ -732,18 +735,16 @@ impl HostSync<'_> {
                     .map(|()| (count, bytes))
             })
             .try_buffered(1);
-        let mut done = (0u64, 0u64);
+        // The batches borrow the summary: what they send is counted apart.
+        let mut fetched = SyncSummary::default();
         while let Some(applied) = batches.next().await {
-            let (files, bytes) = applied.map_err(|error| with_summary(error, done))?;
-            done.0 += files;
-            done.1 += bytes;
-            progress.files_done += files;
-            progress.bytes_done += bytes;
-            self.report(&progress);
+            let (files, bytes) = applied
+                .map_err(|error| with_summary(error, (fetched.files_sent, fetched.bytes_sent)))?;
+            self.sent(&mut fetched, &mut progress, files, bytes);
         }
         drop(batches);
-        summary.files_sent = done.0;
-        summary.bytes_sent = done.1;
+        summary.files_sent = fetched.files_sent;
+        summary.bytes_sent = fetched.bytes_sent;
         for entry in large {
             self.tunnel
                 .fetch(
@@ -754,22 +755,11 @@ impl HostSync<'_> {
                 .preserve_mtime(true)
                 .await
                 .map_err(|error| self.cut_off(&summary, &entry.path, error))?;
-            summary.files_sent += 1;
-            summary.bytes_sent += entry.size;
-            progress.files_done += 1;
-            progress.bytes_done += entry.size;
-            self.report(&progress);
+            self.sent(&mut summary, &mut progress, 1, entry.size);
         }
-        let mut rest: Vec<Op> = plan.links.iter().map(link_op).collect();
-        rest.extend(
-            plan.deletes
-                .iter()
-                .map(|path| Op::Delete { path: path.clone() }),
-        );
-        rest.extend(plan.metas.iter().map(meta_op));
+        let rest = plan.closing_ops();
         self.apply_local(rest, &summary).await?;
-        summary.links = plan.links.len() as u64;
-        summary.deleted = plan.deletes.len() as u64;
+        plan.finish(&mut summary);
         Ok(summary)
     }
 

@@ -268,6 +268,21 @@ impl Drop for Sshd {
     }
 }
 
+/// Runs `command`; its stderr says why when it fails.
+fn run(command: &mut Command) -> Result<(), String> {
+    let output = command
+        .output()
+        .map_err(|error| format!("{command:?}: {error}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
 fn tool_exists(tool: &str) -> bool {
     if tool.starts_with('/') {
         return Path::new(tool).exists();

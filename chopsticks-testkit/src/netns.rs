@@ -30,22 +30,8 @@ pub struct NetnsHost {
     address: Ipv4Addr,
 }
 
-fn run(command: &mut Command) -> Result<(), String> {
-    let output = command
-        .output()
-        .map_err(|error| format!("{command:?}: {error}"))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{command:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
-    }
-}
-
 fn ip(args: &[&str]) -> Result<(), String> {
-    run(Command::new("ip").args(args))
+    crate::run(Command::new("ip").args(args))
 }
 
 impl NetnsHost {
@@ -118,7 +104,7 @@ impl NetnsHost {
     /// hang, new ones time out.
     pub fn partition(&self) -> Result<(), String> {
         for chain in ["INPUT", "OUTPUT"] {
-            run(self.command("iptables").args(["-A", chain, "-j", "DROP"]))?;
+            crate::run(self.command("iptables").args(["-A", chain, "-j", "DROP"]))?;
         }
         Ok(())
     }
@@ -126,7 +112,7 @@ impl NetnsHost {
     /// Lets packets through again.
     pub fn heal(&self) -> Result<(), String> {
         for chain in ["INPUT", "OUTPUT"] {
-            run(self.command("iptables").args(["-D", chain, "-j", "DROP"]))?;
+            crate::run(self.command("iptables").args(["-D", chain, "-j", "DROP"]))?;
         }
         Ok(())
     }

@@ -49,7 +49,7 @@ pub fn prepare() -> Result<(), String> {
     }
     // sshd (without PAM) refuses a locked account: "*" allows key logins.
     for user in [OPERATOR, APP] {
-        run(Command::new("usermod").args(["-p", "*", user]))?;
+        crate::run(Command::new("usermod").args(["-p", "*", user]))?;
     }
     set_password(PASSWORD_USER, PASSWORD)?;
     write_sudoers()?;
@@ -73,14 +73,16 @@ fn account(user: &str) -> Result<(), String> {
         .output()
         .is_ok_and(|output| output.status.success());
     if !exists {
-        run(Command::new("useradd").args(["--create-home", "--shell", "/bin/sh", user]))?;
+        crate::run(Command::new("useradd").args(["--create-home", "--shell", "/bin/sh", user]))?;
     }
     let home = Path::new("/home").join(user);
     let _ = std::fs::create_dir_all(&home);
-    run(Command::new("chown")
-        .arg("-R")
-        .arg(format!("{user}:"))
-        .arg(&home))
+    crate::run(
+        Command::new("chown")
+            .arg("-R")
+            .arg(format!("{user}:"))
+            .arg(&home),
+    )
 }
 
 fn set_password(user: &str, password: &str) -> Result<(), String> {
@@ -166,16 +168,4 @@ fn install(path: &str, contents: &str, mode: u32) -> Result<(), String> {
     std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
         .map_err(|e| e.to_string())?;
     std::fs::rename(&staged, path).map_err(|e| format!("installing {path}: {e}"))
-}
-
-fn run(command: &mut Command) -> Result<(), String> {
-    let output = command.output().map_err(|e| format!("{command:?}: {e}"))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{command:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
-    }
 }

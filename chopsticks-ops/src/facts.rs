@@ -100,7 +100,7 @@ pub(crate) fn gather() -> Facts {
         })
     };
     let cpuinfo = read("/proc/cpuinfo").unwrap_or_default();
-    let (libc_family, libc_version) = libc();
+    let (libc_family, libc_version) = libc_once();
     let hostname = first_line("/proc/sys/kernel/hostname");
     let uname = uname();
     Facts {
@@ -257,6 +257,14 @@ fn canonical_name(name: &std::ffi::CStr) -> Option<String> {
     // SAFETY: `found` came from getaddrinfo and is freed once.
     unsafe { libc::freeaddrinfo(found) };
     canonical.filter(|name| !name.is_empty())
+}
+
+/// [`libc`], read once per agent: finding the release means reading the
+/// library's few megabytes, and it does not change under a running agent.
+fn libc_once() -> (Option<String>, Option<String>) {
+    static FOUND: std::sync::OnceLock<(Option<String>, Option<String>)> =
+        std::sync::OnceLock::new();
+    FOUND.get_or_init(libc).clone()
 }
 
 /// The C library, from the files present: glibc's `libc.so.6` (whose text

@@ -720,10 +720,17 @@ mod dirs {
             }
             other => panic!("{other:?}"),
         };
-        let (mut old, mut new) = (0, 0);
+        let (mut old, mut new, mut staged) = (0, 0, 0);
         for entry in std::fs::read_dir(&remote).expect("remote").flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            assert!(!name.starts_with('.'), "a staged file was left: {name}");
+            if name.starts_with('.') {
+                // Staged under a name (where the filesystem has no
+                // O_TMPFILE, or named and not yet renamed when the kill
+                // came): hidden, and removed by the next sync.
+                assert!(name.contains(".chopsticks-"), "{name}");
+                staged += 1;
+                continue;
+            }
             let content = std::fs::read(entry.path()).expect("read");
             if content == b"old" {
                 old += 1;
@@ -744,6 +751,16 @@ mod dirs {
             reported > 0 && new >= reported,
             "reported {reported}, new {new}"
         );
+        // A second sync finishes the job and leaves nothing staged.
+        let summary = tun.put_dir(&source, &remote).await.expect("again");
+        assert_eq!(summary.files_sent, old, "{staged} were staged");
+        let names: Vec<String> = std::fs::read_dir(&remote)
+            .expect("remote")
+            .flatten()
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 400, "{names:?}");
+        assert!(names.iter().all(|name| !name.starts_with('.')));
     }
 
     #[cfg(feature = "ssh")]

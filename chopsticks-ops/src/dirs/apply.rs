@@ -289,29 +289,7 @@ fn commit(root: &Path, staged: &mut Vec<Staged>, sync: bool) -> Result<u64, (u64
 fn place(item: &Staged) -> Result<(), String> {
     let named = match &item.file {
         StagedFile::Named(name) => name.clone(),
-        StagedFile::Unnamed(file) => {
-            let (name, placeholder) = hidden_beside(&item.full)?;
-            drop(placeholder);
-            let _ = std::fs::remove_file(&name);
-            let source = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
-                .map_err(|e| e.to_string())?;
-            let target = std::ffi::CString::new(name.as_os_str().as_encoded_bytes())
-                .map_err(|e| e.to_string())?;
-            // SAFETY: both paths are NUL-terminated strings alive for the call.
-            let linked = unsafe {
-                libc::linkat(
-                    libc::AT_FDCWD,
-                    source.as_ptr(),
-                    libc::AT_FDCWD,
-                    target.as_ptr(),
-                    libc::AT_SYMLINK_FOLLOW,
-                )
-            };
-            if linked != 0 {
-                return Err(format!("naming it: {}", std::io::Error::last_os_error()));
-            }
-            name
-        }
+        StagedFile::Unnamed(file) => link_beside(file, &item.full)?,
     };
     if let Ok(meta) = std::fs::symlink_metadata(&item.full)
         && meta.is_dir()
@@ -322,6 +300,44 @@ fn place(item: &Staged) -> Result<(), String> {
         let _ = std::fs::remove_file(&named);
         format!("renaming it into place: {error}")
     })
+}
+
+/// Gives an unnamed file a fresh hidden name beside `full`.
+fn link_beside(file: &File, full: &Path) -> Result<PathBuf, String> {
+    let dir = full.parent().ok_or("it has no directory")?;
+    let name = full
+        .file_name()
+        .ok_or("it has no name")?
+        .to_string_lossy()
+        .into_owned();
+    let source = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map_err(|e| e.to_string())?;
+    for attempt in 0..100u32 {
+        let candidate = dir.join(format!(
+            ".{name}.chopsticks-{}-{attempt}",
+            std::process::id()
+        ));
+        let target = std::ffi::CString::new(candidate.as_os_str().as_encoded_bytes())
+            .map_err(|e| e.to_string())?;
+        // SAFETY: both paths are NUL-terminated strings alive for the call.
+        let linked = unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                source.as_ptr(),
+                libc::AT_FDCWD,
+                target.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        if linked == 0 {
+            return Ok(candidate);
+        }
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(format!("naming it: {error}"));
+        }
+    }
+    Err("no free name beside it".into())
 }
 
 fn unstage(staged: &[Staged]) {

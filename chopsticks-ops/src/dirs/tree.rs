@@ -144,6 +144,15 @@ pub(crate) fn walk(root: &Path, excludes: &Excludes, hashes: bool) -> Result<Vec
                 continue;
             }
             let full = root.join(&child);
+            if let Some(owner) = staged_by(&name.to_string_lossy()) {
+                // A file being placed by a sync: left alone while its
+                // process runs, removed once that process is gone (a kill
+                // between naming it and renaming it leaves one behind).
+                if !process_alive(owner) {
+                    let _ = std::fs::remove_file(&full);
+                }
+                continue;
+            }
             let meta = std::fs::symlink_metadata(&full)
                 .map_err(|error| format!("{}: {error}", full.display()))?;
             let file_type = meta.file_type();
@@ -189,6 +198,33 @@ pub(crate) fn walk(root: &Path, excludes: &Excludes, hashes: bool) -> Result<Vec
     }
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(entries)
+}
+
+/// The process that staged a file named `.NAME.chopsticks-PID-N` or
+/// `.NAME.chopsticks-link-PID` (see `apply`), when the name is one.
+pub(crate) fn staged_by(name: &str) -> Option<u32> {
+    if !name.starts_with('.') {
+        return None;
+    }
+    let (_, suffix) = name.rsplit_once(".chopsticks-")?;
+    let pid = match suffix.strip_prefix("link-") {
+        Some(pid) => pid,
+        None => {
+            let (pid, attempt) = suffix.split_once('-')?;
+            attempt.parse::<u32>().ok()?;
+            pid
+        }
+    };
+    pid.parse().ok()
+}
+
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    let status = unsafe { libc::kill(pid, 0) };
+    status == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 pub(crate) fn hash_file(path: &Path) -> Result<[u8; 32], String> {
@@ -250,6 +286,15 @@ mod tests {
         assert!(!link_stays_inside("a/link", "../../outside"));
         assert!(!link_stays_inside("a/link", "/etc/passwd"));
         assert!(!link_stays_inside("a/link", "b/../../../x"));
+    }
+
+    #[test]
+    fn staged_names_are_known() {
+        assert_eq!(staged_by(".f1.chopsticks-123-0"), Some(123));
+        assert_eq!(staged_by(".a.b.chopsticks-link-77"), Some(77));
+        assert_eq!(staged_by("f1.chopsticks-123-0"), None);
+        assert_eq!(staged_by(".f1.chopsticks-x-0"), None);
+        assert_eq!(staged_by(".plain"), None);
     }
 
     #[test]

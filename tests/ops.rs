@@ -207,6 +207,39 @@ async fn commands_locally() {
 }
 
 #[tokio::test]
+async fn a_dropped_quiet_flood_is_stopped_and_a_background_holder_does_not_hold_the_run() {
+    let tun = local("ops-flood-drop");
+    // Quiet: nothing crosses while it prints, yet the drop is seen.
+    let run = tun.run(Cmd::new("yes").arg("100.4713"));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), run)
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        until_none_with("100.4713", Duration::from_secs(3)).await,
+        Vec::<u32>::new()
+    );
+
+    // A process left behind with the pipes: the run ends soon after the command.
+    let started = Instant::now();
+    let output = tun
+        .run(Cmd::shell("sleep 100.4714 & echo started"))
+        .await
+        .expect("run");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(output.stdout_text(), "started\n");
+    for pid in processes_with("100.4714") {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+}
+
+#[tokio::test]
 async fn hostile_words_stay_words() {
     let tun = local("ops-words");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -597,7 +630,9 @@ mod dirs {
             .exclude("*.log")
             .await
             .expect("delete");
-        assert_eq!(deleted.deleted, 1, "d9 goes whole");
+        // With an exclude, entries go one by one (a directory only once empty).
+        assert!(deleted.deleted > 1000, "{}", deleted.deleted);
+        assert!(!Path::new(&remote).join("d9").exists());
         assert!(Path::new(&remote).join("keep.log").exists());
         std::fs::remove_file(Path::new(&remote).join("keep.log")).expect("rm log");
         assert_eq!(describe(&source), describe(Path::new(&remote)));

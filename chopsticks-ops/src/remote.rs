@@ -89,6 +89,8 @@ enum StdinSource {
 pub(crate) struct Running {
     queue: VecDeque<Event>,
     state: State,
+    /// When the last event left.
+    last_event: Instant,
 }
 
 enum State {
@@ -109,6 +111,8 @@ struct Started {
     reaped: bool,
     /// Readable once the command has exited, where the kernel has pidfds.
     pidfd: Option<std::os::fd::OwnedFd>,
+    /// When the command was seen to exit while its pipes were still open.
+    exited_at: Option<Instant>,
     /// Where pipes are read into, reused.
     buffer: Vec<u8>,
 }
@@ -150,6 +154,7 @@ impl Running {
         Running {
             queue: VecDeque::from([Event::Refused { why, message }]),
             state: State::Done,
+            last_event: Instant::now(),
         }
     }
 
@@ -206,6 +211,7 @@ impl Running {
             }
         };
         let stdin_done = child.stdin.take().map(|pipe| feed_stdin(pipe, stdin));
+        let pid = child.id();
         let outputs = [
             child.stdout.take().map(Pipe::Stdout),
             child.stderr.take().map(Pipe::Stderr),
@@ -213,6 +219,7 @@ impl Running {
         let limit = usize::try_from(spec.capture_limit).unwrap_or(usize::MAX);
         Running {
             queue: VecDeque::new(),
+            last_event: Instant::now(),
             state: State::Running(Box::new(Started {
                 child,
                 outputs,
@@ -220,11 +227,12 @@ impl Running {
                 captures: [Capture::new(limit), Capture::new(limit)],
                 deadline: spec
                     .timeout_ms
-                    .map(|ms| Instant::now() + Duration::from_millis(ms)),
+                    .and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms))),
                 killed_at: None,
                 stdin: stdin_done,
                 reaped: false,
-                pidfd: None,
+                pidfd: pidfd_open(pid),
+                exited_at: None,
                 buffer: vec![0u8; READ_SIZE],
             })),
         }
@@ -271,7 +279,14 @@ impl Iterator for Running {
     fn next(&mut self) -> Option<Event> {
         loop {
             if let Some(event) = self.queue.pop_front() {
+                self.last_event = Instant::now();
                 return Some(event);
+            }
+            if self.last_event.elapsed() >= TICK {
+                // Even while a quiet run only captures: a dropped stream is
+                // seen at the next item, and this is one.
+                self.last_event = Instant::now();
+                return Some(Event::Tick);
             }
             let State::Running(command) = &mut self.state else {
                 return None;
@@ -354,6 +369,32 @@ impl Started {
         }
     }
 
+    /// Notes the command's exit while its pipes are still open (a process
+    /// it left behind holds them): they are read for [`DRAIN`] more at most.
+    fn notice_exit(&mut self) {
+        let exited = self.exited_at.is_none()
+            && match &self.pidfd {
+                Some(pidfd) => {
+                    let mut polled = libc::pollfd {
+                        fd: pidfd.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: `polled` is one valid pollfd; a zero timeout.
+                    unsafe { libc::poll(&mut polled, 1, 0) > 0 }
+                }
+                None => matches!(self.child.try_wait(), Ok(Some(_))),
+            };
+        if exited {
+            self.exited_at = Some(Instant::now());
+        }
+        if let Some(exited) = self.exited_at
+            && exited.elapsed() >= DRAIN
+        {
+            self.outputs = [None, None];
+        }
+    }
+
     fn enforce_deadline(&mut self) {
         if let (Some(deadline), None) = (self.deadline, self.killed_at)
             && Instant::now() >= deadline
@@ -370,6 +411,7 @@ impl Started {
     }
 
     fn read_ready(&mut self, queue: &mut VecDeque<Event>) {
+        self.notice_exit();
         let mut fds: Vec<libc::pollfd> = self
             .outputs
             .iter()
@@ -380,6 +422,19 @@ impl Started {
                 revents: 0,
             })
             .collect();
+        if fds.is_empty() {
+            return;
+        }
+        // The exit wakes the wait too, until it has been seen.
+        if self.exited_at.is_none()
+            && let Some(pidfd) = &self.pidfd
+        {
+            fds.push(libc::pollfd {
+                fd: pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
         let wait = i32::try_from(self.until_deadline().as_millis()).unwrap_or(i32::MAX);
         // SAFETY: `fds` is a valid array of `fds.len()` pollfd structures.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait) };

@@ -2,7 +2,8 @@
 //! `put_dir`, this machine's for `fetch_dir`. Every file lands whole: it is
 //! written beside its place under a fresh name, checked against the hash
 //! it was sent with, given its mode and mtime, flushed with the rest of its
-//! batch, and renamed over the old one.
+//! batch, and renamed over the old one. Set-user-ID and set-group-ID bits
+//! are never applied.
 
 use std::fs::{File, FileTimes, OpenOptions};
 use std::io::Write;
@@ -37,8 +38,9 @@ pub(crate) enum Op {
         mode: u32,
         mtime: (i64, u32),
     },
-    /// Removes an entry (a directory with all it holds).
-    Delete { path: String },
+    /// Removes an entry: a directory with all it holds (`whole`), or only
+    /// once it is empty.
+    Delete { path: String, whole: bool },
 }
 
 impl Op {
@@ -48,7 +50,7 @@ impl Op {
             | Op::File { path, .. }
             | Op::Link { path, .. }
             | Op::Meta { path, .. }
-            | Op::Delete { path } => path,
+            | Op::Delete { path, .. } => path,
         }
     }
 }
@@ -63,31 +65,33 @@ pub(crate) struct Stopped {
     pub(crate) message: String,
 }
 
-/// The agent's end of a scan: `root`'s entries (empty when it is missing).
+/// The agent's end of a scan: `root`'s entries (empty when it is missing);
+/// a destination's scan (`clean`) removes what a dead sync staged.
 pub(crate) fn scan(
     root: String,
     hashes: bool,
     excludes: Vec<String>,
+    clean: bool,
 ) -> Result<Vec<Entry>, String> {
     let excludes = Excludes::new(&excludes)?;
-    tree::walk(Path::new(&root), &excludes, hashes)
+    tree::walk(Path::new(&root), &excludes, hashes, clean)
 }
 
-/// The agent's end of a fetch: the files at `paths` under `root`, whole.
-pub(crate) fn read(root: String, paths: Vec<String>) -> Result<Vec<Op>, Stopped> {
+/// The agent's end of a fetch: the files at `paths` under `root`, whole,
+/// each of the size the scan saw.
+pub(crate) fn read(root: String, paths: Vec<(String, u64)>) -> Result<Vec<Op>, Stopped> {
     let root = PathBuf::from(root);
     let mut files = Vec::with_capacity(paths.len());
-    for (done, path) in paths.into_iter().enumerate() {
+    for (done, (path, size)) in paths.into_iter().enumerate() {
         let stopped = |message: String| Stopped {
             done: done as u64,
             path: path.clone(),
             message,
         };
         let full = tree::inside(&root, &path).map_err(stopped)?;
-        let data = read_regular(&full).map_err(stopped)?;
-        let meta = std::fs::symlink_metadata(&full).map_err(|e| stopped(e.to_string()))?;
+        let (data, meta) = read_as_seen(&full, size).map_err(stopped)?;
         files.push(Op::File {
-            mode: meta.permissions().mode() & 0o7777,
+            mode: meta.permissions().mode() & 0o1777,
             mtime: mtime_of(&meta),
             hash: *blake3::hash(&data).as_bytes(),
             data,
@@ -97,7 +101,10 @@ pub(crate) fn read(root: String, paths: Vec<String>) -> Result<Vec<Op>, Stopped>
     Ok(files)
 }
 
-fn read_regular(path: &Path) -> Result<Vec<u8>, String> {
+/// A regular file's content and metadata (from the open descriptor),
+/// never through a symlink, never more than the `size` the walk saw: a file
+/// that changed since is refused rather than read unbounded.
+pub(crate) fn read_as_seen(path: &Path, size: u64) -> Result<(Vec<u8>, std::fs::Metadata), String> {
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
@@ -105,11 +112,15 @@ fn read_regular(path: &Path) -> Result<Vec<u8>, String> {
         .map_err(|error| error.to_string())?;
     let meta = file.metadata().map_err(|error| error.to_string())?;
     if !meta.is_file() {
-        return Err("not a regular file".into());
+        return Err("it is no longer a regular file".into());
     }
-    let mut data = Vec::with_capacity(meta.len() as usize);
-    std::io::Read::read_to_end(&mut &file, &mut data).map_err(|error| error.to_string())?;
-    Ok(data)
+    let mut data = Vec::with_capacity(usize::try_from(size.min(meta.len())).unwrap_or(0));
+    std::io::Read::read_to_end(&mut std::io::Read::take(&file, size + 1), &mut data)
+        .map_err(|error| error.to_string())?;
+    if data.len() as u64 != size {
+        return Err("it changed while the tree was synced".into());
+    }
+    Ok((data, meta))
 }
 
 pub(crate) fn mtime_of(meta: &std::fs::Metadata) -> (i64, u32) {
@@ -224,7 +235,7 @@ fn stage(
     };
     let written = file
         .write_all(data)
-        .and_then(|()| file.set_permissions(std::fs::Permissions::from_mode(mode)))
+        .and_then(|()| file.set_permissions(std::fs::Permissions::from_mode(mode & !0o6000)))
         .and_then(|()| file.set_times(FileTimes::new().set_modified(system_time(mtime))));
     if let Err(error) = written {
         unstage(std::slice::from_ref(&Staged {
@@ -246,9 +257,9 @@ fn hidden_beside(full: &Path) -> Result<(PathBuf, File), String> {
         .to_string_lossy()
         .into_owned();
     for attempt in 0..100u32 {
-        let candidate = dir.join(format!(
-            ".{name}.chopsticks-{}-{attempt}",
-            std::process::id()
+        let candidate = dir.join(tree::staged_name(
+            &name,
+            &format!("{}-{attempt}", std::process::id()),
         ));
         match OpenOptions::new()
             .write(true)
@@ -313,9 +324,9 @@ fn link_beside(file: &File, full: &Path) -> Result<PathBuf, String> {
     let source = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
         .map_err(|e| e.to_string())?;
     for attempt in 0..100u32 {
-        let candidate = dir.join(format!(
-            ".{name}.chopsticks-{}-{attempt}",
-            std::process::id()
+        let candidate = dir.join(tree::staged_name(
+            &name,
+            &format!("{}-{attempt}", std::process::id()),
         ));
         let target = std::ffi::CString::new(candidate.as_os_str().as_encoded_bytes())
             .map_err(|e| e.to_string())?;
@@ -359,13 +370,16 @@ fn apply_other(full: &Path, op: Op) -> Result<(), String> {
                 }
                 Err(_) => std::fs::create_dir(full).map_err(|e| format!("creating it: {e}"))?,
             }
-            std::fs::set_permissions(full, std::fs::Permissions::from_mode(mode))
+            std::fs::set_permissions(full, std::fs::Permissions::from_mode(mode & !0o6000))
                 .map_err(|e| format!("setting its mode: {e}"))
         }
         Op::Link { target, .. } => {
             let dir = full.parent().ok_or("it has no directory")?;
             let name = full.file_name().ok_or("it has no name")?.to_string_lossy();
-            let temporary = dir.join(format!(".{name}.chopsticks-link-{}", std::process::id()));
+            let temporary = dir.join(tree::staged_name(
+                &name,
+                &format!("link-{}", std::process::id()),
+            ));
             let _ = std::fs::remove_file(&temporary);
             std::os::unix::fs::symlink(&target, &temporary)
                 .map_err(|e| format!("creating the link: {e}"))?;
@@ -384,21 +398,67 @@ fn apply_other(full: &Path, op: Op) -> Result<(), String> {
             if meta.file_type().is_symlink() {
                 return Ok(());
             }
-            std::fs::set_permissions(full, std::fs::Permissions::from_mode(mode))
-                .map_err(|e| format!("setting its mode: {e}"))?;
-            File::open(full)
-                .and_then(|file| file.set_times(FileTimes::new().set_modified(system_time(mtime))))
-                .map_err(|e| format!("setting its mtime: {e}"))
+            // The mtime first, never through a link and without opening it
+            // (a directory's new mode may forbid that), then the mode.
+            set_mtime(full, mtime).map_err(|e| format!("setting its mtime: {e}"))?;
+            std::fs::set_permissions(full, std::fs::Permissions::from_mode(mode & !0o6000))
+                .map_err(|e| format!("setting its mode: {e}"))
         }
-        Op::Delete { .. } => match std::fs::symlink_metadata(full) {
-            Ok(meta) if meta.is_dir() => {
-                std::fs::remove_dir_all(full).map_err(|e| format!("removing it: {e}"))
+        Op::Delete { whole, .. } => {
+            let removed = match std::fs::symlink_metadata(full) {
+                Ok(meta) if meta.is_dir() && whole => std::fs::remove_dir_all(full),
+                // What is left in it was excluded: it stays, and so does it.
+                Ok(meta) if meta.is_dir() => match std::fs::remove_dir(full) {
+                    Err(error) if error.kind() == std::io::ErrorKind::DirectoryNotEmpty => Ok(()),
+                    other => other,
+                },
+                Ok(_) => std::fs::remove_file(full),
+                Err(error) => Err(error),
+            };
+            match removed {
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                    ) =>
+                {
+                    Ok(())
+                }
+                other => other.map_err(|e| format!("removing it: {e}")),
             }
-            Ok(_) => std::fs::remove_file(full).map_err(|e| format!("removing it: {e}")),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(error) => Err(error.to_string()),
-        },
+        }
         Op::File { .. } => Err("a file is staged, never applied alone".into()),
+    }
+}
+
+/// Sets the mtime of `path` itself (`utimensat` with `AT_SYMLINK_NOFOLLOW`).
+fn set_mtime(path: &Path, (seconds, nanos): (i64, u32)) -> std::io::Result<()> {
+    let name = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(std::io::Error::other)?;
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: seconds as libc::time_t,
+            tv_nsec: i64::from(nanos.min(999_999_999)) as libc::c_long,
+        },
+    ];
+    // SAFETY: a NUL-terminated path and an array of two timespecs, both
+    // alive for the call.
+    let status = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            name.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if status == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

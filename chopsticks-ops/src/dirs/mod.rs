@@ -25,8 +25,9 @@ use self::tree::{Entry, Kind};
 const LARGE: u64 = 1 << 20;
 /// A batch of small files holds at most this many bytes…
 const BATCH_BYTES: u64 = 4 << 20;
-/// …and this many files.
-const BATCH_FILES: usize = 512;
+/// …and this many files (each an open descriptor on the far end until
+/// its batch is placed).
+const BATCH_FILES: usize = 128;
 /// Batches in flight at once.
 const IN_FLIGHT: usize = 3;
 
@@ -319,12 +320,22 @@ fn put_to_host(tunnel: &Tunnel, local: PathBuf, remote: String, options: Options
 #[derive(Default)]
 struct Plan {
     dirs: Vec<Entry>,
+    /// Existing directories the owner cannot write, opened for the sync.
+    opened: Vec<Entry>,
     files: Vec<Entry>,
+    /// Files whose content is in place and whose mode or mtime is not.
+    file_metas: Vec<Entry>,
     links: Vec<Entry>,
-    deletes: Vec<String>,
+    /// Entries to remove, and whether a directory goes whole.
+    deletes: Vec<(String, bool)>,
     metas: Vec<Entry>,
     unchanged: u64,
     skipped: Vec<String>,
+}
+
+/// The directories above `path`, nearest last.
+fn ancestors(path: &str) -> Vec<&str> {
+    path.match_indices('/').map(|(at, _)| &path[..at]).collect()
 }
 
 impl Plan {
@@ -348,6 +359,7 @@ impl Plan {
     fn dir_ops(&self) -> Vec<Op> {
         self.dirs
             .iter()
+            .chain(&self.opened)
             .map(|entry| Op::Dir {
                 path: entry.path.clone(),
                 mode: entry.mode | 0o700,
@@ -359,11 +371,11 @@ impl Plan {
     /// mtimes, deepest first.
     fn closing_ops(&self) -> Vec<Op> {
         let mut ops: Vec<Op> = self.links.iter().map(link_op).collect();
-        ops.extend(
-            self.deletes
-                .iter()
-                .map(|path| Op::Delete { path: path.clone() }),
-        );
+        ops.extend(self.deletes.iter().map(|(path, whole)| Op::Delete {
+            path: path.clone(),
+            whole: *whole,
+        }));
+        ops.extend(self.file_metas.iter().map(meta_op));
         ops.extend(self.metas.iter().map(meta_op));
         ops
     }
@@ -379,51 +391,78 @@ impl Plan {
             && self.files.is_empty()
             && self.links.is_empty()
             && self.deletes.is_empty()
+            && self.file_metas.is_empty()
             && self.metas.is_empty())
     }
 }
 
 /// Compares `source` with `target`; refuses an unsafe source entry.
+///
+/// Set-user-ID and set-group-ID bits are not carried: a file from another
+/// host never becomes a privileged program here, nor ours one there.
 fn plan(source: &[Entry], target: &[Entry], options: &Options) -> Result<Plan, (String, String)> {
+    use std::collections::{HashMap, HashSet};
     let mut plan = Plan::default();
-    let by_path: std::collections::HashMap<&str, &Entry> = target
+    let by_path: HashMap<&str, &Entry> = target
         .iter()
         .map(|entry| (entry.path.as_str(), entry))
         .collect();
-    let mut wanted = std::collections::HashSet::new();
-    for entry in source {
-        tree::checked_relative(&entry.path).map_err(|why| (entry.path.clone(), why))?;
+    let kinds: HashMap<&str, Kind> = source
+        .iter()
+        .map(|entry| (entry.path.as_str(), entry.kind))
+        .collect();
+    let mut wanted = HashSet::new();
+    for listed in source {
+        let refuse = |why: String| (listed.path.clone(), why);
+        tree::checked_relative(&listed.path).map_err(refuse)?;
+        // A name under a directory the listing does not hold as one (a
+        // hostile far end naming `link/file`) is refused.
+        if let Some((parent, _)) = listed.path.rsplit_once('/')
+            && kinds.get(parent) != Some(&Kind::Dir)
+        {
+            return Err(refuse(format!("{parent:?} is not a directory of the tree")));
+        }
+        let mut entry = listed.clone();
+        entry.mode &= !0o6000;
         let there = by_path.get(entry.path.as_str()).copied();
         match entry.kind {
             Kind::Special => {
                 if options.refuse_special {
-                    return Err((
-                        entry.path.clone(),
-                        "a socket, FIFO or device cannot be sent".into(),
-                    ));
+                    return Err(refuse("a socket, FIFO or device cannot be sent".into()));
                 }
                 plan.skipped.push(entry.path.clone());
                 continue;
             }
-            Kind::Dir => {
-                if there.is_none_or(|there| there.kind != Kind::Dir) {
-                    plan.dirs.push(entry.clone());
+            Kind::Dir => match there {
+                Some(there) if there.kind == Kind::Dir => {
+                    if there.mode & 0o700 != 0o700 {
+                        // Writable while the sync works in it; its own mode
+                        // comes back at the end.
+                        plan.opened.push(entry.clone());
+                    }
                 }
-            }
-            Kind::File => {
-                if there.is_some_and(|there| apply::same_file(entry, there)) {
+                _ => plan.dirs.push(entry.clone()),
+            },
+            Kind::File => match there {
+                Some(there) if apply::same_file(&entry, there) => {
                     plan.unchanged += 1;
-                } else {
-                    plan.files.push(entry.clone());
+                    if there.mode != entry.mode || there.mtime.0 != entry.mtime.0 {
+                        plan.file_metas.push(entry.clone());
+                    }
                 }
-            }
+                _ => plan.files.push(entry.clone()),
+            },
             Kind::Symlink => {
                 let target_text = entry.target.as_deref().unwrap_or_default();
                 if !tree::link_stays_inside(&entry.path, target_text) {
-                    return Err((
-                        entry.path.clone(),
-                        format!("the symlink points out of the tree (to {target_text:?})"),
-                    ));
+                    return Err(refuse(format!(
+                        "the symlink points out of the tree (to {target_text:?})"
+                    )));
+                }
+                if tree::link_passes_links(&entry.path, target_text, &kinds) {
+                    return Err(refuse(format!(
+                        "the symlink's target ({target_text:?}) passes through another symlink"
+                    )));
                 }
                 if there
                     .is_none_or(|there| there.kind != Kind::Symlink || there.target != entry.target)
@@ -432,33 +471,46 @@ fn plan(source: &[Entry], target: &[Entry], options: &Options) -> Result<Plan, (
                 }
             }
         }
-        wanted.insert(entry.path.as_str());
+        wanted.insert(listed.path.as_str());
     }
     if options.delete {
-        let mut deleted: Vec<&str> = Vec::new();
+        // With excludes, a directory goes only once empty: what is excluded
+        // in it stays (and so does the directory).
+        let whole = options.excludes.is_empty();
+        let mut deleted: HashSet<&str> = HashSet::new();
         for entry in target {
-            let under_deleted = deleted.iter().any(|dir| {
-                entry
-                    .path
-                    .strip_prefix(dir)
-                    .is_some_and(|rest| rest.starts_with('/'))
-            });
-            if !wanted.contains(entry.path.as_str()) && !under_deleted {
-                plan.deletes.push(entry.path.clone());
-                deleted.push(&entry.path);
+            let ancestors = ancestors(&entry.path);
+            let under_deleted = whole && ancestors.iter().any(|dir| deleted.contains(dir));
+            // Under a name the source has as a file or link: replacing it
+            // takes the whole subtree.
+            let under_replaced = ancestors
+                .iter()
+                .any(|dir| kinds.get(dir).is_some_and(|kind| *kind != Kind::Dir));
+            if !wanted.contains(entry.path.as_str()) && !under_deleted && !under_replaced {
+                plan.deletes.push((entry.path.clone(), whole));
+                if entry.kind == Kind::Dir {
+                    deleted.insert(&entry.path);
+                }
             }
         }
+        // Children before their directories.
+        plan.deletes.sort_by(|a, b| b.0.cmp(&a.0));
     }
     let changed = !(plan.dirs.is_empty()
         && plan.files.is_empty()
         && plan.links.is_empty()
         && plan.deletes.is_empty());
-    for entry in source.iter().filter(|entry| entry.kind == Kind::Dir) {
+    if !changed {
+        plan.opened.clear();
+    }
+    for listed in source.iter().filter(|entry| entry.kind == Kind::Dir) {
+        let mut entry = listed.clone();
+        entry.mode &= !0o6000;
         let there = by_path.get(entry.path.as_str());
         let differs =
             there.is_none_or(|there| there.mode != entry.mode || there.mtime.0 != entry.mtime.0);
         if changed || differs {
-            plan.metas.push(entry.clone());
+            plan.metas.push(entry);
         }
     }
     // Deepest first, so a directory's mtime is set after its children's.
@@ -526,7 +578,7 @@ impl HostSync<'_> {
         }
     }
 
-    async fn walk_local(&self) -> Result<Vec<Entry>, DirError> {
+    async fn walk_local(&self, destination: bool) -> Result<Vec<Entry>, DirError> {
         let (root, excludes, hashes) = (
             self.local.clone(),
             self.options.excludes.clone(),
@@ -534,14 +586,14 @@ impl HostSync<'_> {
         );
         tokio::task::spawn_blocking(move || {
             let excludes = tree::Excludes::new(&excludes)?;
-            tree::walk(&root, &excludes, hashes)
+            tree::walk(&root, &excludes, hashes, destination)
         })
         .await
         .map_err(|error| self.walk_error("the local", error.to_string()))?
         .map_err(|message| self.walk_error("the local", message))
     }
 
-    async fn walk_remote(&self) -> Result<Vec<Entry>, DirError> {
+    async fn walk_remote(&self, destination: bool) -> Result<Vec<Entry>, DirError> {
         self.tunnel
             .call(
                 apply::scan,
@@ -549,6 +601,7 @@ impl HostSync<'_> {
                     self.remote.clone(),
                     self.options.checksum,
                     self.options.excludes.clone(),
+                    destination,
                 ),
             )
             .await?
@@ -568,7 +621,7 @@ impl HostSync<'_> {
 
     async fn put(self) -> Result<SyncSummary, DirError> {
         let (source, target) =
-            futures_util::future::try_join(self.walk_local(), self.walk_remote()).await?;
+            futures_util::future::try_join(self.walk_local(false), self.walk_remote(true)).await?;
         let plan =
             plan(&source, &target, &self.options).map_err(|refusal| self.refused(refusal))?;
         let (mut summary, mut progress) = plan.start();
@@ -654,16 +707,18 @@ impl HostSync<'_> {
                 .into_iter()
                 .enumerate()
                 .map(|(done, entry)| {
-                    let data = std::fs::read(root.join(&entry.path)).map_err(|error| Stopped {
+                    let stopped = |message: String| Stopped {
                         done: done as u64,
                         path: entry.path.clone(),
-                        message: format!("reading it here: {error}"),
-                    })?;
+                        message: format!("reading it here: {message}"),
+                    };
+                    let full = tree::inside(&root, &entry.path).map_err(stopped)?;
+                    let (data, meta) = apply::read_as_seen(&full, entry.size).map_err(stopped)?;
                     Ok(Op::File {
                         hash: *blake3::hash(&data).as_bytes(),
+                        mode: std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o1777,
+                        mtime: apply::mtime_of(&meta),
                         path: entry.path,
-                        mode: entry.mode,
-                        mtime: entry.mtime,
                         data,
                     })
                 })
@@ -694,7 +749,7 @@ impl HostSync<'_> {
 
     async fn fetch(self) -> Result<SyncSummary, DirError> {
         let (source, target) =
-            futures_util::future::try_join(self.walk_remote(), self.walk_local()).await?;
+            futures_util::future::try_join(self.walk_remote(false), self.walk_local(true)).await?;
         let plan =
             plan(&source, &target, &self.options).map_err(|refusal| self.refused(refusal))?;
         let (mut summary, mut progress) = plan.start();
@@ -708,21 +763,33 @@ impl HostSync<'_> {
         let this = &self;
         let mut batches = futures_util::stream::iter(batches(&small))
             .map(|batch| async move {
-                let paths: Vec<String> = batch.iter().map(|entry| entry.path.clone()).collect();
-                let files = self
+                let asked_for: Vec<(String, u64)> = batch
+                    .iter()
+                    .map(|entry| (entry.path.clone(), entry.size))
+                    .collect();
+                let first = asked_for[0].0.clone();
+                let files = this
                     .tunnel
-                    .call(apply::read, (this.remote.clone(), paths.clone()))
+                    .call(apply::read, (this.remote.clone(), asked_for.clone()))
                     .await
-                    .map_err(|error| this.cut_off(&SyncSummary::default(), &paths[0], error))?
+                    .map_err(|error| this.cut_off(&SyncSummary::default(), &first, error))?
                     .map_err(|stopped| this.stopped(&SyncSummary::default(), stopped))?;
-                // Only what was asked for, under the names asked for.
-                let asked: std::collections::HashSet<&String> = paths.iter().collect();
-                if let Some(stray) = files.iter().find(|op| {
-                    !matches!(op, Op::File { .. }) || !asked.contains(&op.path().to_string())
-                }) {
+                // What was asked for, each once, under the names asked for.
+                let mut asked: std::collections::HashSet<&str> =
+                    asked_for.iter().map(|(path, _)| path.as_str()).collect();
+                if let Some(stray) = files
+                    .iter()
+                    .find(|op| !matches!(op, Op::File { .. }) || !asked.remove(op.path()))
+                {
                     return Err(this.refused((
                         stray.path().to_string(),
                         "the agent sent an entry that was not asked for".into(),
+                    )));
+                }
+                if let Some(missing) = asked.iter().next() {
+                    return Err(this.refused((
+                        missing.to_string(),
+                        "the agent left out an entry that was asked for".into(),
                     )));
                 }
                 Ok::<_, DirError>(files)
@@ -746,6 +813,9 @@ impl HostSync<'_> {
         summary.files_sent = fetched.files_sent;
         summary.bytes_sent = fetched.bytes_sent;
         for entry in large {
+            // Never through a symlink here, whatever the far end listed.
+            tree::inside(&self.local, &entry.path)
+                .map_err(|why| self.refused((entry.path.clone(), why)))?;
             self.tunnel
                 .fetch(
                     remote_path(&self.remote, &entry.path),
@@ -899,6 +969,48 @@ mod tests {
     }
 
     #[test]
+    fn chained_links_and_names_under_links_are_refused() {
+        let options = Options::default();
+        let mut up = entry("d/up", Kind::Symlink);
+        up.target = Some("..".into());
+        let mut escape = entry("esc", Kind::Symlink);
+        escape.target = Some("d/up/..".into());
+        let source = [entry("d", Kind::Dir), up.clone(), escape];
+        assert_eq!(
+            plan(&source, &[], &options).err().expect("refused").0,
+            "esc"
+        );
+        // A file listed under a link (a hostile far end).
+        let source = [entry("d", Kind::Dir), up, entry("d/up/file", Kind::File)];
+        assert_eq!(
+            plan(&source, &[], &options).err().expect("refused").0,
+            "d/up/file"
+        );
+    }
+
+    #[test]
+    fn a_directory_replaced_by_a_file_is_not_emptied_first() {
+        let options = Options {
+            delete: true,
+            ..Options::default()
+        };
+        let target = [entry("x", Kind::Dir), entry("x/a", Kind::File)];
+        let plan = plan(&[entry("x", Kind::File)], &target, &options).expect("plan");
+        assert!(plan.deletes.is_empty(), "{:?}", plan.deletes);
+        assert_eq!(plan.files.len(), 1);
+    }
+
+    #[test]
+    fn a_mode_change_alone_moves_and_privilege_bits_never_do() {
+        let mut source = entry("f", Kind::File);
+        source.mode = 0o4755;
+        let plan = plan(&[source], &[entry("f", Kind::File)], &Options::default()).expect("plan");
+        assert!(plan.files.is_empty());
+        assert_eq!(plan.file_metas.len(), 1);
+        assert_eq!(plan.file_metas[0].mode, 0o755);
+    }
+
+    #[test]
     fn only_what_changed_moves_and_deletes_take_whole_subtrees() {
         let source = [entry("a", Kind::Dir), entry("a/f", Kind::File)];
         let mut changed = entry("a/g", Kind::File);
@@ -917,6 +1029,9 @@ mod tests {
         let plan = plan(&source, &target, &options).expect("plan");
         assert_eq!(plan.unchanged, 1);
         assert!(plan.files.is_empty());
-        assert_eq!(plan.deletes, ["a/g", "old"]);
+        assert_eq!(
+            plan.deletes,
+            [("old".to_string(), true), ("a/g".to_string(), true)]
+        );
     }
 }

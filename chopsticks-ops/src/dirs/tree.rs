@@ -106,9 +106,52 @@ pub(crate) fn link_stays_inside(path: &str, target: &str) -> bool {
     true
 }
 
+/// Whether a link at `path` to `target` steps through a name the tree
+/// holds as a symlink (`d/up -> ..` then `esc -> d/up/..`), which the text
+/// of the target alone cannot keep inside.
+pub(crate) fn link_passes_links(
+    path: &str,
+    target: &str,
+    kinds: &std::collections::HashMap<&str, Kind>,
+) -> bool {
+    let mut at: Vec<&str> = path.split('/').collect();
+    at.pop();
+    for part in target.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                at.pop();
+            }
+            name => {
+                at.push(name);
+                if kinds.get(at.join("/").as_str()) == Some(&Kind::Symlink) {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+/// A name for a file staged beside `name`: hidden, and short enough for
+/// any filesystem's name limit.
+pub(crate) fn staged_name(name: &str, tag: &str) -> String {
+    let mut end = name.len().min(200);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(".{}.chopsticks-{tag}", &name[..end])
+}
+
 /// Walks the tree at `root` (missing: empty), leaving out `excludes`,
-/// without following symlinks; hashes files when `hashes`.
-pub(crate) fn walk(root: &Path, excludes: &Excludes, hashes: bool) -> Result<Vec<Entry>, String> {
+/// without following symlinks; hashes files when `hashes`. A destination's
+/// walk (`clean`) also removes files a sync that died had staged.
+pub(crate) fn walk(
+    root: &Path,
+    excludes: &Excludes,
+    hashes: bool,
+    clean: bool,
+) -> Result<Vec<Entry>, String> {
     let mut entries = Vec::new();
     match std::fs::symlink_metadata(root) {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(entries),
@@ -146,9 +189,10 @@ pub(crate) fn walk(root: &Path, excludes: &Excludes, hashes: bool) -> Result<Vec
             let full = root.join(&child);
             if let Some(owner) = staged_by(&name.to_string_lossy()) {
                 // A file being placed by a sync: left alone while its
-                // process runs, removed once that process is gone (a kill
-                // between naming it and renaming it leaves one behind).
-                if !process_alive(owner) {
+                // process runs, removed from a destination once that
+                // process is gone (a kill between naming it and renaming it
+                // leaves one behind).
+                if clean && !process_alive(owner) {
                     let _ = std::fs::remove_file(&full);
                 }
                 continue;

@@ -41,11 +41,24 @@ pub(crate) fn lookup(user: &str) -> Result<Account, String> {
             .into_owned()
     };
     let mut groups = vec![0 as libc::gid_t; 256];
-    let mut count = groups.len() as libc::c_int;
-    // SAFETY: `groups` holds `count` writable entries, the name is NUL-terminated.
-    let listed =
-        unsafe { libc::getgrouplist(name.as_ptr(), entry.pw_gid, groups.as_mut_ptr(), &mut count) };
-    groups.truncate(if listed < 0 { 0 } else { count.max(0) as usize });
+    let mut listed = -1;
+    for _ in 0..4 {
+        let mut count = groups.len() as libc::c_int;
+        // SAFETY: `groups` holds `count` writable entries, the name is NUL-terminated.
+        listed = unsafe {
+            libc::getgrouplist(name.as_ptr(), entry.pw_gid, groups.as_mut_ptr(), &mut count)
+        };
+        if listed >= 0 {
+            groups.truncate(count.max(0) as usize);
+            break;
+        }
+        // Too few places: `count` says how many it needs.
+        let needed = (count.max(0) as usize).max(groups.len() * 2);
+        groups.resize(needed, 0);
+    }
+    if listed < 0 {
+        groups.clear();
+    }
     if groups.is_empty() {
         groups.push(entry.pw_gid);
     }

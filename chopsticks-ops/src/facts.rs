@@ -227,9 +227,12 @@ fn uname() -> Uname {
 fn fqdn(hostname: &str) -> Option<String> {
     let name = std::ffi::CString::new(hostname).ok()?;
     let (sender, receiver) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = sender.send(canonical_name(&name));
-    });
+    std::thread::Builder::new()
+        .name("facts-fqdn".into())
+        .spawn(move || {
+            let _ = sender.send(canonical_name(&name));
+        })
+        .ok()?;
     receiver.recv_timeout(Duration::from_secs(2)).ok().flatten()
 }
 
@@ -268,20 +271,17 @@ fn libc_once() -> (Option<String>, Option<String>) {
 }
 
 /// The C library, from the files present: glibc's `libc.so.6` (whose text
-/// names its release), or musl's loader.
+/// names its release), else musl's loader.
 fn libc() -> (Option<String>, Option<String>) {
-    for dir in ["/lib", "/lib64", "/usr/lib", "/usr/lib64"] {
+    let dirs = ["/lib", "/lib64", "/usr/lib", "/usr/lib64"];
+    let mut musl = false;
+    for dir in dirs {
         let mut candidates = vec![Path::new(dir).join("libc.so.6")];
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for entry in entries.flatten() {
-                let path = entry.path();
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with("ld-musl-") {
-                    return (Some("musl".into()), None);
-                }
-                if path.is_dir() && name.contains("-linux-") {
-                    candidates.push(path.join("libc.so.6"));
-                }
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            musl |= name.starts_with("ld-musl-");
+            if name.contains("-linux-") && entry.path().is_dir() {
+                candidates.push(entry.path().join("libc.so.6"));
             }
         }
         for candidate in candidates {
@@ -289,6 +289,9 @@ fn libc() -> (Option<String>, Option<String>) {
                 return (Some("glibc".into()), glibc_release(&bytes));
             }
         }
+    }
+    if musl {
+        return (Some("musl".into()), None);
     }
     (None, None)
 }
@@ -482,7 +485,7 @@ fn default_route() -> Option<Route> {
         Some(Route {
             interface: fields[0].to_string(),
             // The table holds the address in the host's byte order.
-            gateway: (gateway != 0).then(|| IpAddr::from(gateway.to_le_bytes())),
+            gateway: (gateway != 0).then(|| IpAddr::from(gateway.to_ne_bytes())),
         })
     })
 }

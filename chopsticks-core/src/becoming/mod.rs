@@ -41,30 +41,23 @@ use std::time::Duration;
 /// by the tunnel's connect timeout
 /// ([`TunnelBuilder::connect_timeout`](crate::TunnelBuilder::connect_timeout)).
 ///
-/// ```no_run
-/// use chopsticks_core::{Become, Password, Tunnel};
-/// # use chopsticks_core::{AgentCommand, BoxError, Pipes, Transport};
-/// # struct Ssh;
-/// # impl Ssh { fn new(_: &str) -> Ssh { Ssh } }
-/// # #[async_trait::async_trait]
-/// # impl Transport for Ssh {
-/// #     fn host(&self) -> &str { "web1" }
-/// #     async fn spawn(&self, _: &AgentCommand) -> Result<Pipes, BoxError> { unimplemented!() }
-/// # }
+/// ```
+/// use chopsticks_core::{Become, Password, Transport, Tunnel};
 ///
-/// // root, by a NOPASSWD rule
-/// let root = Tunnel::new(Become::sudo(Ssh::new("web1")));
-/// // postgres, with a password asked for once per host
-/// let postgres = Tunnel::new(
-///     Become::sudo(Ssh::new("db1"))
-///         .user("postgres")
-///         .password_from(|host, user| {
-///             eprintln!("password to become {user} on {host}?");
-///             let mut line = String::new();
-///             std::io::stdin().read_line(&mut line).ok()?;
-///             Some(Password::new(line.trim_end_matches('\n')))
-///         }),
-/// );
+/// /// root on `host`, by a NOPASSWD rule.
+/// fn as_root(host: impl Transport) -> Tunnel {
+///     Tunnel::new(Become::sudo(host))
+/// }
+///
+/// /// postgres on `host`, with a password asked for once per host.
+/// fn as_postgres(host: impl Transport) -> Tunnel {
+///     Tunnel::new(Become::sudo(host).user("postgres").password_from(|host, user| {
+///         eprintln!("password to become {user} on {host}?");
+///         let mut line = String::new();
+///         std::io::stdin().read_line(&mut line).ok()?;
+///         Some(Password::new(line.trim_end_matches(['\n', '\r'])))
+///     }))
+/// }
 /// ```
 #[derive(Clone)]
 pub struct Become<T> {

@@ -250,12 +250,7 @@ fn stage(
 
 /// A new hidden file beside `full`, created exclusively.
 fn hidden_beside(full: &Path) -> Result<(PathBuf, File), String> {
-    let dir = full.parent().ok_or("it has no directory")?;
-    let name = full
-        .file_name()
-        .ok_or("it has no name")?
-        .to_string_lossy()
-        .into_owned();
+    let (dir, name) = dir_and_name(full)?;
     for attempt in 0..100u32 {
         let candidate = dir.join(tree::staged_name(
             &name,
@@ -315,12 +310,7 @@ fn place(item: &Staged) -> Result<(), String> {
 
 /// Gives an unnamed file a fresh hidden name beside `full`.
 fn link_beside(file: &File, full: &Path) -> Result<PathBuf, String> {
-    let dir = full.parent().ok_or("it has no directory")?;
-    let name = full
-        .file_name()
-        .ok_or("it has no name")?
-        .to_string_lossy()
-        .into_owned();
+    let (dir, name) = dir_and_name(full)?;
     let source = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
         .map_err(|e| e.to_string())?;
     for attempt in 0..100u32 {
@@ -351,6 +341,13 @@ fn link_beside(file: &File, full: &Path) -> Result<PathBuf, String> {
     Err("no free name beside it".into())
 }
 
+/// The directory an entry is in, and its name.
+fn dir_and_name(full: &Path) -> Result<(&Path, String), String> {
+    let dir = full.parent().ok_or("it has no directory")?;
+    let name = full.file_name().ok_or("it has no name")?;
+    Ok((dir, name.to_string_lossy().into_owned()))
+}
+
 fn unstage(staged: &[Staged]) {
     for item in staged {
         if let StagedFile::Named(name) = &item.file {
@@ -374,8 +371,7 @@ fn apply_other(full: &Path, op: Op) -> Result<(), String> {
                 .map_err(|e| format!("setting its mode: {e}"))
         }
         Op::Link { target, .. } => {
-            let dir = full.parent().ok_or("it has no directory")?;
-            let name = full.file_name().ok_or("it has no name")?.to_string_lossy();
+            let (dir, name) = dir_and_name(full)?;
             let temporary = dir.join(tree::staged_name(
                 &name,
                 &format!("link-{}", std::process::id()),
